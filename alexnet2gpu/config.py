@@ -1,0 +1,112 @@
+"""The model's configuration: the paper's network by default, every listed deviation a field.
+
+P = Krizhevsky, Sutskever, Hinton, NIPS 2012; C2 = cuda-convnet2's two-GPU layer file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ACTIVATIONS = ("relu", "tanh")
+POOLINGS = {"overlapping": (3, 2), "non-overlapping": (2, 2)}  # P 3.4: z=3, s=2 against z=s=2
+INPUT_SIZES = (224, 227)
+
+
+@dataclass(frozen=True)
+class AlexNetConfig:
+    """What the network is. The defaults are the paper's 1000-class, two-tower ImageNet model.
+
+    Channel and feature counts are for the whole network; each tower holds `1 / towers` of every
+    layer except where `towers == 1`.
+    """
+
+    num_classes: int = 1000
+    in_channels: int = 3  # 1 for the seed's MNIST run
+    # P says 224, but 11x11 stride 4 needs 227 for 55x55. C2 reads zeros past the right/bottom
+    # edge of a 224 crop (padding 3 on those sides only); 227 takes the crop as it is.
+    input_size: int = 224
+    towers: int = 2  # 1 gives a single-tower net (the paper's one-GPU comparison, the seed's model)
+    conv_channels: tuple[int, int, int, int, int] = (96, 256, 384, 384, 256)  # P 3.5
+    fc_features: tuple[int, int] = (4096, 4096)  # fc6, fc7
+    fc8_split: bool = True  # P: 500 logits per tower; False: one fc8 on tower A (C2's 1000-way layer)
+    # P 3.3 as Krizhevsky's code computes it: PyTorch's LocalResponseNorm divides alpha by size
+    lrn: bool = True
+    lrn_size: int = 5
+    lrn_alpha: float = 1e-4
+    lrn_beta: float = 0.75
+    lrn_k: float = 2.0
+    pooling: str = "overlapping"
+    activation: str = "relu"  # "tanh" for the paper's Figure 1 comparison
+    dropout: float = 0.5  # P 4.2: on the outputs of fc6 and fc7
+
+    def __post_init__(self) -> None:
+        def fail(field: str, expected: str) -> None:
+            raise ValueError(f"AlexNetConfig.{field}={getattr(self, field)!r}: expected {expected}")
+
+        if self.num_classes < 1:
+            fail("num_classes", "a positive number of classes")
+        if self.in_channels < 1:
+            fail("in_channels", "a positive number of input channels (3 for RGB, 1 for grayscale)")
+        if self.input_size not in INPUT_SIZES:
+            fail("input_size", "224 (right/bottom zero padding of 3, as cuda-convnet) or 227")
+        if self.towers not in (1, 2):
+            fail("towers", "2 (the paper's network) or 1 (one tower)")
+        if len(self.conv_channels) != 5 or any(c % self.towers for c in self.conv_channels):
+            fail("conv_channels", f"five channel counts, each divisible by towers={self.towers}")
+        if len(self.fc_features) != 2 or any(f % self.towers for f in self.fc_features):
+            fail("fc_features", f"two feature counts (fc6, fc7), each divisible by towers={self.towers}")
+        if self.fc8_split and self.towers == 2 and self.num_classes < 2:
+            fail("num_classes", "at least 2 when fc8 is split between the towers")
+        if self.pooling not in POOLINGS:
+            fail("pooling", " or ".join(POOLINGS))
+        if self.activation not in ACTIVATIONS:
+            fail("activation", " or ".join(ACTIVATIONS))
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", "a probability in [0, 1)")
+        if self.lrn_size < 1:
+            fail("lrn_size", "a positive window size")
+
+    @classmethod
+    def one_gpu(cls, **overrides) -> AlexNetConfig:
+        """The paper's one-GPU comparison net (P 3.2, footnote 2): half the kernels in conv1 to
+        conv4, but the full conv5 and full fully connected layers."""
+        fields = dict(towers=1, conv_channels=(48, 128, 192, 192, 256), fc_features=(4096, 4096))
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def seed_mnist(cls, **overrides) -> AlexNetConfig:
+        """The seed's small experiment: one full-width tower without LRN, grayscale, 10 classes."""
+        fields = dict(towers=1, lrn=False, in_channels=1, num_classes=10)
+        return cls(**{**fields, **overrides})
+
+    @property
+    def pool_kernel_stride(self) -> tuple[int, int]:
+        return POOLINGS[self.pooling]
+
+    @property
+    def conv1_pad(self) -> int:
+        """Zeros added on the right and bottom so that conv1 gives 55x55 (0 for 227 inputs)."""
+        return 227 - self.input_size
+
+    @property
+    def fc8_out(self) -> tuple[int, ...]:
+        """Logits per tower: tower A takes the odd one when the classes do not split evenly."""
+        if self.towers == 1:
+            return (self.num_classes,)
+        if not self.fc8_split:
+            return (self.num_classes, 0)
+        a = (self.num_classes + 1) // 2
+        return (a, self.num_classes - a)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AlexNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown AlexNetConfig fields {unknown}; known: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)

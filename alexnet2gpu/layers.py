@@ -1,0 +1,59 @@
+"""The small pieces the towers and the fused model share: LRN per group, the exchange, the init."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LocalResponseNorm(nn.Module):
+    """P 3.3: b = a / (k + alpha/n * sum of a^2 over n neighbouring maps)^beta, within each group.
+
+    With `groups=2` the window never crosses from one tower's channels into the other's, which is
+    what makes the fused model the same function as the two towers.
+    """
+
+    def __init__(self, size: int, alpha: float, beta: float, k: float, groups: int = 1) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        x = x.reshape(n * self.groups, c // self.groups, h, w)  # (N*G, C/G, H, W): one group per row
+        x = F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+        return x.reshape(n, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, groups={self.groups}"
+
+
+def join(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Both towers' activations on `device`, tower A's channels first (the fused layout)."""
+    return torch.cat([a.to(device), b.to(device)], dim=1)
+
+
+def exchange(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The only place the towers talk (P 3.2): before conv3, fc6, fc7 and fc8 each tower gets the
+    other's activations, one copy in each direction. A no-op move when both share a device."""
+    return join(a, b, a.device), join(a, b, b.device)
+
+
+def activation(name: str) -> nn.Module:
+    return nn.ReLU(inplace=True) if name == "relu" else nn.Tanh()
+
+
+# P 5: weights N(0, 0.01); bias 1 in conv2, conv4, conv5, fc6, fc7 (ReLUs start with positive
+# inputs), bias 0 in conv1, conv3 and fc8.
+BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+@torch.no_grad()
+def init_paper(module: nn.Module) -> None:
+    """The paper's initialisation of every conv and linear layer below `module`, drawn from each
+    device's default generator (so `torch.manual_seed` makes it reproducible)."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            layer.weight.normal_(0.0, 0.01)
+            layer.bias.fill_(1.0 if name.split(".")[-1] in BIAS_ONE else 0.0)

@@ -1,0 +1,210 @@
+"""The 2012 AlexNet as it was trained: two half-width towers on two devices (`AlexNet2GPU`), and
+the same function as one module with grouped convolutions (`AlexNetFused`).
+
+P = Krizhevsky, Sutskever, Hinton, NIPS 2012. Per tower, as P 3.5 and Figure 2:
+
+    conv1 11x11/4  48 -> ReLU -> LRN -> pool 3/2   (N, 48, 55, 55) -> (N, 48, 27, 27)
+    conv2 5x5     128 -> ReLU -> LRN -> pool 3/2   (N, 128, 27, 27) -> (N, 128, 13, 13)
+    conv3 3x3     192 -> ReLU     reads both towers (N, 256, 13, 13) in
+    conv4 3x3     192 -> ReLU
+    conv5 3x3     128 -> ReLU -> pool 3/2          (N, 128, 6, 6)
+    fc6 2048 -> ReLU -> dropout                    reads both towers (N, 9216) in
+    fc7 2048 -> ReLU -> dropout                    reads both towers (N, 4096) in
+    fc8 500                                        reads both towers (N, 4096) in
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet2gpu.config import AlexNetConfig
+from alexnet2gpu.layers import LAYERS, LocalResponseNorm, activation, exchange, init_paper, join
+
+Device = torch.device | str
+
+
+def check_input(x: torch.Tensor, config: AlexNetConfig) -> None:
+    """Reject an input the network was not built for, saying what it expects."""
+    expected = (config.in_channels, config.input_size, config.input_size)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(
+            f"AlexNet input has shape {tuple(x.shape)}; expected (N, {', '.join(map(str, expected))}): "
+            f"{config.in_channels}-channel {config.input_size}x{config.input_size} crops "
+            f"(set AlexNetConfig.in_channels / input_size to match your data)"
+        )
+
+
+def _lrn(config: AlexNetConfig, groups: int) -> nn.Module:
+    if not config.lrn:
+        return nn.Identity()
+    return LocalResponseNorm(config.lrn_size, config.lrn_alpha, config.lrn_beta, config.lrn_k, groups)
+
+
+def _pool(config: AlexNetConfig) -> nn.MaxPool2d:
+    kernel, stride = config.pool_kernel_stride
+    return nn.MaxPool2d(kernel, stride)
+
+
+class Tower(nn.Module):
+    """One tower: its share of every layer. conv3 and the fc layers take both towers' inputs."""
+
+    def __init__(self, config: AlexNetConfig, index: int, device: Device | None = None) -> None:
+        super().__init__()
+        c1, c2, c3, c4, c5 = (c // config.towers for c in config.conv_channels)
+        f6, f7 = (f // config.towers for f in config.fc_features)
+        both = dict(device=device)
+        self.conv1 = nn.Conv2d(config.in_channels, c1, 11, stride=4, **both)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, **both)
+        self.conv3 = nn.Conv2d(config.conv_channels[1], c3, 3, padding=1, **both)  # both towers' pool2
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, **both)
+        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, **both)
+        self.fc6 = nn.Linear(config.conv_channels[4] * 6 * 6, f6, **both)  # both towers' pool5
+        self.fc7 = nn.Linear(config.fc_features[0], f7, **both)
+        fc8_out = config.fc8_out[index]
+        self.fc8 = nn.Linear(config.fc_features[1], fc8_out, **both) if fc8_out else None
+        self.lrn1, self.lrn2 = _lrn(config, 1), _lrn(config, 1)
+        self.pool1, self.pool2, self.pool5 = _pool(config), _pool(config), _pool(config)
+        self.act = activation(config.activation)
+        self.drop = nn.Dropout(config.dropout)
+        self.conv1_pad = config.conv1_pad
+
+    def own_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 to pool2, which see only this tower's maps: (N, C, 227|224, ..) -> (N, 128, 13, 13)."""
+        x = F.pad(x, (0, self.conv1_pad, 0, self.conv1_pad))  # C2: zeros past the right/bottom edge
+        x = self.pool1(self.lrn1(self.act(self.conv1(x))))  # (N, 48, 27, 27)
+        return self.pool2(self.lrn2(self.act(self.conv2(x))))  # (N, 128, 13, 13)
+
+    def upper_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """conv3 (fed by both towers) to pool5: (N, 256, 13, 13) -> (N, 4608)."""
+        x = self.act(self.conv3(x))  # (N, 192, 13, 13)
+        x = self.act(self.conv4(x))  # (N, 192, 13, 13)
+        return self.pool5(self.act(self.conv5(x))).flatten(1)  # (N, 128, 6, 6) -> (N, 4608)
+
+    def fc(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """fc6 or fc7 of this tower, fed by both towers: ReLU, then dropout (P 4.2)."""
+        return self.drop(self.act(layer(x)))
+
+
+class AlexNet2GPU(nn.Module):
+    """The two-tower network: tower A on `devices[0]`, tower B on `devices[1]`.
+
+    Parameters are created on their device, so the model also builds on fake or meta devices.
+    `devices=("cpu", "cpu")` or `("cuda:0", "cuda:0")` puts both towers on one device.
+    """
+
+    def __init__(self, config: AlexNetConfig | None = None, devices: Sequence[Device] = ("cuda:0", "cuda:1")) -> None:
+        super().__init__()
+        self.config = config or AlexNetConfig()
+        if self.config.towers != 2:
+            raise ValueError("AlexNet2GPU needs AlexNetConfig.towers=2; build a one-tower net with AlexNetFused")
+        if len(devices) != 2:
+            raise ValueError(f"AlexNet2GPU takes two devices, one per tower; got {list(devices)}")
+        self.tower_a = Tower(self.config, 0, torch.device(devices[0]))
+        self.tower_b = Tower(self.config, 1, torch.device(devices[1]))
+        init_paper(self)
+
+    @property
+    def devices(self) -> tuple[torch.device, torch.device]:
+        return self.tower_a.conv1.weight.device, self.tower_b.conv1.weight.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) on tower A's device."""
+        check_input(x, self.config)
+        ta, tb = self.tower_a, self.tower_b
+        dev_a, dev_b = self.devices
+        x_a = x.to(dev_a)
+        x_b = x_a if dev_b == dev_a else x.to(dev_b)  # the batch goes to each device once
+        a, b = ta.own_maps(x_a), tb.own_maps(x_b)
+        a, b = exchange(a, b)  # conv3 reads both towers: (N, 256, 13, 13) on each device
+        a, b = exchange(ta.upper_maps(a), tb.upper_maps(b))  # fc6 reads both: (N, 9216)
+        a, b = exchange(ta.fc(ta.fc6, a), tb.fc(tb.fc6, b))  # fc7 reads both: (N, 4096)
+        a, b = exchange(ta.fc(ta.fc7, a), tb.fc(tb.fc7, b))  # fc8 reads both: (N, 4096)
+        if tb.fc8 is None:  # one fc8 on tower A (C2)
+            return ta.fc8(a)
+        return join(ta.fc8(a), tb.fc8(b), dev_a)  # (N, 500 + 500) gathered on device 0
+
+    @classmethod
+    def from_fused(cls, fused: AlexNetFused, devices: Sequence[Device] = ("cuda:0", "cuda:1")) -> AlexNet2GPU:
+        """The towers holding exactly the fused model's weights."""
+        model = cls(fused.config, devices)
+        model.load_state_dict(fused_to_towers(fused.state_dict(), fused.config))
+        return model
+
+
+class AlexNetFused(nn.Module):
+    """The same network as one module (Caffe's layout): grouped conv2, conv4, conv5 and LRN per
+    group; tower A's channels come first in every layer. With `towers=1` it is a one-tower net."""
+
+    def __init__(self, config: AlexNetConfig | None = None, device: Device | None = None) -> None:
+        super().__init__()
+        self.config = c = config or AlexNetConfig()
+        g = c.towers
+        c1, c2, c3, c4, c5 = c.conv_channels
+        f6, f7 = c.fc_features
+        self.conv1 = nn.Conv2d(c.in_channels, c1, 11, stride=4, device=device)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=g, device=device)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, device=device)
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=g, device=device)
+        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=g, device=device)
+        self.fc6 = nn.Linear(c5 * 6 * 6, f6, device=device)
+        self.fc7 = nn.Linear(f6, f7, device=device)
+        self.fc8 = nn.Linear(f7, c.num_classes, device=device)
+        self.lrn1, self.lrn2 = _lrn(c, g), _lrn(c, g)  # per group: the towers' LRN windows
+        self.pool1, self.pool2, self.pool5 = _pool(c), _pool(c), _pool(c)
+        self.act = activation(c.activation)
+        self.drop = nn.Dropout(c.dropout)
+        init_paper(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.config)
+        pad = self.config.conv1_pad
+        x = F.pad(x.to(self.conv1.weight.device), (0, pad, 0, pad))
+        x = self.pool1(self.lrn1(self.act(self.conv1(x))))  # (N, 96, 27, 27)
+        x = self.pool2(self.lrn2(self.act(self.conv2(x))))  # (N, 256, 13, 13)
+        x = self.act(self.conv3(x))  # (N, 384, 13, 13)
+        x = self.act(self.conv4(x))  # (N, 384, 13, 13)
+        x = self.pool5(self.act(self.conv5(x))).flatten(1)  # (N, 256, 6, 6) -> (N, 9216)
+        x = self.drop(self.act(self.fc6(x)))  # (N, 4096)
+        x = self.drop(self.act(self.fc7(x)))  # (N, 4096)
+        return self.fc8(x)  # (N, num_classes)
+
+    @classmethod
+    def from_towers(cls, model: AlexNet2GPU, device: Device | None = None) -> AlexNetFused:
+        """The fused model holding exactly the towers' weights (on `device`, else tower A's)."""
+        fused = cls(model.config, device=device or model.devices[0])
+        fused.load_state_dict(towers_to_fused(model.state_dict()))
+        return fused
+
+
+# The one mapping between the layouts: every fused parameter is tower A's rows then tower B's,
+# along the output dimension (dim 0), in conv1 to fc8 alike; conv3 and fc6 to fc8 already read
+# both towers in the fused (A first) order.
+
+
+def towers_to_fused(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tower_a.conv1.weight` + `tower_b.conv1.weight` -> `conv1.weight`, on tower A's device."""
+    fused = {}
+    for key, a in state.items():
+        if key.startswith("tower_a."):
+            name = key.removeprefix("tower_a.")
+            b = state.get("tower_b." + name)
+            fused[name] = a if b is None else torch.cat([a, b.to(a.device)])
+    return fused
+
+
+def fused_to_towers(state: Mapping[str, torch.Tensor], config: AlexNetConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `towers_to_fused`."""
+    towers = {}
+    for key, value in state.items():
+        layer = key.split(".")[0]
+        if layer not in LAYERS:
+            raise KeyError(f"unexpected fused parameter {key!r}")
+        sizes = config.fc8_out if layer == "fc8" else (value.shape[0] // 2, value.shape[0] // 2)
+        for tower, part in zip(("tower_a", "tower_b"), value.split(sizes), strict=True):
+            if part.shape[0]:
+                towers[f"{tower}.{key}"] = part
+    return towers

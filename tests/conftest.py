@@ -1,0 +1,39 @@
+"""Helpers shared by the tests: random weights that make every layer matter, and comparisons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """He-scaled random weights and biases, drawn on the CPU so every device gets the same values.
+
+    The paper's N(0, 0.01) init shrinks activations layer by layer; these keep them O(1) to O(10)
+    through all eight layers, so LRN, pooling and every exchange visibly shape the logits.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        fan_in = p[0].numel() if p.dim() > 1 else 1
+        values = torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5 * (1.0 if p.dim() > 1 else 0.5)
+        p.copy_(values)
+    return model
+
+
+def rel_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x - y| / max |y|: float32 rounding through AlexNet stays near 1e-6."""
+    x, y = x.detach().float().cpu(), y.detach().float().cpu()
+    return ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+
+
+def pixels(*shape: int, seed: int = 1) -> torch.Tensor:
+    """Inputs on the paper's scale: mean-subtracted 0-255 pixels (std about 60), where LRN's
+    alpha * sum(a^2) is comparable to k and so changes the result."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 60.0
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return pixels(3, 3, 224, 224)

@@ -1,0 +1,110 @@
+"""The two towers and the fused (grouped) model are one function: same logits, same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import pixels, randomise, rel_diff
+
+from alexnet2gpu import AlexNet2GPU, AlexNetConfig, AlexNetFused, fused_to_towers, towers_to_fused
+
+# float32 through eight layers, summed in different orders by grouped and split convolutions
+TOL = 1e-5
+
+
+def twins(config: AlexNetConfig, seed: int = 0) -> tuple[AlexNet2GPU, AlexNetFused]:
+    towers = randomise(AlexNet2GPU(config, devices=("cpu", "cpu")), seed)
+    return towers, AlexNetFused.from_towers(towers)
+
+
+def logits_diff(towers: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return rel_diff(towers.eval()(x), fused.eval()(x))
+
+
+def grads(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.train().zero_grad()
+    F.cross_entropy(model(x), labels).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+CONFIGS = {
+    "paper": AlexNetConfig(),
+    "227-tanh-nonoverlapping": AlexNetConfig(
+        num_classes=7, input_size=227, activation="tanh", pooling="non-overlapping"
+    ),
+    "fc8-on-tower-a": AlexNetConfig(num_classes=10, fc8_split=False),
+    "grayscale-odd-classes": AlexNetConfig(num_classes=11, in_channels=1),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_towers_and_fused_give_the_same_logits(name: str) -> None:
+    config = CONFIGS[name]
+    towers, fused = twins(config)
+    x = pixels(3, config.in_channels, config.input_size, config.input_size)
+    assert logits_diff(towers, fused, x) < TOL
+
+
+@pytest.mark.parametrize("name", ["paper", "fc8-on-tower-a"])
+def test_towers_and_fused_give_the_same_gradients(name: str, images: torch.Tensor) -> None:
+    config = CONFIGS[name]
+    towers, fused = twins(AlexNetConfig(**{**config.to_dict(), "dropout": 0.0}))
+    labels = torch.tensor([0, 3, config.num_classes - 1])
+    tower_grads = towers_to_fused(grads(towers, images, labels))
+    fused_grads = grads(fused, images, labels)
+    assert tower_grads.keys() == fused_grads.keys() and len(fused_grads) == 16
+    for key, g in fused_grads.items():
+        assert g.abs().max() > 0, f"{key} got no gradient"
+        assert rel_diff(tower_grads[key], g) < TOL, key
+
+
+def test_gradients_agree_with_dropout_under_the_same_masks(images: torch.Tensor) -> None:
+    """Dropout on: the towers' masks (A's 2048 features, then B's) laid side by side are the fused
+    model's mask, so the same masks give the same gradients."""
+    towers, fused = twins(AlexNetConfig(num_classes=10))
+    masks = [
+        torch.bernoulli(torch.full((3, 4096), 0.5), generator=torch.Generator().manual_seed(i)) * 2 for i in (6, 7)
+    ]
+
+    def fixed_mask_dropout(tower: int | None):
+        calls = iter(masks) if tower is None else iter(m[:, tower * 2048 : (tower + 1) * 2048] for m in masks)
+        return lambda module, inputs, output: output * next(calls)
+
+    fused.drop.register_forward_hook(fixed_mask_dropout(None))
+    towers.tower_a.drop.register_forward_hook(fixed_mask_dropout(0))
+    towers.tower_b.drop.register_forward_hook(fixed_mask_dropout(1))
+    for module in (towers.tower_a.drop, towers.tower_b.drop, fused.drop):
+        module.p = 0.0  # the hooks apply the masks (already scaled by 1 / (1 - 0.5))
+    labels = torch.tensor([1, 2, 9])
+    tower_grads, fused_grads = towers_to_fused(grads(towers, images, labels)), grads(fused, images, labels)
+    assert all(rel_diff(tower_grads[k], g) < TOL for k, g in fused_grads.items())
+
+
+def test_conversion_round_trip_is_lossless() -> None:
+    towers, fused = twins(AlexNetConfig(num_classes=10), seed=3)
+    back = AlexNet2GPU.from_fused(fused, devices=("cpu", "cpu"))
+    for (name, p), (name_back, q) in zip(towers.state_dict().items(), back.state_dict().items(), strict=True):
+        assert name == name_back and torch.equal(p, q)
+    state = fused.state_dict()
+    again = towers_to_fused(fused_to_towers(state, fused.config))
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+
+
+def test_fused_layout_puts_tower_a_first() -> None:
+    towers, fused = twins(AlexNetConfig(num_classes=10))
+    assert torch.equal(fused.conv2.weight[:128], towers.tower_a.conv2.weight)
+    assert torch.equal(fused.fc6.weight[2048:], towers.tower_b.fc6.weight)
+    assert torch.equal(fused.fc8.bias[5:], towers.tower_b.fc8.bias)
+
+
+def test_lrn_across_both_towers_breaks_the_equivalence(images: torch.Tensor) -> None:
+    """The check above can fail: an LRN whose window runs over all 96 (256) channels, as a naive
+    fused model has it, differs from the towers where the two halves meet."""
+    towers, fused = twins(AlexNetConfig(num_classes=10))
+    assert logits_diff(towers, fused, images) < TOL
+    for name in ("lrn1", "lrn2"):
+        setattr(fused, name, torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0))
+    wrong = logits_diff(towers, fused, images)
+    assert wrong > 100 * TOL, wrong

@@ -1,0 +1,119 @@
+"""Where every tensor lives, proven without a GPU: the towers on fake cuda:0 / cuda:1 devices,
+with every device-changing copy counted."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import alexnet2gpu.model
+from alexnet2gpu import AlexNet2GPU, AlexNetConfig
+
+A, B = "cuda:0", "cuda:1"
+
+
+class CopyCounter(TorchDispatchMode):
+    """Records (from, to, shape) for every op whose output lands on another device than its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moves: list[tuple[str, str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if isinstance(out, torch.Tensor) and src is not None and out.device != src.device:
+            self.moves.append((str(src.device), str(out.device), tuple(out.shape)))
+        return out
+
+
+def expected_moves(n: int, classes: int) -> Counter:
+    exchanged = [(n, 128, 13, 13), (n, 4608), (n, 2048), (n, 2048)]  # into conv3, fc6, fc7, fc8
+    moves = [("cpu", A, (n, 3, 224, 224)), ("cpu", B, (n, 3, 224, 224))]  # the batch, once per tower
+    moves += [m for shape in exchanged for m in ((A, B, shape), (B, A, shape))]
+    moves.append((B, A, (n, classes // 2)))  # tower B's logits gathered on device 0
+    return Counter(moves)
+
+
+def copy_nodes(output: torch.Tensor) -> Counter:
+    """(from, to) of every ToCopyBackward0 in the backward graph: it takes the gradient on the
+    forward copy's output device and hands it back to the device the forward copy read from."""
+    found, seen, stack = Counter(), set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+        if type(node).__name__ == "ToCopyBackward0":
+            source = node.next_functions[0][0]
+            found[(str(source._input_metadata[0].device), str(node._input_metadata[0].device))] += 1
+    return found
+
+
+@pytest.fixture
+def fake_mode():
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+def test_towers_are_built_on_their_devices(fake_mode) -> None:
+    model = AlexNet2GPU(AlexNetConfig(), devices=(A, B))
+    assert {str(p.device) for p in model.tower_a.parameters()} == {A}
+    assert {str(p.device) for p in model.tower_b.parameters()} == {B}
+    assert [str(d) for d in model.devices] == [A, B]
+
+
+def test_only_the_paper_exchanges_cross_devices(fake_mode) -> None:
+    model = AlexNet2GPU(AlexNetConfig(num_classes=1000), devices=(A, B))
+    with CopyCounter() as counter:
+        logits = model(torch.randn(4, 3, 224, 224, requires_grad=True))
+    assert str(logits.device) == A and logits.shape == (4, 1000)
+    assert Counter(counter.moves) == expected_moves(4, 1000)
+    assert len(counter.moves) == 2 + 4 * 2 + 1
+
+
+def test_backward_graph_mirrors_every_copy(fake_mode) -> None:
+    model = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=(A, B))
+    logits = model(torch.randn(2, 3, 224, 224, requires_grad=True))
+    forward = Counter((src, dst) for src, dst, _ in expected_moves(2, 10).elements())
+    assert copy_nodes(logits) == forward  # each backward copy node moves a gradient dst -> src
+    assert forward == Counter({(A, B): 4, (B, A): 5, ("cpu", A): 1, ("cpu", B): 1})
+
+
+def test_fc8_on_tower_a_sends_tower_b_activations_one_way(fake_mode) -> None:
+    model = AlexNet2GPU(AlexNetConfig(num_classes=10, fc8_split=False), devices=(A, B))
+    with CopyCounter() as counter:
+        model(torch.randn(2, 3, 224, 224))
+    assert len(counter.moves) == 2 + 4 * 2  # no logits to gather: tower B's half never ends there
+    assert (A, B, (2, 2048)) in counter.moves
+
+
+@pytest.mark.parametrize("broken", range(4))
+def test_a_missing_exchange_is_a_device_mismatch(fake_mode, monkeypatch, broken: int) -> None:
+    """Skip the move at one exchange point (conv3, fc6, fc7 or fc8): the concatenation then mixes
+    cuda:0 and cuda:1 tensors, which fails instead of silently running on one device."""
+    real, calls = alexnet2gpu.model.exchange, []
+
+    def exchange(a: torch.Tensor, b: torch.Tensor):
+        calls.append(len(calls))
+        if len(calls) - 1 == broken:
+            return torch.cat([a, b], dim=1), torch.cat([a, b], dim=1)
+        return real(a, b)
+
+    monkeypatch.setattr(alexnet2gpu.model, "exchange", exchange)
+    model = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=(A, B))
+    with pytest.raises(RuntimeError, match="cuda:0.*cuda:1|cuda:1.*cuda:0"):
+        model(torch.randn(2, 3, 224, 224))
+    assert len(calls) == broken + 1
+
+
+def test_one_device_fallback_moves_only_the_input(fake_mode) -> None:
+    model = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=(A, A))
+    with CopyCounter() as counter:
+        model(torch.randn(2, 3, 224, 224))
+    assert counter.moves == [("cpu", A, (2, 3, 224, 224))]
