@@ -110,3 +110,96 @@ class AlexNetConfig:
             raise ValueError(f"unknown AlexNetConfig fields {unknown}; known: {sorted(known)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
+
+
+DATASETS = ("imagenet", "mnist", "fashion-mnist", "fake")
+PRESETS = ("paper", "seed")
+PCA_SCALES = ("eigenvalue", "stdev")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they reach the network (P 2, 4.1 by default)."""
+
+    dataset: str = "imagenet"
+    data: str | None = None  # a folder; None looks in the dataset's usual places
+    # "paper": short side 256, mean image subtracted, random 224 crops, flips, PCA colour noise.
+    # "seed": the seed's run: resize to 224, scale to [0, 1], normalise by seed_mean / seed_std.
+    preset: str = "paper"
+    stage_size: int = 256  # P 2: short side rescaled to 256, centre 256x256 kept
+    crop_size: int = 224  # P 4.1; 227 with AlexNetConfig(input_size=227)
+    flip: bool | None = None  # None: flips for colour photographs, none for digits and clothes
+    pca_noise: bool = True
+    pca_alpha_std: float = 0.1  # P 4.1: alpha_i ~ N(0, 0.1)
+    # "eigenvalue": P's formula, eigenvalues of the covariance of [0, 1] pixels (fb.resnet.torch);
+    # "stdev": Krizhevsky's code, square roots of those eigenvalues on the 0-255 scale (C2).
+    pca_scale: str = "eigenvalue"
+    pixel_scale: float = 255.0  # the network sees mean-subtracted 0-255 pixels, as cuda-convnet
+    seed_mean: float = 0.1307
+    seed_std: float = 0.3081
+    fit_images: int | None = 50_000  # images the mean image and PCA are fitted on (None: all)
+    subset: int | None = None  # first N training images, for short runs
+    strict: bool = False  # an unreadable image stops the run instead of being skipped
+    workers: int = 4  # decoding processes for image folders
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("dataset", self.dataset in DATASETS, " or ".join(DATASETS)),
+            ("preset", self.preset in PRESETS, " or ".join(PRESETS)),
+            ("pca_scale", self.pca_scale in PCA_SCALES, " or ".join(PCA_SCALES)),
+            ("crop_size", 0 < self.crop_size <= self.stage_size, f"a size up to stage_size={self.stage_size}"),
+            ("subset", self.subset is None or self.subset > 0, "a positive number of images"),
+            ("fit_images", self.fit_images is None or self.fit_images > 0, "a positive number of images"),
+        ]
+        for field, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"DataConfig.{field}={getattr(self, field)!r}: expected {expected}")
+
+    @property
+    def flips(self) -> bool:
+        return self.flip if self.flip is not None else self.dataset in ("imagenet", "fake")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+OPTIMIZERS = ("paper", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the network is trained (P 5 by default)."""
+
+    epochs: int = 90
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # "paper": v <- m v - wd lr w - lr g; w <- w + v (P 5). "sgd": torch.optim.SGD, which keeps lr
+    # outside the momentum buffer and so differs right after an lr drop.
+    optimizer: str = "paper"
+    lr_drops: int = 3  # P 5: lr divided by 10 when the validation error stops improving, three times
+    lr_patience: int = 1  # epochs without improvement before a drop
+    seed: int = 0
+    max_steps: int | None = None  # total steps of the run, counted across resumes
+    val_subset: int | None = None  # first N validation images (None: all)
+    amp: str = "none"  # "bf16": autocast forward in bfloat16
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("optimizer", self.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
+            ("amp", self.amp in ("none", "bf16"), "none or bf16"),
+            ("batch_size", self.batch_size > 0, "a positive batch size"),
+            ("epochs", self.epochs > 0, "a positive number of epochs"),
+            ("lr", self.lr > 0, "a positive learning rate"),
+            ("max_steps", self.max_steps is None or self.max_steps > 0, "a positive number of steps"),
+        ]
+        for field, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: expected {expected}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

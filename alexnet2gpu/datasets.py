@@ -1,0 +1,297 @@
+"""The datasets behind one function, `build_dataset`: ImageNet folders, MNIST and Fashion-MNIST
+IDX files, and a deterministic fake set for dry runs.
+
+Every dataset yields uint8 images (C, H, W) at their stored size and an integer label; the
+batched, on-device steps of `alexnet2gpu.transforms` do the rest. Sets small enough to hold in
+memory (`InMemory`) are batched by indexing, with no per-image work at all.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import multiprocessing
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(RuntimeError):
+    """The data is missing or malformed; the message says where and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files (MNIST, Fashion-MNIST)
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+DEBIAN = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+TORCHVISION_DIRS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw"}
+HOW_TO_GET = {
+    "fashion-mnist": "install it with `apt-get install dataset-fashion-mnist`, or put the four IDX files "
+    "(train-images-idx3-ubyte[.gz], ...) in a folder and pass --data FOLDER",
+    "mnist": "put the four IDX files (train-images-idx3-ubyte[.gz], ...) in a folder and pass --data FOLDER, "
+    "or run once with network access so torchvision can download them",
+}
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """An IDX file of unsigned bytes (gzipped or not) as a uint8 tensor of its stored shape."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise DatasetError(f"{path}: corrupt gzip data ({error}); fetch the file again") from None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+        raise DatasetError(
+            f"{path} is not an IDX file of unsigned bytes: magic number {raw[:4].hex() or 'missing'}, "
+            "expected 0000080N (N = number of dimensions)"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    count = 1
+    for size in shape:
+        count *= size
+    if len(raw) - header != count:
+        raise DatasetError(f"{path}: header says {shape} = {count} bytes, file holds {len(raw) - header}; truncated?")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def find_idx(name: str, data: str | None) -> Path:
+    """The folder holding `name`'s IDX files: `data` (or its torchvision layout), else Debian's
+    location, else a torchvision download into `data` (or ./data)."""
+    looked = []
+    candidates = [Path(data), Path(data) / TORCHVISION_DIRS[name]] if data else []
+    if name in DEBIAN:
+        candidates.append(Path(DEBIAN[name]))
+    if not data:
+        candidates.append(Path("data") / TORCHVISION_DIRS[name])
+    for folder in candidates:
+        looked.append(str(folder))
+        if all(_idx_path(folder, f) for f in IDX_FILES["train"] + IDX_FILES["val"]):
+            return folder
+    root = Path(data or "data")
+    try:  # the network is often absent; then say where we looked
+        from torchvision import datasets
+
+        getattr(datasets, {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name])(root, download=True)
+        return root / TORCHVISION_DIRS[name]
+    except Exception as error:  # noqa: BLE001 - any download failure means "not available"
+        raise DatasetError(
+            f"{name} not found: looked in {', '.join(looked)}; download failed ({type(error).__name__}). "
+            f"To get it: {HOW_TO_GET[name]}"
+        ) from None
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class InMemory(Dataset):
+    """A whole split as one uint8 tensor (N, C, H, W) and its labels; batched by indexing."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise DatasetError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DatasetError(
+                f"{name}: labels run from {labels.min().item()} to {labels.max().item()}, outside 0..{num_classes - 1}"
+            )
+        self.images, self.labels, self.num_classes, self.name = images, labels.long(), num_classes, name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def subset(self, n: int) -> InMemory:
+        return InMemory(self.images[:n], self.labels[:n], self.num_classes, self.name)
+
+
+def idx_dataset(name: str, split: str, data: str | None) -> InMemory:
+    folder = find_idx(name, data)
+    image_file, label_file = (_idx_path(folder, stem) for stem in IDX_FILES[split])
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.dim() != 3:
+        raise DatasetError(f"{image_file}: expected images (N, H, W), got shape {tuple(images.shape)}")
+    return InMemory(images.unsqueeze(1), labels.long(), 10, f"{name} {split} ({folder})")  # (N, 1, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake images: class templates plus noise, so that a dry run can learn something
+
+
+def fake_dataset(split: str, *, size: int = 32, channels: int = 3, num_classes: int = 10) -> InMemory:
+    n = {"train": 1024, "val": 256}[split]
+    templates = torch.rand((num_classes, channels, size, size), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1 if split == "train" else 2)
+    labels = torch.arange(n) % num_classes
+    noise = torch.rand((n, channels, size, size), generator=g)
+    images = (0.6 * templates[labels] + 0.4 * noise) * 255  # (N, C, size, size)
+    return InMemory(images.round().to(torch.uint8), labels, num_classes, f"fake {split}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet: the ImageFolder layout, decoded and staged to 256x256 in worker processes
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpe")
+
+
+class ImageFolderStaged(Dataset):
+    """`root/<class>/<image>` (torchvision's ImageFolder layout), each image rescaled so its short
+    side is `stage_size` and centre-cropped to a square (P 2), as uint8 (3, S, S).
+
+    Unreadable images are logged with their path and a running count and skipped (the loader's
+    collate drops them); with `strict=True` the first one stops the run.
+    """
+
+    def __init__(self, root: Path, classes: list[str], stage_size: int = 256, strict: bool = False) -> None:
+        self.root, self.classes, self.stage_size, self.strict = root, classes, stage_size, strict
+        self.num_classes, self.channels, self.name = len(classes), 3, f"imagenet ({root})"
+        self.samples = []
+        for label, cls in enumerate(classes):
+            folder = root / cls
+            if not folder.is_dir():
+                raise DatasetError(f"{root}: class folder {cls!r} (from train/) is missing; every split needs it")
+            files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+            for file in files:
+                if not file.lower().endswith(IMAGE_EXTENSIONS):
+                    raise DatasetError(
+                        f"{folder / file} is not an image (known extensions: {' '.join(IMAGE_EXTENSIONS)}); "
+                        "move it out of the dataset folder"
+                    )
+            if not files:
+                raise DatasetError(f"class folder {folder} is empty; remove it or add its images")
+            self.samples += [(folder / file, label) for file in files]
+        self.skipped = multiprocessing.Value("i", 0)  # shared by the loader's worker processes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        from PIL import Image
+        from torchvision.transforms import functional as TF
+
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:
+            with self.skipped.get_lock():
+                self.skipped.value += 1
+                count = self.skipped.value
+            if self.strict:
+                raise DatasetError(f"unreadable image {path}: {error} (drop --strict to skip such images)") from None
+            log.warning("skipping unreadable image %s (%s); %d skipped so far", path, error, count)
+            return None
+        image = TF.center_crop(TF.resize(image, self.stage_size), self.stage_size)
+        return TF.pil_to_tensor(image), label  # (3, 256, 256) uint8
+
+
+def imagenet_dataset(split: str, data: str | None, stage_size: int, strict: bool) -> ImageFolderStaged:
+    if not data:
+        raise DatasetError("imagenet needs --data DIR: a folder with train/ and val/, one subfolder per class")
+    root = Path(data)
+    train, folder = root / "train", root / {"train": "train", "val": "val"}[split]
+    if not train.is_dir() or not folder.is_dir():
+        raise DatasetError(
+            f"{root} lacks {'train/' if not train.is_dir() else 'val/'}: imagenet needs DIR/train/<class>/*.JPEG "
+            "and DIR/val/<class>/*.JPEG (the ImageFolder layout; pytorch/examples' valprep.sh sorts val/)"
+        )
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{train} has no class folders")
+    extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in set(classes))
+    if extra:
+        raise DatasetError(f"{folder} has classes that train/ lacks, so their labels are out of range: {extra[:5]}")
+    return ImageFolderStaged(folder, classes, stage_size, strict)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_dataset(
+    name: str, split: str, data: str | None = None, *, stage_size: int = 256, strict: bool = False
+) -> Dataset:
+    """`split` is "train" or "val" (the test set for MNIST and Fashion-MNIST)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if name in ("mnist", "fashion-mnist"):
+        return idx_dataset(name, split, data)
+    if name == "fake":
+        return fake_dataset(split)
+    if name == "imagenet":
+        return imagenet_dataset(split, data, stage_size, strict)
+    raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def _collate_skipping(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [item for item in items if item is not None]
+    if not items:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return torch.stack([i for i, _ in items]), torch.tensor([label for _, label in items])
+
+
+def batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    start: int = 0,
+    workers: int = 0,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 image batches (N, C, H, W) with labels, from batch `start` of the epoch on."""
+    order = epoch_order(len(dataset), seed, epoch, shuffle)
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    order = order[start * batch_size : stop]
+    if isinstance(dataset, InMemory):
+        for i in range(0, len(order), batch_size):
+            index = order[i : i + batch_size]
+            yield dataset.images[index], dataset.labels[index]
+        return
+    sampler = order.tolist()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=_collate_skipping,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+    for images, labels in loader:
+        if len(labels):
+            yield images, labels
+
+
+def num_batches(dataset: Dataset, batch_size: int, drop_last: bool = False) -> int:
+    return len(dataset) // batch_size if drop_last else -(-len(dataset) // batch_size)

@@ -1,0 +1,112 @@
+"""The training set's statistics the paper's pipeline needs: the per-pixel mean image (P 2) and
+the eigenvectors / eigenvalues of the RGB covariance for PCA colour noise (P 4.1).
+
+Fitted once on the training images and cached with their provenance (dataset, folder, size,
+images used, date). The mean image is kept at the images' stored size: resizing is linear, so
+subtracting it before the resize to 256 equals subtracting the mean of the resized images.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from alexnet2gpu.datasets import batches, num_batches
+
+# ALEXNET-SPEC.md: ImageNet's RGB covariance of [0, 1] pixels, as fb.resnet.torch uses it
+IMAGENET_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+IMAGENET_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+@dataclass
+class DataStats:
+    mean: torch.Tensor  # (C, H, W) per-pixel mean on the 0-255 scale
+    eigvec: torch.Tensor  # (C, C), eigenvectors as columns, largest eigenvalue first
+    eigval: torch.Tensor  # (C,), eigenvalues of the covariance of [0, 1] pixel values
+    provenance: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "eigvec": self.eigvec, "eigval": self.eigval, "provenance": self.provenance}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataStats:
+        return cls(d["mean"], d["eigvec"], d["eigval"], dict(d.get("provenance", {})))
+
+
+@torch.no_grad()
+def fit_stats(dataset: Dataset, *, limit: int | None = None, batch_size: int = 256, workers: int = 0) -> DataStats:
+    """Mean image and RGB covariance eigen-decomposition over the first `limit` images of a fixed
+    shuffle (all of them when None), accumulated in float64."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    total = pixels = 0
+    sum_image = sum_c = sum_cc = None
+    stream = batches(dataset, batch_size, shuffle=limit is not None and n < len(dataset), seed=0, workers=workers)
+    steps = -(-n // batch_size)
+    for images, _ in tqdm(
+        stream, total=min(steps, num_batches(dataset, batch_size)), desc="fitting stats", leave=False
+    ):
+        images = images[: n - total].double()  # (B, C, H, W) on 0-255
+        if sum_image is None:
+            c = images.shape[1]
+            sum_image, sum_c, sum_cc = torch.zeros(images.shape[1:], dtype=torch.float64), torch.zeros(c), 0
+        sum_image += images.sum(0)
+        flat = images.transpose(0, 1).reshape(images.shape[1], -1) / 255  # (C, B*H*W) in [0, 1]
+        sum_c = sum_c + flat.sum(1).double()
+        sum_cc = sum_cc + flat @ flat.T  # (C, C)
+        pixels += flat.shape[1]
+        total += images.shape[0]
+        if total >= n:
+            break
+    if not total:
+        raise ValueError("cannot fit statistics on an empty dataset")
+    mu = sum_c / pixels
+    cov = sum_cc / pixels - torch.outer(mu, mu)
+    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
+    order = eigval.argsort(descending=True)
+    provenance = {"images": total, "date": datetime.date.today().isoformat(), "source": "fitted"}
+    return DataStats(
+        (sum_image / total).float(), eigvec[:, order].float(), eigval[order].clamp_min(0).float(), provenance
+    )
+
+
+def cache_path(cache_dir: str | Path, dataset: str, data: str | None, stage_size: int, limit: int | None) -> Path:
+    where = os.path.abspath(data) if data else "default"
+    key = hashlib.sha1(f"{dataset}|{where}|{stage_size}|{limit}".encode()).hexdigest()[:10]
+    return Path(cache_dir) / f"stats-{dataset}-{stage_size}-{key}.pt"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet2gpu"
+
+
+def load_or_fit(
+    dataset: Dataset,
+    *,
+    name: str,
+    data: str | None,
+    stage_size: int,
+    limit: int | None,
+    cache_dir: str | Path | None = None,
+    workers: int = 0,
+) -> DataStats:
+    """The cached statistics of this training set, fitted (and cached) on first use."""
+    path = cache_path(cache_dir or default_cache_dir(), name, data, stage_size, limit)
+    if path.is_file():
+        try:
+            return DataStats.from_dict(torch.load(path, weights_only=True))
+        except Exception:  # noqa: BLE001 - a broken cache is refitted, never trusted
+            path.unlink()
+    stats = fit_stats(dataset, limit=limit, workers=workers)
+    stats.provenance.update(dataset=name, data=os.path.abspath(data) if data else None, stage_size=stage_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(stats.to_dict(), tmp)
+    tmp.replace(path)
+    return stats

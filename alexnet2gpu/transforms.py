@@ -1,0 +1,140 @@
+"""The paper's preprocessing and augmentation (P 2, 4.1), batched on the training device.
+
+uint8 images (N, C, h, w) as stored -> float network inputs (N, C, 224, 224):
+
+    subtract the mean image -> resize to 256 (when stored smaller) -> random 224 crop + flip
+    -> PCA colour noise (train);  centre crop or ten crops (evaluation)
+
+Random draws (offsets, flips, alphas) are small and come from a CPU generator seeded per step,
+so the same seed gives the same augmentation on any device and after a resume.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from alexnet2gpu.config import DataConfig
+from alexnet2gpu.stats import DataStats
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of a square batch (N, C, h, h) -> (N, C, size, size); a no-op at that size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+
+
+def crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, flip: torch.Tensor | None = None):
+    """Per-image crops (N, C, size, size) at (top[i], left[i]), mirrored where flip[i], in one gather."""
+    n = x.shape[0]
+    steps = torch.arange(size, device=x.device)
+    rows = top.to(x.device)[:, None] + steps  # (N, size)
+    cols = left.to(x.device)[:, None] + steps  # (N, size)
+    if flip is not None:
+        cols = torch.where(flip.to(x.device)[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = x[batch, :, rows[:, :, None], cols[:, None, :]]  # (N, size, size, C)
+    return out.permute(0, 3, 1, 2)  # (N, C, size, size), channels-last in memory
+
+
+def resize_matrix(src: int, dst: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(dst, src): the bilinear resize `resize` does along one axis, as a matrix (from the
+    identity, so the weights are F.interpolate's own)."""
+    eye = torch.eye(src, device=device)[None, None]  # (1, 1, src, src)
+    return F.interpolate(eye, size=(src, dst), mode="bilinear", align_corners=False)[0, 0].T
+
+
+def resized_crop(
+    x: torch.Tensor, stage: int, top: torch.Tensor, left: torch.Tensor, size: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`crop(resize(x, stage), top, left, size, flip)` for images stored smaller than `stage`,
+    without making the 256x256 image: the crop of a resize is two small matrix products per image,
+    rows (size, h) @ x (h, w) @ cols (w, size)."""
+    h, w = x.shape[-2:]
+    steps = torch.arange(size)
+    rows = resize_matrix(h, stage, x.device)[top[:, None] + steps]  # (N, size, h)
+    col_index = left[:, None] + steps  # (N, size)
+    if flip is not None:
+        col_index = torch.where(flip[:, None], col_index.flip(1), col_index)
+    cols = resize_matrix(w, stage, x.device)[col_index]  # (N, size, w)
+    return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # (N, C, size, size)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    top = (x.shape[-2] - size) // 2
+    left = (x.shape[-1] - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """P 4.1 test time: four corners and the centre, then their mirrors: (N, C, S, S) -> (N, 10, C, s, s)."""
+    h, w = x.shape[-2:]
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
+    patches = [x[..., top : top + size, left : left + size] for top, left in corners]
+    patches += [p.flip(-1) for p in patches]
+    return torch.stack(patches, dim=1)
+
+
+def pca_noise(
+    n: int, stats: DataStats, alpha_std: float, scale: str, pixel_scale: float, generator: torch.Generator
+) -> torch.Tensor:
+    """P 4.1: per image, eigvec @ (alpha * lambda) with alpha ~ N(0, alpha_std), added to every pixel.
+
+    (N, C) on the 0-255 scale. `scale="stdev"` uses sqrt(lambda), as Krizhevsky's code did.
+    """
+    alpha = torch.randn((n, stats.eigval.numel()), generator=generator) * alpha_std  # (N, C)
+    weights = stats.eigval if scale == "eigenvalue" else stats.eigval.sqrt()
+    return (alpha * weights) @ stats.eigvec.T * pixel_scale  # (N, C)
+
+
+class Pipeline:
+    """Stored uint8 batches -> network inputs, on `device`. `train` picks augmentation."""
+
+    def __init__(self, config: DataConfig, stats: DataStats | None, device: torch.device | str, train: bool) -> None:
+        if config.preset == "paper" and stats is None:
+            raise ValueError("the paper's pipeline needs the training set's statistics (mean image, PCA)")
+        self.config, self.stats, self.device, self.train = config, stats, torch.device(device), train
+        self.mean = stats.mean.to(self.device) if stats is not None else None
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) uint8 -> float at the stored size: mean image subtracted (P 2)."""
+        x = images.to(self.device, non_blocking=True).float()
+        if self.config.preset == "seed":
+            return (x / 255.0 - self.config.seed_mean) / self.config.seed_std
+        return (x - self.mean) * (self.config.pixel_scale / 255.0)
+
+    def stage(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) uint8 -> (N, C, 256, 256) float, mean subtracted and resized (P 2); the
+        seed's pipeline goes straight to 224 and has no crops."""
+        size = self.config.crop_size if self.config.preset == "seed" else self.config.stage_size
+        return resize(self.normalise(images), size)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Network inputs (N, C, 224, 224): a random crop, flip and PCA noise when training (P 4.1),
+        the centre crop otherwise."""
+        config, size = self.config, self.config.crop_size
+        if config.preset == "seed":
+            return self.stage(images)
+        if not self.train:
+            return center_crop(self.stage(images), size)
+        n, span = images.shape[0], config.stage_size - size + 1
+        generator = generator or torch.Generator().manual_seed(0)
+        top = torch.randint(span, (n,), generator=generator)
+        left = torch.randint(span, (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < 0.5 if config.flips else None
+        x = self.normalise(images)
+        if x.shape[-1] == config.stage_size and x.shape[-2] == config.stage_size:
+            x = crop(x, top, left, size, flip)
+        else:
+            x = resized_crop(x, config.stage_size, top, left, size, flip)
+        if config.pca_noise:
+            noise = pca_noise(n, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
+            x = x + noise.to(self.device)[:, :, None, None]
+        return x
+
+    def ten_crops(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) uint8 -> (N, 10, C, 224, 224): the paper's test-time patches."""
+        if self.config.preset == "seed":
+            raise ValueError("ten-crop needs the paper's pipeline (--preset paper): the seed's has no crops")
+        return ten_crop(self.stage(images), self.config.crop_size)

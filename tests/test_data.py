@@ -1,0 +1,260 @@
+"""The data pipeline: IDX files, ImageNet folders, mean image, crops, PCA colour noise, ten-crop."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet2gpu.config import DataConfig
+from alexnet2gpu.datasets import (
+    DatasetError,
+    InMemory,
+    batches,
+    build_dataset,
+    epoch_order,
+    read_idx,
+)
+from alexnet2gpu.stats import DataStats, fit_stats
+from alexnet2gpu.transforms import Pipeline, center_crop, crop, pca_noise, resize, resized_crop, ten_crop
+
+# ---------------------------------------------------------------------------------------------
+# crops
+
+
+def test_ten_crop_takes_corners_centre_and_their_mirrors() -> None:
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)  # value = c*64 + row*8 + col
+    crops = ten_crop(x, 5)
+    assert crops.shape == (1, 10, 2, 5, 5)
+    for i, (top, left) in enumerate([(0, 0), (0, 3), (3, 0), (3, 3), (1, 1)]):
+        rows, cols = torch.arange(top, top + 5), torch.arange(left, left + 5)
+        expected = torch.arange(2)[:, None, None] * 64 + rows[None, :, None] * 8 + cols[None, None, :]
+        assert torch.equal(crops[0, i], expected.float()), i
+        assert torch.equal(crops[0, i + 5], expected.flip(-1).float()), i + 5
+
+
+def test_random_crops_are_windows_of_the_image_mirrored_where_asked() -> None:
+    x = torch.randn(6, 3, 20, 20)
+    top, left = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([5, 4, 3, 2, 1, 0])
+    flip = torch.tensor([True, False, True, False, True, False])
+    out = crop(x, top, left, 15, flip)
+    for i in range(6):
+        window = x[i, :, top[i] : top[i] + 15, left[i] : left[i] + 15]
+        assert torch.equal(out[i], window.flip(-1) if flip[i] else window)
+
+
+def test_resized_crop_equals_crop_of_the_resized_image() -> None:
+    x = torch.randn(5, 3, 28, 28) * 50
+    top, left, flip = torch.randint(33, (5,)), torch.randint(33, (5,)), torch.rand(5) < 0.5
+    expected = crop(resize(x, 256), top, left, 224, flip)
+    assert (resized_crop(x, 256, top, left, 224, flip) - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------
+# mean image and PCA noise
+
+
+def stats_for(images: torch.Tensor) -> DataStats:
+    c = images.shape[1]
+    return DataStats(images.double().mean(0).float(), torch.eye(c), torch.full((c,), 0.01))
+
+
+def test_fitted_mean_image_is_the_per_pixel_mean() -> None:
+    images = torch.randint(0, 256, (37, 3, 9, 9), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = InMemory(images, torch.zeros(37, dtype=torch.long), 1, "t")
+    stats = fit_stats(dataset, batch_size=8)
+    assert torch.allclose(stats.mean.double(), images.double().mean(0), atol=1e-4, rtol=0)
+    pixels = images.double().permute(1, 0, 2, 3).reshape(3, -1) / 255
+    cov = torch.cov(pixels, correction=0)
+    vec, val = stats.eigvec.double(), stats.eigval.double()
+    assert torch.allclose(vec @ torch.diag(val) @ vec.T, cov, atol=1e-6)
+    assert stats.provenance["images"] == 37
+
+
+def test_mean_subtraction_is_exact() -> None:
+    images = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
+    mean = torch.rand(3, 256, 256) * 255
+    pipe = Pipeline(DataConfig(dataset="fake"), DataStats(mean, torch.eye(3), torch.ones(3)), "cpu", train=False)
+    assert torch.equal(pipe.normalise(images), images.float() - mean)
+    assert torch.equal(pipe(images), center_crop(images.float() - mean, 224))
+
+
+def test_pca_noise_lies_in_the_eigenvector_span_with_alpha_lambda_spread() -> None:
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(3)))
+    eigval = torch.tensor([0.2, 0.05, 0.0])  # a rank-2 covariance: the noise must miss q[:, 2]
+    stats = DataStats(torch.zeros(3, 1, 1), q, eigval)
+    n = 40_000
+    noise = pca_noise(n, stats, 0.1, "eigenvalue", 255.0, torch.Generator().manual_seed(0)).double()
+    coefficients = noise @ q.double() / 255  # (N, 3): alpha_i * lambda_i
+    assert coefficients[:, 2].abs().max() < 1e-6
+    # the std of N normal samples has relative standard error 1/sqrt(2N) = 0.35%: 2% is over 5 sigma
+    assert coefficients[:, 0].std().item() == pytest.approx(0.1 * 0.2, rel=0.02)
+    assert coefficients[:, 1].std().item() == pytest.approx(0.1 * 0.05, rel=0.02)
+    stdev = pca_noise(n, stats, 0.1, "stdev", 255.0, torch.Generator().manual_seed(0)).double() @ q.double()
+    assert (stdev[:, 0] / 255).std().item() == pytest.approx(0.1 * 0.2**0.5, rel=0.02)
+
+
+def test_train_pipeline_adds_one_colour_shift_per_image() -> None:
+    images = torch.randint(0, 256, (8, 3, 256, 256), dtype=torch.uint8)
+    stats = DataStats(
+        torch.full((3, 256, 256), 100.0), torch.linalg.qr(torch.randn(3, 3))[0], torch.tensor([0.2, 0.02, 0.004])
+    )
+    with_noise = Pipeline(DataConfig(dataset="fake"), stats, "cpu", train=True)
+    without = Pipeline(DataConfig(dataset="fake", pca_noise=False), stats, "cpu", train=True)
+    a = with_noise(images, torch.Generator().manual_seed(5))
+    b = without(images, torch.Generator().manual_seed(5))
+    shift = a - b  # (N, 3, 224, 224): the same crop and flip, plus the noise
+    assert shift.shape == (8, 3, 224, 224)
+    per_image = shift[:, :, :1, :1]
+    assert torch.allclose(shift, per_image.expand_as(shift), atol=1e-3)
+    assert per_image.flatten(1).std(0).min() > 0.01  # a different shift for each image
+
+
+def test_seed_preset_is_resize_and_normalise() -> None:
+    images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    out = Pipeline(DataConfig(dataset="mnist", preset="seed"), None, "cpu", train=True)(images)
+    expected = (resize(images.float() / 255, 224) - 0.1307) / 0.3081
+    assert out.shape == (2, 1, 224, 224) and torch.allclose(out, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files
+
+
+def write_idx(path: Path, array: torch.Tensor, zipped: bool, magic: bytes | None = None) -> Path:
+    header = magic or bytes([0, 0, 8, array.dim()])
+    raw = header + struct.pack(f">{array.dim()}I", *array.shape) + array.numpy().tobytes()
+    path.write_bytes(gzip.compress(raw) if zipped else raw)
+    return path
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_idx_reader_reads_back_what_was_written(tmp_path: Path, zipped: bool) -> None:
+    images = torch.randint(0, 256, (5, 4, 3), dtype=torch.uint8)
+    assert torch.equal(read_idx(write_idx(tmp_path / "x", images, zipped)), images)
+    labels = torch.tensor([3, 1, 4], dtype=torch.uint8)
+    assert torch.equal(read_idx(write_idx(tmp_path / "y", labels, zipped)), labels)
+
+
+def test_idx_reader_rejects_wrong_magic_and_truncation(tmp_path: Path) -> None:
+    images = torch.zeros(2, 2, 2, dtype=torch.uint8)
+    with pytest.raises(DatasetError, match="magic number 00000d03"):
+        read_idx(write_idx(tmp_path / "float", images, False, magic=bytes([0, 0, 0x0D, 3])))
+    path = write_idx(tmp_path / "short", images, False)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(DatasetError, match="truncated"):
+        read_idx(path)
+
+
+def test_idx_dataset_from_a_folder_and_label_range(tmp_path: Path) -> None:
+    for prefix, n in (("train", 12), ("t10k", 4)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", torch.zeros(n, 28, 28, dtype=torch.uint8), True)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", torch.arange(n, dtype=torch.uint8) % 10, False)
+    train = build_dataset("mnist", "train", str(tmp_path))
+    assert train.images.shape == (12, 1, 28, 28) and train.labels.tolist()[:3] == [0, 1, 2]
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", torch.tensor([0, 1, 2, 10], dtype=torch.uint8), False)
+    with pytest.raises(DatasetError, match="outside 0..9"):
+        build_dataset("mnist", "val", str(tmp_path))
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path: Path, monkeypatch) -> None:
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(DatasetError, match=rf"mnist not found: looked in {tmp_path}.*--data FOLDER"):
+        build_dataset("mnist", "train", str(tmp_path))
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist (.ci/run installs it)")
+def test_fashion_mnist_from_the_debian_package() -> None:
+    train, test = build_dataset("fashion-mnist", "train"), build_dataset("fashion-mnist", "val")
+    assert train.images.shape == (60_000, 1, 28, 28) and len(test) == 10_000
+    assert train.labels.bincount().tolist() == [6_000] * 10
+    assert test.labels.bincount().tolist() == [1_000] * 10
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet folders
+
+
+def make_imagenet(root: Path, classes=("cat", "dog"), per_class: int = 2) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for i, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for j in range(per_class):
+                array = torch.full((30 + 10 * j, 40, 3), 60 * i + j, dtype=torch.uint8).numpy()
+                Image.fromarray(array).save(folder / f"{j}.jpg" if j % 2 == 0 else folder / f"{j}.png")
+    return root
+
+
+def test_imagenet_folder_is_staged_to_256(tmp_path: Path) -> None:
+    train = build_dataset("imagenet", "train", str(make_imagenet(tmp_path)))
+    assert len(train) == 4 and train.classes == ["cat", "dog"]
+    image, label = train[3]
+    assert image.shape == (3, 256, 256) and image.dtype == torch.uint8 and label == 1
+    (images, labels), *_ = list(batches(train, 4, shuffle=False))
+    assert images.shape == (4, 3, 256, 256) and labels.tolist() == [0, 0, 1, 1]
+
+
+def test_unreadable_image_is_reported_and_skipped(tmp_path: Path, caplog) -> None:
+    root = make_imagenet(tmp_path)
+    broken = root / "train" / "dog" / "0.jpg"
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    train = build_dataset("imagenet", "train", str(root))
+    with caplog.at_level(logging.WARNING):
+        got = [labels for _, labels in batches(train, 4, shuffle=False)]
+    assert torch.cat(got).tolist() == [0, 0, 1]
+    assert str(broken) in caplog.text and "1 skipped so far" in caplog.text
+    strict = build_dataset("imagenet", "train", str(root), strict=True)
+    with pytest.raises(DatasetError, match="unreadable image .*0.jpg"):
+        strict[2]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: (r / "train" / "cat" / "notes.txt").write_text("x"), "notes.txt is not an image"),
+        (lambda r: [p.unlink() for p in (r / "train" / "dog").iterdir()], "dog is empty"),
+        (lambda r: (r / "val" / "bird").mkdir(), "classes that train/ lacks"),
+        (lambda r: [p.unlink() for p in (r / "val" / "dog").iterdir()] and (r / "val" / "dog").rmdir(), "dog.*missing"),
+    ],
+)
+def test_malformed_imagenet_folders_are_named(tmp_path: Path, damage, message: str) -> None:
+    root = make_imagenet(tmp_path)
+    damage(root)
+    with pytest.raises(DatasetError, match=message):
+        build_dataset("imagenet", "train", str(root))
+        build_dataset("imagenet", "val", str(root))
+
+
+def test_imagenet_without_folders_says_what_layout_it_needs(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="lacks train/.*ImageFolder layout"):
+        build_dataset("imagenet", "train", str(tmp_path))
+    with pytest.raises(DatasetError, match="needs --data"):
+        build_dataset("imagenet", "train", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# order
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
+    assert torch.equal(epoch_order(100, 1, 2, True), epoch_order(100, 1, 2, True))
+    assert not torch.equal(epoch_order(100, 1, 2, True), epoch_order(100, 1, 3, True))
+    dataset = build_dataset("fake", "val")
+    full = [labels for _, labels in batches(dataset, 32, shuffle=True, seed=4, epoch=1)]
+    resumed = [labels for _, labels in batches(dataset, 32, shuffle=True, seed=4, epoch=1, start=3)]
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed, strict=True))
