@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from alexnet2gpu.lrn import local_response_norm
 
 
 class LocalResponseNorm(nn.Module):
@@ -21,11 +22,40 @@ class LocalResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         x = x.reshape(n * self.groups, c // self.groups, h, w)  # (N*G, C/G, H, W): one group per row
-        x = F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+        x = local_response_norm(x, self.size, self.alpha, self.beta, self.k)  # nn.LocalResponseNorm's maths
         return x.reshape(n, c, h, w)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, groups={self.groups}"
+
+
+class Dropout(nn.Module):
+    """P 4.2: zero each unit with probability p in training (inverted: survivors scaled by 1/(1-p)).
+
+    By default the masks come from the global generator. With `generators` set (one per equal
+    chunk of the batch), each chunk's mask comes from its own generator: the processes of
+    `alexnet2gpu.distributed` and a single-process reference then draw the same masks.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.generators: list[torch.Generator] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.generators is None:
+            return nn.functional.dropout(x, self.p, training=True)
+        chunks = x.chunk(len(self.generators))
+        keep = [
+            torch.empty_like(c).bernoulli_(1 - self.p, generator=g)
+            for c, g in zip(chunks, self.generators, strict=True)
+        ]
+        return x * torch.cat(keep) / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def join(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -50,10 +80,15 @@ LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
 
 @torch.no_grad()
-def init_paper(module: nn.Module) -> None:
-    """The paper's initialisation of every conv and linear layer below `module`, drawn from each
-    device's default generator (so `torch.manual_seed` makes it reproducible)."""
+def init_weights(module: nn.Module, scheme: str = "paper") -> None:
+    """Initialise every conv and linear layer below `module`, drawing from each device's default
+    generator (so `torch.manual_seed` makes it reproducible). "paper" is P 5; "he" is He et al.
+    2015's N(0, 2 / fan_in) with zero biases."""
     for name, layer in module.named_modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            if scheme == "he":
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                layer.bias.zero_()
+                continue
             layer.weight.normal_(0.0, 0.01)
             layer.bias.fill_(1.0 if name.split(".")[-1] in BIAS_ONE else 0.0)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexnet2gpu.config import AlexNetConfig
-from alexnet2gpu.layers import LAYERS, LocalResponseNorm, activation, exchange, init_paper, join
+from alexnet2gpu.layers import LAYERS, Dropout, LocalResponseNorm, activation, exchange, init_weights, join
 
 Device = torch.device | str
 
@@ -69,7 +69,7 @@ class Tower(nn.Module):
         self.lrn1, self.lrn2 = _lrn(config, 1), _lrn(config, 1)
         self.pool1, self.pool2, self.pool5 = _pool(config), _pool(config), _pool(config)
         self.act = activation(config.activation)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.conv1_pad = config.conv1_pad
 
     def own_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ class AlexNet2GPU(nn.Module):
             raise ValueError(f"AlexNet2GPU takes two devices, one per tower; got {list(devices)}")
         self.tower_a = Tower(self.config, 0, torch.device(devices[0]))
         self.tower_b = Tower(self.config, 1, torch.device(devices[1]))
-        init_paper(self)
+        init_weights(self, self.config.init)
 
     @property
     def devices(self) -> tuple[torch.device, torch.device]:
@@ -122,9 +122,10 @@ class AlexNet2GPU(nn.Module):
         a, b = exchange(a, b)  # conv3 reads both towers: (N, 256, 13, 13) on each device
         a, b = exchange(ta.upper_maps(a), tb.upper_maps(b))  # fc6 reads both: (N, 9216)
         a, b = exchange(ta.fc(ta.fc6, a), tb.fc(tb.fc6, b))  # fc7 reads both: (N, 4096)
-        a, b = exchange(ta.fc(ta.fc7, a), tb.fc(tb.fc7, b))  # fc8 reads both: (N, 4096)
-        if tb.fc8 is None:  # one fc8 on tower A (C2)
-            return ta.fc8(a)
+        a, b = ta.fc(ta.fc7, a), tb.fc(tb.fc7, b)  # (N, 2048) per tower
+        if tb.fc8 is None:  # one fc8 on tower A (C2): only tower B's half moves
+            return ta.fc8(join(a, b, dev_a))
+        a, b = exchange(a, b)  # fc8 reads both: (N, 4096)
         return join(ta.fc8(a), tb.fc8(b), dev_a)  # (N, 500 + 500) gathered on device 0
 
     @classmethod
@@ -157,7 +158,7 @@ class AlexNetFused(nn.Module):
         self.pool1, self.pool2, self.pool5 = _pool(c), _pool(c), _pool(c)
         self.act = activation(c.activation)
         self.drop = nn.Dropout(c.dropout)
-        init_paper(self)
+        init_weights(self, self.config.init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.config)
