@@ -6,7 +6,22 @@ PY := $(VENV)/bin/python
 # machine with torch 2.11 to 2.14 already installed can pass TORCH_PIN= to keep its own.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test lint clean
+# Training runs: `make train-1gpu DATASET=imagenet DATA=/data/imagenet EPOCHS=90 OUT=runs/imagenet`
+DATASET ?= fashion-mnist
+DATA ?=
+EPOCHS ?= 90
+OUT ?= runs/$(DATASET)
+ARGS ?=
+# ALLOC=tcmalloc preloads tcmalloc (apt-get install libtcmalloc-minimal4) for training and benchmarks:
+# glibc malloc hands large buffers back to the kernel and pays page faults for them at every step
+# (docs/BENCHMARKS.md has the numbers).
+ALLOC ?=
+TCMALLOC_LIB ?= $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4))
+RUN := $(if $(filter tcmalloc,$(ALLOC)),$(if $(TCMALLOC_LIB),LD_PRELOAD=$(TCMALLOC_LIB),$(error ALLOC=tcmalloc: no libtcmalloc found; apt-get install libtcmalloc-minimal4))) $(PY)
+TRAIN := $(RUN) -m alexnet2gpu train --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT)
+CUDA_COUNT = $(shell $(PY) -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+
+.PHONY: setup test lint clean train-2gpu train-1gpu train-dist evaluate plot demo gpu-check bench
 
 setup: $(VENV)/.installed
 
@@ -26,3 +41,46 @@ test: lint
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+
+train-2gpu: setup
+	@if [ "$(CUDA_COUNT)" -lt 2 ]; then \
+	  echo "train-2gpu needs two CUDA GPUs; this machine has $(CUDA_COUNT). Use 'make train-1gpu' (both towers on one device)."; \
+	  exit 1; fi
+	$(TRAIN) --devices cuda:0,cuda:1 $(ARGS)
+
+train-1gpu: setup
+	@if [ "$(CUDA_COUNT)" -ge 1 ]; then \
+	  $(TRAIN) --devices cuda:0 $(ARGS); \
+	else \
+	  echo "No CUDA GPU: both towers on the CPU. This is slow; the first steps print the time an epoch will take."; \
+	  $(TRAIN) --devices cpu $(ARGS); fi
+
+# One tower per process (torch.distributed), NNODES machines of 2 ranks each; see README.
+# On one CPU machine: make train-dist DATASET=fake EPOCHS=1 ARGS="--max-steps 4 -b 8 --preset seed --init he"
+NNODES ?= 1
+RDZV ?= --standalone
+train-dist: setup
+	$(VENV)/bin/torchrun --nnodes $(NNODES) --nproc-per-node 2 $(RDZV) -m alexnet2gpu train --parallel tower-processes \
+	  --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT) $(ARGS)
+
+evaluate: setup
+	$(RUN) -m alexnet2gpu evaluate --checkpoint $(OUT)/last.pt $(if $(DATA),--data $(DATA)) $(ARGS)
+
+plot: setup
+	$(PY) -m alexnet2gpu plot $(OUT)
+
+# A few minutes on 2 CPU cores: the two-tower net on 3,000 Fashion-MNIST images, one epoch, the
+# seed's input scaling and He init (the paper's N(0, 0.01) needs far more steps to leave chance).
+demo: setup
+	$(RUN) -m alexnet2gpu train --dataset fashion-mnist --preset seed --init he --devices cpu \
+	  --subset 3000 --epochs 1 --batch-size 32 --val-subset 1000 --out runs/demo
+	$(RUN) -m alexnet2gpu evaluate --checkpoint runs/demo/last.pt --val-subset 1000 --devices cpu
+	$(PY) -m alexnet2gpu plot runs/demo
+
+# One script for a one-GPU machine (GPU tests, bench on cuda, a short training run); see the script.
+gpu-check:
+	bash tools/gpu_check.sh
+
+# The model bench (CPU unless a GPU is present); `make bench ARGS=--data` for the data pipeline.
+bench: setup
+	$(RUN) -m alexnet2gpu bench $(ARGS)

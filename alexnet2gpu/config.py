@@ -11,6 +11,7 @@ from dataclasses import dataclass
 ACTIVATIONS = ("relu", "tanh")
 POOLINGS = {"overlapping": (3, 2), "non-overlapping": (2, 2)}  # P 3.4: z=3, s=2 against z=s=2
 INPUT_SIZES = (224, 227)
+INITS = ("paper", "he")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class AlexNetConfig:
     pooling: str = "overlapping"
     activation: str = "relu"  # "tanh" for the paper's Figure 1 comparison
     dropout: float = 0.5  # P 4.2: on the outputs of fc6 and fc7
+    # "paper": N(0, 0.01), biases 0/1 (P 5). "he": He et al. 2015 normal init, biases 0, which leaves
+    # chance level within tens of steps on inputs of unit scale (the seed preset); for short CPU runs.
+    init: str = "paper"
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
@@ -66,6 +70,8 @@ class AlexNetConfig:
             fail("dropout", "a probability in [0, 1)")
         if self.lrn_size < 1:
             fail("lrn_size", "a positive window size")
+        if self.init not in INITS:
+            fail("init", " or ".join(INITS))
 
     @classmethod
     def one_gpu(cls, **overrides) -> AlexNetConfig:
@@ -180,6 +186,7 @@ class TrainConfig:
     optimizer: str = "paper"
     lr_drops: int = 3  # P 5: lr divided by 10 when the validation error stops improving, three times
     lr_patience: int = 1  # epochs without improvement before a drop
+    warmup_steps: int = 0  # not in P: lr rises linearly over the first N steps (steadies short runs)
     seed: int = 0
     max_steps: int | None = None  # total steps of the run, counted across resumes
     val_subset: int | None = None  # first N validation images (None: all)

@@ -36,3 +36,11 @@ def test_fused_model_has_the_same_init() -> None:
     fused = AlexNetFused(AlexNetConfig(num_classes=10))
     assert fused.conv2.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert torch.all(fused.conv4.bias == 1.0) and torch.all(fused.conv3.bias == 0.0)
+
+
+def test_he_init_keeps_unit_scale_and_zero_biases() -> None:
+    torch.manual_seed(0)
+    model = AlexNet2GPU(AlexNetConfig(num_classes=10, init="he"), devices=("cpu", "cpu"))
+    fc6 = model.tower_a.fc6
+    assert fc6.weight.std().item() == pytest.approx((2 / fc6.in_features) ** 0.5, rel=0.02)
+    assert all(torch.all(p == 0) for name, p in model.named_parameters() if name.endswith("bias"))

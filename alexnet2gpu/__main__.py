@@ -1,0 +1,3 @@
+from alexnet2gpu.cli import main
+
+main()

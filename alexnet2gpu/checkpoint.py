@@ -1,0 +1,75 @@
+"""Checkpoints: one dict, written atomically, readable with `torch.load(weights_only=True)`.
+
+{"model": AlexNet2GPU state dict (or the one-tower net's), "optimizer", "scheduler",
+ "rng": {"cpu", "cuda"}, "step", "epoch", "batch": batches done in that epoch,
+ "config": {"model", "data", "train"}, "stats": the data statistics, "best_val_top1"}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from alexnet2gpu.config import AlexNetConfig
+
+KEYS = ("model", "optimizer", "step", "epoch", "batch", "config")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be used; the message says why and what to do."""
+
+
+def save(checkpoint: dict, path: str | Path) -> Path:
+    """Write to a temporary file beside `path`, then rename: a crash leaves the old file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; a run writes RUN_DIR/last.pt (pass --resume RUN_DIR/last.pt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to unpickle means the file is unusable
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+            "it may be truncated or not a checkpoint: resume from another one or start a new run"
+        ) from None
+    missing = [key for key in KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not an alexnet2gpu checkpoint: it lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def check_compatible(checkpoint: dict, config: AlexNetConfig, path: str | Path) -> None:
+    """Refuse a checkpoint whose network differs from the one asked for, naming the fields."""
+    saved = AlexNetConfig.from_dict(checkpoint["config"]["model"])
+    differ = [
+        f"{field}={getattr(saved, field)!r} (asked: {getattr(config, field)!r})"
+        for field in saved.to_dict()
+        if getattr(saved, field) != getattr(config, field)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{path} holds another network: {', '.join(differ)}; use the dataset and options it was trained with"
+        )
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,107 @@
+"""Figures of a run, as PNG files in the run directory:
+
+curves.png        training loss and error by step, validation loss and errors by epoch
+conv1_kernels.png the conv1 kernels of each tower, 48 per tower (the paper's Figure 3)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alexnet2gpu.logs import read_csv
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(run_dir: Path) -> Path:
+    plt = _pyplot()
+    train = read_csv(run_dir / "train.csv") if (run_dir / "train.csv").exists() else []
+    val = read_csv(run_dir / "val.csv") if (run_dir / "val.csv").exists() else []
+    if not train and not val:
+        raise FileNotFoundError(f"{run_dir} has no train.csv or val.csv: is it a run directory?")
+    fig, (loss_ax, err_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (running mean in epoch)")
+        err_ax.plot([r["step"] for r in train], [100 * r["top1_err"] for r in train], label="train top-1")
+    if val:
+        steps = [r["step"] for r in val]
+        loss_ax.plot(steps, [r["loss"] for r in val], "o-", label="validation")
+        err_ax.plot(steps, [100 * r["top1_err"] for r in val], "o-", label="validation top-1")
+        err_ax.plot(steps, [100 * r["top5_err"] for r in val], "s--", label="validation top-5")
+    loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    err_ax.set(xlabel="step", ylabel="error (%)", title="error", ylim=(0, 100))
+    for ax in (loss_ax, err_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def kernel_grid(weight: torch.Tensor, columns: int = 8) -> torch.Tensor:
+    """(K, C, h, w) kernels -> one image (rows * (h + 1), columns * (w + 1), C), each kernel
+    scaled to [0, 1] on its own so that its pattern shows."""
+    k, c, h, w = weight.shape
+    rows = -(-k // columns)
+    flat = weight.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None, None], flat.max(1).values[:, None, None, None]
+    scaled = (weight - lo) / (hi - lo).clamp_min(1e-12)
+    grid = torch.ones(rows * (h + 1), columns * (w + 1), c)
+    for i in range(k):
+        r, col = divmod(i, columns)
+        grid[r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = scaled[i].permute(1, 2, 0)
+    return grid
+
+
+def plot_kernels(state: dict, path: Path, title: str = "") -> Path:
+    """conv1 of tower A beside tower B (one-tower nets: its conv1 alone)."""
+    plt = _pyplot()
+    if "tower_a.conv1.weight" in state:
+        panels = [
+            ("tower A (device 0)", state["tower_a.conv1.weight"]),
+            ("tower B (device 1)", state["tower_b.conv1.weight"]),
+        ]
+    else:
+        panels = [("conv1", state["conv1.weight"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.8), squeeze=False)
+    for ax, (name, weight) in zip(axes[0], panels, strict=True):
+        grid = kernel_grid(weight.float().cpu())
+        ax.imshow(
+            grid.squeeze(-1) if grid.shape[-1] == 1 else grid,
+            cmap="gray" if grid.shape[-1] == 1 else None,
+            interpolation="nearest",
+        )
+        ax.set_title(f"{name}: {weight.shape[0]} kernels {weight.shape[2]}x{weight.shape[3]}x{weight.shape[1]}")
+        ax.axis("off")
+    fig.suptitle(title or "conv1 kernels (P Figure 3)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    from alexnet2gpu import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory {run_dir}")
+    paths = [plot_curves(run_dir)]
+    if (run_dir / "last.pt").exists():
+        saved = ckpt.load(run_dir / "last.pt")
+        paths.append(
+            plot_kernels(saved["model"], run_dir / "conv1_kernels.png", f"conv1 kernels, step {saved['step']}")
+        )
+    return paths
