@@ -8,27 +8,12 @@ from collections import Counter
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import alexnet2gpu.model
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig
+from alexnet2gpu.accounting import CopyCounter, counted_forward_bytes, exchanges
 
 A, B = "cuda:0", "cuda:1"
-
-
-class CopyCounter(TorchDispatchMode):
-    """Records (from, to, shape) for every op whose output lands on another device than its input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.moves: list[tuple[str, str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if isinstance(out, torch.Tensor) and src is not None and out.device != src.device:
-            self.moves.append((str(src.device), str(out.device), tuple(out.shape)))
-        return out
 
 
 def expected_moves(n: int, classes: int) -> Counter:
@@ -73,7 +58,7 @@ def test_only_the_paper_exchanges_cross_devices(fake_mode) -> None:
     with CopyCounter() as counter:
         logits = model(torch.randn(4, 3, 224, 224, requires_grad=True))
     assert str(logits.device) == A and logits.shape == (4, 1000)
-    assert Counter(counter.moves) == expected_moves(4, 1000)
+    assert Counter(m[:3] for m in counter.moves) == expected_moves(4, 1000)
     assert len(counter.moves) == 2 + 4 * 2 + 1
 
 
@@ -89,8 +74,10 @@ def test_fc8_on_tower_a_sends_tower_b_activations_one_way(fake_mode) -> None:
     model = AlexNet2GPU(AlexNetConfig(num_classes=10, fc8_split=False), devices=(A, B))
     with CopyCounter() as counter:
         model(torch.randn(2, 3, 224, 224))
-    assert len(counter.moves) == 2 + 4 * 2  # no logits to gather: tower B's half never ends there
-    assert (A, B, (2, 2048)) in counter.moves
+    moves = [m[:3] for m in counter.moves]
+    assert len(moves) == 2 + 3 * 2 + 1  # fc8's input goes one way only, and there are no logits to gather
+    # (N, 2048) moves: fc6's outputs both ways into fc7, fc7's outputs only from B to A
+    assert moves.count((A, B, (2, 2048))) == 1 and moves.count((B, A, (2, 2048))) == 2
 
 
 @pytest.mark.parametrize("broken", range(4))
@@ -116,4 +103,13 @@ def test_one_device_fallback_moves_only_the_input(fake_mode) -> None:
     model = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=(A, A))
     with CopyCounter() as counter:
         model(torch.randn(2, 3, 224, 224))
-    assert counter.moves == [("cpu", A, (2, 3, 224, 224))]
+    assert [m[:3] for m in counter.moves] == [("cpu", A, (2, 3, 224, 224))]
+
+
+@pytest.mark.parametrize("config", [AlexNetConfig(), AlexNetConfig(num_classes=10, fc8_split=False)])
+def test_exchange_accounting_matches_a_counted_run(config: AlexNetConfig) -> None:
+    computed = sum(row.forward_bytes() for row in exchanges(config))
+    assert counted_forward_bytes(config) == computed
+    assert computed == 4 * (2 * (128 * 13 * 13 + 128 * 6 * 6 + 2048 + 2048) + (500 if config.fc8_split else 0)) - (
+        0 if config.fc8_split else 4 * 2048
+    )

@@ -1,0 +1,44 @@
+"""The benchmarks run and report what they claim (their numbers go to docs/BENCHMARKS.md, not here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alexnet2gpu.accounting import exchanges, naive_exchanges, table
+from alexnet2gpu.bench import bench_data, bench_models
+
+
+def test_model_bench_reports_every_model_and_the_ratios() -> None:
+    result = bench_models(device="cpu", batches=(2,), repeats=1)
+    json.dumps(result)  # --json prints it
+    names = {"towers_one_device", "fused", "torchvision", "seed_one_tower"}
+    assert {(r["kind"], r["model"]) for r in result["rows"]} == {(k, n) for k in ("train", "infer") for n in names}
+    flops = result["forward_gflop_per_image"]
+    assert flops["towers_one_device"] == flops["fused"]  # one function, one cost
+    assert flops["towers_one_device"] == pytest.approx(1.449, abs=0.001)
+    assert flops["torchvision"] == pytest.approx(1.428, abs=0.001)
+    assert result["train_ratio_vs_torchvision"] > 0 and result["train_ratio_towers_vs_fused"] > 0
+    assert all(r["median_ms"] > 0 and r["gflop_per_s"] > 0 for r in result["rows"])
+    towers = result["memory"]["towers_one_device"]
+    assert towers["params_mb"] == pytest.approx(60_965_224 * 4 / 2**20, abs=0.1)
+    assert towers["saved_activations_mb_b64"] > 0
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+def test_data_bench_times_both_pipelines() -> None:
+    result = bench_data(images=256, repeats=1)
+    assert set(result["img_per_s"]) == {"paper_batched", "seed_per_sample"}
+    assert all(v > 0 for v in result["img_per_s"].values()) and result["ratio_paper_vs_seed"] > 0
+
+
+def test_paper_split_moves_a_quarter_of_a_naive_split() -> None:
+    paper = sum(row.step_bytes() for row in exchanges())
+    naive = sum(row.step_bytes() for row in naive_exchanges())
+    assert paper == 489_376  # 2 x (2 x (21,632 + 4,608 + 2,048 + 2,048) + 500) floats x 4 bytes
+    assert naive > 4 * paper
+    assert "conv3 input (pool2)" in table()
