@@ -76,9 +76,12 @@ def fit_stats(dataset: Dataset, *, limit: int | None = None, batch_size: int = 2
     )
 
 
-def cache_path(cache_dir: str | Path, dataset: str, data: str | None, stage_size: int, limit: int | None) -> Path:
+def cache_path(
+    cache_dir: str | Path, dataset: str, data: str | None, stage_size: int, limit: int | None, size: int
+) -> Path:
+    """One file per (dataset, folder, stage size, images fitted, training-set size)."""
     where = os.path.abspath(data) if data else "default"
-    key = hashlib.sha1(f"{dataset}|{where}|{stage_size}|{limit}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{dataset}|{where}|{stage_size}|{limit}|{size}".encode()).hexdigest()[:10]
     return Path(cache_dir) / f"stats-{dataset}-{stage_size}-{key}.pt"
 
 
@@ -97,7 +100,7 @@ def load_or_fit(
     workers: int = 0,
 ) -> DataStats:
     """The cached statistics of this training set, fitted (and cached) on first use."""
-    path = cache_path(cache_dir or default_cache_dir(), name, data, stage_size, limit)
+    path = cache_path(cache_dir or default_cache_dir(), name, data, stage_size, limit, len(dataset))
     if path.is_file():
         try:
             return DataStats.from_dict(torch.load(path, weights_only=True))
