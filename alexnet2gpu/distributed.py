@@ -154,9 +154,8 @@ def train_tower_processes(model_config, data, config, out, *, resume=None, progr
 
     from alexnet2gpu import checkpoint as ckpt
     from alexnet2gpu.datasets import batches, num_batches
-    from alexnet2gpu.engine import TrainingError, load_data, step_seed, take
+    from alexnet2gpu.engine import TrainingError, prepare, step_seed
     from alexnet2gpu.optim import PaperSGD
-    from alexnet2gpu.stats import DataStats, load_or_fit
     from alexnet2gpu.transforms import Pipeline
 
     if not dist.is_initialized() and "RANK" not in os.environ:
@@ -175,20 +174,7 @@ def train_tower_processes(model_config, data, config, out, *, resume=None, progr
     if config.batch_size % replicas:
         raise ValueError(f"--batch-size {config.batch_size} must split evenly over {replicas} tower pairs")
     say = print if (rank == 0 and progress) else (lambda *_: None)
-    train_set, val_set = load_data(data)
-    val_set = take(val_set, config.val_subset)
-    saved = ckpt.load(resume) if resume else None
-    if saved is not None:
-        ckpt.check_compatible(saved, model_config, resume)
-    stats = None
-    if data.preset == "paper":
-        stats = (
-            DataStats.from_dict(saved["stats"])
-            if saved is not None and saved.get("stats")
-            else load_or_fit(
-                train_set, name=data.dataset, data=data.data, stage_size=data.stage_size, limit=data.fit_images
-            )
-        )
+    train_set, val_set, saved, stats = prepare(model_config, data, config, resume)
 
     torch.manual_seed(config.seed)  # every rank draws the single-process model's initial weights
     full_state = saved["model"] if saved is not None else AlexNet2GPU(model_config, ("cpu", "cpu")).state_dict()

@@ -142,13 +142,23 @@ def _checkpoint(model, optimizer, scheduler, state: RunState, configs: dict, sta
     }
 
 
-def load_data(data: DataConfig, progress: bool = True):
-    """The training and validation sets and, for the paper's pipeline, the training statistics."""
-    train_set = take(
-        build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size, strict=data.strict), data.subset
-    )
+def prepare(model_config: AlexNetConfig, data: DataConfig, config: TrainConfig, resume: str | Path | None):
+    """A run's training and validation sets, the checkpoint it resumes (refused if it holds another
+    network) and, for the paper's pipeline, the training statistics (the checkpoint's, else fitted)."""
+    train_set = build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size, strict=data.strict)
     val_set = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
-    return train_set, val_set
+    train_set, val_set = take(train_set, data.subset), take(val_set, config.val_subset)
+    checkpoint = ckpt.load(resume) if resume else None
+    if checkpoint is not None:
+        ckpt.check_compatible(checkpoint, model_config, resume)
+    stats = None
+    if data.preset == "paper":
+        if checkpoint is not None and checkpoint.get("stats"):
+            stats = DataStats.from_dict(checkpoint["stats"])
+        else:
+            limit = data.fit_images
+            stats = load_or_fit(train_set, name=data.dataset, data=data.data, stage_size=data.stage_size, limit=limit)
+    return train_set, val_set, checkpoint, stats
 
 
 def train(
@@ -165,19 +175,7 @@ def train(
     """Train (or resume) a run in `out`; returns the last validation metrics and the run's state."""
     out = Path(out)
     say = tqdm.write if progress else (lambda *_: None)
-    train_set, val_set = load_data(data, progress)
-    val_set = take(val_set, config.val_subset)
-    checkpoint = ckpt.load(resume) if resume else None
-    if checkpoint is not None:
-        ckpt.check_compatible(checkpoint, model_config, resume)
-    stats = None
-    if data.preset == "paper":
-        if checkpoint is not None and checkpoint.get("stats"):
-            stats = DataStats.from_dict(checkpoint["stats"])
-        else:
-            stats = load_or_fit(
-                train_set, name=data.dataset, data=data.data, stage_size=data.stage_size, limit=data.fit_images
-            )
+    train_set, val_set, checkpoint, stats = prepare(model_config, data, config, resume)
 
     torch.manual_seed(config.seed)  # the initial weights
     model = build_model(model_config, devices)
