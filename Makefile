@@ -12,12 +12,15 @@ DATA ?=
 EPOCHS ?= 90
 OUT ?= runs/$(DATASET)
 ARGS ?=
-# ALLOC=tcmalloc preloads tcmalloc (apt-get install libtcmalloc-minimal4) for training and benchmarks:
-# glibc malloc hands large buffers back to the kernel and pays page faults for them at every step
-# (docs/BENCHMARKS.md has the numbers).
+# Memory allocator, opt-in: glibc malloc hands large freed buffers back to the kernel and pays page
+# faults for them at every step (docs/BENCHMARKS.md has the numbers).
+#   ALLOC=keep      glibc keeps freed memory (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_)
+#   ALLOC=tcmalloc  preload tcmalloc (apt-get install libtcmalloc-minimal4)
 ALLOC ?=
 TCMALLOC_LIB ?= $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4))
-RUN := $(if $(filter tcmalloc,$(ALLOC)),$(if $(TCMALLOC_LIB),LD_PRELOAD=$(TCMALLOC_LIB),$(error ALLOC=tcmalloc: no libtcmalloc found; apt-get install libtcmalloc-minimal4))) $(PY)
+ALLOC_ENV_keep := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
+ALLOC_ENV_tcmalloc = $(if $(TCMALLOC_LIB),LD_PRELOAD=$(TCMALLOC_LIB),$(error ALLOC=tcmalloc: no libtcmalloc found; apt-get install libtcmalloc-minimal4))
+RUN = $(if $(ALLOC),$(ALLOC_ENV_$(ALLOC))) $(PY)
 TRAIN := $(RUN) -m alexnet2gpu train --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT)
 CUDA_COUNT = $(shell $(PY) -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 

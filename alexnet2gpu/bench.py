@@ -129,15 +129,22 @@ def main_data(args) -> None:
 
 
 def _models(device: torch.device) -> dict[str, tuple[torch.nn.Module, int]]:
-    """name -> (model, input channels). The seed's net is one full-width tower without LRN."""
+    """name -> (model, input channels). The seed's net is one full-width tower without LRN;
+    towers_nn_lrn is the towers with PyTorch's LRN instead of alexnet2gpu.lrn."""
     import torchvision
 
     from alexnet2gpu.config import AlexNetConfig
+    from alexnet2gpu.layers import LocalResponseNorm
     from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
 
     torch.manual_seed(0)
+    reference_lrn = AlexNet2GPU(AlexNetConfig(), (device, device))
+    for module in reference_lrn.modules():
+        if isinstance(module, LocalResponseNorm):
+            module.reference = True
     return {
         "towers_one_device": (AlexNet2GPU(AlexNetConfig(), (device, device)), 3),
+        "towers_nn_lrn": (reference_lrn, 3),
         "fused": (AlexNetFused(AlexNetConfig(), device=device), 3),
         "torchvision": (torchvision.models.alexnet(num_classes=1000).to(device), 3),
         "seed_one_tower": (AlexNetFused(AlexNetConfig.seed_mnist(), device=device), 1),
@@ -277,6 +284,9 @@ def bench_models(
         "memory": {name: {k: round(v, 1) for k, v in m.items()} for name, m in memory.items()},
         "train_ratio_vs_torchvision": round(med["train", "towers_one_device", b] / med["train", "torchvision", b], 3),
         "train_ratio_towers_vs_fused": round(med["train", "towers_one_device", b] / med["train", "fused", b], 3),
+        "train_ratio_nn_lrn_vs_torchvision": round(
+            med["train", "towers_nn_lrn", b] / med["train", "torchvision", b], 3
+        ),
     }
 
 
@@ -303,7 +313,8 @@ def print_model_table(result: dict) -> None:
     print("memory (MB):", result["memory"])
     print(
         f"train step, batch 64: towers/torchvision {result['train_ratio_vs_torchvision']:.3f}, "
-        f"towers/fused {result['train_ratio_towers_vs_fused']:.3f}"
+        f"towers/fused {result['train_ratio_towers_vs_fused']:.3f}, "
+        f"towers with nn.LocalResponseNorm/torchvision {result['train_ratio_nn_lrn_vs_torchvision']:.3f}"
     )
     print("\nbytes crossing between the towers' devices per image (float32):")
     print(table())

@@ -18,12 +18,13 @@ class LocalResponseNorm(nn.Module):
     def __init__(self, size: int, alpha: float, beta: float, k: float, groups: int = 1) -> None:
         super().__init__()
         self.size, self.alpha, self.beta, self.k, self.groups = size, alpha, beta, k, groups
+        self.reference = False  # True: PyTorch's own F.local_response_norm (the bench's baseline)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         x = x.reshape(n * self.groups, c // self.groups, h, w)  # (N*G, C/G, H, W): one group per row
-        x = local_response_norm(x, self.size, self.alpha, self.beta, self.k)  # nn.LocalResponseNorm's maths
-        return x.reshape(n, c, h, w)
+        lrn = nn.functional.local_response_norm if self.reference else local_response_norm  # the same maths
+        return lrn(x, self.size, self.alpha, self.beta, self.k).reshape(n, c, h, w)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, groups={self.groups}"

@@ -77,7 +77,7 @@ def plot_kernels(state: dict, path: Path, title: str = "") -> Path:
         panels = [("conv1", state["conv1.weight"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.8), squeeze=False)
     for ax, (name, weight) in zip(axes[0], panels, strict=True):
-        grid = kernel_grid(weight.float().cpu())
+        grid = kernel_grid(weight.float().cpu()).numpy()
         ax.imshow(
             grid.squeeze(-1) if grid.shape[-1] == 1 else grid,
             cmap="gray" if grid.shape[-1] == 1 else None,

@@ -130,7 +130,7 @@ class Pipeline:
             x = resized_crop(x, config.stage_size, top, left, size, flip)
         if config.pca_noise:
             noise = pca_noise(n, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
-            x = x + noise.to(self.device)[:, :, None, None]
+            x.add_(noise.to(self.device)[:, :, None, None])  # in place: x is this call's own tensor
         return x
 
     def ten_crops(self, images: torch.Tensor) -> torch.Tensor:

@@ -206,3 +206,13 @@ def test_cuda_matches_cpu_reference(dtype: torch.dtype) -> None:
     tol = 1e-6 if dtype == torch.float32 else 2.0**-8
     assert out.device.type == "cuda" and out.dtype == dtype
     assert rel_diff(out, ref) < tol and rel_diff(grad, ref_grad) < 10 * tol
+
+
+def test_module_switch_to_the_reference_gives_the_same_function() -> None:
+    from alexnet2gpu.layers import LocalResponseNorm
+
+    x = torch.rand(2, 96, 9, 9) * 300
+    module = LocalResponseNorm(5, 1e-4, 0.75, 2.0, groups=2)
+    fast = module(x)
+    module.reference = True
+    assert (fast - module(x)).abs().max() / module(x).abs().max() < 1e-6
