@@ -1,0 +1,147 @@
+"""What every experiment shares: its sizes, one training run, evaluation and the RESULTS.md entry.
+
+Sizes: "tiny" (the test suite's smoke run: a handful of images and steps), "cpu" (minutes on 2 cores:
+a Fashion-MNIST subset, one epoch) and "gpu" (the full variant: whole training set, the seed's 30
+epochs; run it where a GPU is, e.g. `python experiments/seed_run.py --size gpu`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from alexnet2gpu import checkpoint as ckpt
+from alexnet2gpu.bench import machine
+from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.datasets import build_dataset
+from alexnet2gpu.devices import resolve_devices
+from alexnet2gpu.engine import build_model, evaluate, take, train
+from alexnet2gpu.logs import read_csv
+from alexnet2gpu.stats import DataStats
+from alexnet2gpu.transforms import Pipeline
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "RESULTS.md"
+
+
+@dataclass(frozen=True)
+class Size:
+    subset: int | None  # training images
+    epochs: int
+    val: int | None  # test images for centre-crop evaluation
+    ten_crop: int | None  # test images for ten-crop evaluation
+    max_steps: int | None = None
+
+
+SIZES = {
+    "tiny": Size(subset=16, epochs=1, val=8, ten_crop=4, max_steps=2),
+    "cpu": Size(subset=2000, epochs=1, val=500, ten_crop=200),
+    "gpu": Size(subset=None, epochs=30, val=None, ten_crop=None),
+}
+
+# The recipe that leaves chance within a CPU budget: the seed's input scaling, He init, the paper's
+# SGD (lr 0.01, momentum 0.9, weight decay 5e-4) and batch. The paper's own N(0, 0.01) init needs
+# far more steps on 10 classes (see README, Training).
+BASE_MODEL = AlexNetConfig(num_classes=10, in_channels=1, init="he")
+BASE_DATA = DataConfig(dataset="fashion-mnist", preset="seed")
+BASE_TRAIN = TrainConfig(batch_size=32, log_every=5)
+
+
+def parse(description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--size", choices=SIZES, default="cpu")
+    p.add_argument("--devices", default=None, help="default: both GPUs, one GPU, or the CPU")
+    p.add_argument("--out", default="runs/experiments", help="run directories go under here")
+    p.add_argument("--results", default=str(RESULTS), help="the Markdown file the result is appended to")
+    p.add_argument("--data", default=None, help="Fashion-MNIST folder (default: the Debian package's)")
+    return p.parse_args()
+
+
+def run(name: str, args, model: AlexNetConfig, data: DataConfig, config: TrainConfig) -> dict:
+    """Train one variant at the chosen size; returns its training curve, test errors and time."""
+    size = SIZES[args.size]
+    data = replace(data, subset=size.subset, data=args.data or data.data, workers=0)
+    config = replace(config, epochs=size.epochs, max_steps=size.max_steps, val_subset=size.val)
+    out = Path(args.out) / args.size / name
+    if (out / "last.pt").exists():
+        (out / "last.pt").unlink()
+    for stale in ("train.csv", "val.csv"):
+        (out / stale).unlink(missing_ok=True)
+    devices = resolve_devices(args.devices)
+    start = time.perf_counter()
+    result = train(model, data, config, devices, out, progress=False, tensorboard=False)
+    seconds = time.perf_counter() - start
+    return {"name": name, "dir": out, "seconds": seconds, "val": result["val"], "curve": read_csv(out / "train.csv")}
+
+
+def ten_crop_error(run_dir: Path, args) -> dict:
+    """Centre crop and ten-crop on the same test images, from a run's checkpoint."""
+    saved = ckpt.load(run_dir / "last.pt")
+    model_cfg = AlexNetConfig.from_dict(saved["config"]["model"])
+    data = DataConfig(**saved["config"]["data"])
+    model = build_model(model_cfg, resolve_devices(args.devices))
+    model.load_state_dict(saved["model"])
+    stats = DataStats.from_dict(saved["stats"]) if saved.get("stats") else None
+    test = take(build_dataset(data.dataset, "val", data.data), SIZES[args.size].ten_crop)
+    pipeline = Pipeline(data, stats, next(model.parameters()).device, train=False)
+    return {
+        crop: evaluate(model, test, pipeline, batch_size=100, ten_crop=crop == "ten-crop", progress=False)
+        for crop in ("centre", "ten-crop")
+    }
+
+
+def paper_preset(data: DataConfig) -> DataConfig:
+    """The paper's pipeline (mean image, random crops, PCA noise) at unit input scale for He init."""
+    return replace(data, preset="paper", pixel_scale=1 / 0.3081)
+
+
+def record(args, title: str, command: str, lines: list[str], figure: Path | None = None) -> None:
+    """Append an entry to RESULTS.md (date, machine, command, numbers, figure) and print it."""
+    where = "GPU" if torch.cuda.is_available() else "CPU"
+    entry = [
+        f"## {title} ({args.size} size, {where})",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {machine()}",
+        f"- command: `{command}`",
+        "",
+        *lines,
+        "",
+    ]
+    if figure is not None:  # copied beside RESULTS.md: run directories are not committed
+        figures = Path(args.results).resolve().parent / "figures"
+        figures.mkdir(exist_ok=True)
+        kept = figures / f"{title.split(':')[0].lower().replace(' ', '-')}-{Path(figure).stem}-{args.size}.png"
+        shutil.copyfile(figure, kept)
+        entry += [f"![{title}](figures/{kept.name})", ""]
+    text = "\n".join(entry) + "\n"
+    print(text)
+    with open(args.results, "a") as f:
+        f.write(text)
+
+
+def errors_line(name: str, r: dict) -> str:
+    v = r["val"]
+    return (
+        f"| {name} | {100 * v['top1_err']:.1f}% | {100 * v['top5_err']:.1f}% | {v['images']} | {r['seconds']:.0f} s |"
+    )
+
+
+TABLE_HEAD = ["| variant | test top-1 error | top-5 error | test images | train time |", "|---|---|---|---|---|"]
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def save_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, default=str, indent=1))

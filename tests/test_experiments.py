@@ -1,0 +1,40 @@
+"""Every experiment runs from its command at the tiny size and appends a well-formed entry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+EXPERIMENTS = ["seed_run", "towers_vs_one", "relu_vs_tanh", "ablations", "kernels"]
+pytestmark = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_smoke(tmp_path: Path, name: str) -> None:
+    results = tmp_path / "RESULTS.md"
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / f"{name}.py"),
+        "--size",
+        "tiny",
+        "--devices",
+        "cpu",
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = results.read_text()
+    assert text.startswith("## Experiment") and "(tiny size, CPU)" in text
+    assert "- command: `python " in text and "- machine: " in text
+    assert "|---|" in text
+    for image in [line for line in text.splitlines() if line.startswith("![")]:
+        assert (results.parent / image.split("(")[1].rstrip(")")).is_file()
