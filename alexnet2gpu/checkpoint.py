@@ -34,7 +34,7 @@ def save(checkpoint: dict, path: str | Path) -> Path:
 def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; a run writes RUN_DIR/last.pt (pass --resume RUN_DIR/last.pt)")
+        raise CheckpointError(f"no checkpoint at {path}; a training run writes RUN_DIR/last.pt")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure to unpickle means the file is unusable

@@ -267,7 +267,7 @@ def train(
                         f"CPU: {per_step:.1f} s/step, about {_hms(per_step * steps_per_epoch)} "
                         f"per epoch of {steps_per_epoch} steps"
                     )
-                if state.step % config.log_every == 0 or state.batch == steps_per_epoch:
+                if state.step % config.log_every == 0 or state.batch == steps_per_epoch or _done(state, config):
                     rate = seen / (time.perf_counter() - tick)
                     lr = optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{running / seen:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:g}")

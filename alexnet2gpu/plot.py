@@ -93,13 +93,18 @@ def plot_kernels(state: dict, path: Path, title: str = "") -> Path:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
+    """The curves (from the CSV files) and the kernels (from last.pt), whichever the run has."""
     from alexnet2gpu import checkpoint as ckpt
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
-    paths = [plot_curves(run_dir)]
-    if (run_dir / "last.pt").exists():
+    has_csv = (run_dir / "train.csv").exists() or (run_dir / "val.csv").exists()
+    has_checkpoint = (run_dir / "last.pt").exists()
+    if not has_csv and not has_checkpoint:
+        raise FileNotFoundError(f"{run_dir} has no train.csv, val.csv or last.pt: is it a run directory?")
+    paths = [plot_curves(run_dir)] if has_csv else []
+    if has_checkpoint:
         saved = ckpt.load(run_dir / "last.pt")
         paths.append(
             plot_kernels(saved["model"], run_dir / "conv1_kernels.png", f"conv1 kernels, step {saved['step']}")

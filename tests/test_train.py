@@ -180,7 +180,8 @@ def test_checkpoint_layout_loads_with_weights_only(tmp_path: Path) -> None:
 def test_plot_writes_curves_and_kernels(tmp_path: Path) -> None:
     from alexnet2gpu.plot import plot_run
 
-    run(tmp_path, max_steps=2)
+    run(tmp_path, max_steps=1, log_every=10)  # cut short before the first logging step: still logged
+    assert [row["step"] for row in read_csv(tmp_path / "train.csv")] == [1]
     paths = plot_run(tmp_path)
     assert [p.name for p in paths] == ["curves.png", "conv1_kernels.png"]
     assert all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)
