@@ -324,6 +324,9 @@ def main_models(args) -> None:
     from alexnet2gpu.devices import resolve_devices
 
     device = resolve_devices(args.device)[0] if args.device else resolve_devices(None)[0]
+    if args.profile:
+        print(profile_step(args.profile, device=str(device)))
+        return
     result = bench_models(
         device=str(device), repeats=args.repeats, amp=args.amp, channels_last=args.channels_last, compile=args.compile
     )
@@ -331,3 +334,33 @@ def main_models(args) -> None:
         print(json.dumps(result))
     else:
         print_model_table(result)
+
+
+def profile_step(name: str, *, device: str = "cpu", batch: int = 64, rows: int = 15) -> str:
+    """torch.profiler's table (self time per op) for one training step of one bench model."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from alexnet2gpu.optim import PaperSGD
+
+    dev = torch.device(device)
+    models = _models(dev)
+    if name not in models:
+        raise ValueError(f"--profile takes one of {', '.join(models)}, not {name!r}")
+    model, channels = models[name]
+    optimizer = PaperSGD(model.parameters(), lr=1e-4)
+    x, y = torch.randn(batch, channels, 224, 224, device=dev) * 50, torch.randint(0, 10, (batch,), device=dev)
+
+    def step() -> None:
+        loss = F.cross_entropy(model.train()(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(dev)
+
+    step()  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)

@@ -113,6 +113,7 @@ def add_bench(sub) -> None:
     p.add_argument("--device", default=None, help="device to run on (default: cuda:0 when present, else cpu)")
     p.add_argument("--images", type=int, default=3000, help="training images per round of the data bench")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the model bench")
+    p.add_argument("--profile", default=None, metavar="MODEL", help="print torch.profiler's table for one step")
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")

@@ -42,3 +42,12 @@ def test_paper_split_moves_a_quarter_of_a_naive_split() -> None:
     assert paper == 489_376  # 2 x (2 x (21,632 + 4,608 + 2,048 + 2,048) + 500) floats x 4 bytes
     assert naive > 4 * paper
     assert "conv3 input (pool2)" in table()
+
+
+def test_profile_names_the_ops_of_one_step() -> None:
+    from alexnet2gpu.bench import profile_step
+
+    table = profile_step("towers_one_device", batch=2, rows=40)
+    assert "aten::convolution_backward" in table and "_LocalResponseNormBackward" in table
+    with pytest.raises(ValueError, match="--profile takes one of"):
+        profile_step("resnet")
