@@ -153,12 +153,11 @@ def model_config(args, num_classes: int, channels: int) -> AlexNetConfig:
 
 
 def cmd_train(args) -> None:
-    from alexnet2gpu.datasets import build_dataset
+    from alexnet2gpu.datasets import describe
     from alexnet2gpu.engine import train
 
     data = data_config(args, crop_size=args.input_size)
-    probe = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size)
-    model = model_config(args, probe.num_classes, probe.channels)
+    model = model_config(args, *describe(data.dataset, data.data))  # classes and channels, images unread
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -244,6 +244,22 @@ def build_dataset(
     raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
 
 
+def describe(name: str, data: str | None) -> tuple[int, int]:
+    """(classes, channels) of a dataset without reading its images; raises DatasetError where
+    `build_dataset` would, so a run fails before it builds a model."""
+    if name in ("mnist", "fashion-mnist"):
+        find_idx(name, data)
+        return 10, 1
+    if name == "fake":
+        return 10, 3
+    if name == "imagenet":
+        train = Path(data or "") / "train"
+        if not data or not train.is_dir():
+            imagenet_dataset("train", data, 256, False)  # raises the error that says what is missing
+        return sum(1 for d in train.iterdir() if d.is_dir() and not d.name.startswith(".")), 3
+    raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
+
+
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     """The order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same."""
     if not shuffle:

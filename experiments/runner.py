@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -141,7 +140,3 @@ TABLE_HEAD = ["| variant | test top-1 error | top-5 error | test images | train 
 
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
-
-
-def save_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, default=str, indent=1))

@@ -273,3 +273,12 @@ def test_stats_cache_is_per_training_set_and_refits_a_broken_file(tmp_path: Path
     path.write_bytes(b"not a tensor file")
     again = load_or_fit(small, name="fake", data=None, stage_size=256, limit=None, cache_dir=tmp_path)
     assert torch.equal(again.mean, b.mean)
+
+
+def test_describe_gives_classes_and_channels_without_reading_images(tmp_path: Path) -> None:
+    from alexnet2gpu.datasets import describe
+
+    assert describe("imagenet", str(make_imagenet(tmp_path, classes=("a", "b", "c")))) == (3, 3)
+    assert describe("fake", None) == (10, 3)
+    with pytest.raises(DatasetError, match="lacks train/"):
+        describe("imagenet", str(tmp_path / "nowhere"))
