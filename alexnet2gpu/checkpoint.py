@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,13 +23,47 @@ class CheckpointError(RuntimeError):
 
 
 def save(checkpoint: dict, path: str | Path) -> Path:
-    """Write to a temporary file beside `path`, then rename: a crash leaves the old file whole."""
+    """Write to a temporary file beside `path`, then rename: a crash leaves the old file whole.
+
+    A disk too small for the checkpoint is refused before writing (torch.save's own error for a
+    full disk is an opaque "unexpected pos"); a write that fails anyway removes its partial file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    need = tensor_bytes(checkpoint)
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise CheckpointError(
+            f"cannot write {path}: it needs about {_mb(need)} and its disk has {_mb(free)} free; "
+            "free some space or point --out at a larger disk"
+        )
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(
+            f"cannot write {path} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+            f"{_mb(free)} free on its disk, about {_mb(need)} needed; any previous checkpoint there is unchanged"
+        ) from None
     return path
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor inside nested dicts, lists and tuples: a checkpoint's size on disk, near enough."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes() if obj.device.type != "meta" else 0
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def load(path: str | Path) -> dict:

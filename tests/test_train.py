@@ -177,6 +177,41 @@ def test_checkpoint_layout_loads_with_weights_only(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed
 
 
+def small_checkpoint(value: float) -> dict:
+    return {"model": {"w": torch.full((256, 256), value)}, "step": 1}
+
+
+def test_a_disk_too_small_is_refused_before_writing(tmp_path: Path, monkeypatch) -> None:
+    ckpt.save(small_checkpoint(1.0), tmp_path / "last.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+    free = ckpt.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: free._replace(free=1000))
+    with pytest.raises(ckpt.CheckpointError, match=r"needs about 0.2 MiB.*0.0 MiB free.*--out"):
+        ckpt.save(small_checkpoint(2.0), tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_write_that_fails_midway_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    ckpt.save(small_checkpoint(1.0), tmp_path / "last.pt")
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def full_disk(obj, f):  # what torch.save does when the disk fills: a partial file, then an opaque error
+        Path(f).write_bytes(b"PK" + bytes(100))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 694912 vs 694800")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot write .*unexpected pos.*free on its disk.*unchanged"):
+        ckpt.save(small_checkpoint(2.0), tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_checkpoint_size_estimate_counts_every_tensor() -> None:
+    model = {"a": torch.zeros(10, 10), "b": [torch.zeros(5, dtype=torch.float64), (torch.zeros(3, dtype=torch.uint8),)]}
+    assert ckpt.tensor_bytes({"model": model, "step": 3, "name": "x"}) == 400 + 40 + 3
+
+
 def test_plot_writes_curves_and_kernels(tmp_path: Path) -> None:
     from alexnet2gpu.plot import plot_run
 
