@@ -41,8 +41,10 @@ def save(checkpoint: dict, path: str | Path) -> Path:
     try:
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:
+    except BaseException as error:  # also KeyboardInterrupt / SystemExit: no partial file is left
         tmp.unlink(missing_ok=True)
+        if not isinstance(error, (OSError, RuntimeError)):
+            raise
         free = shutil.disk_usage(path.parent).free
         raise CheckpointError(
             f"cannot write {path} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
@@ -108,3 +110,12 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """`model.load_state_dict(state)`, with a mismatch reported as one line naming the keys."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).split("\n\t")[1:3]
+        raise CheckpointError(f"{path}: its weights do not fit this network ({'; '.join(first)[:240]})") from None

@@ -177,7 +177,13 @@ def cmd_train(args) -> None:
     if args.parallel == "tower-processes":
         from alexnet2gpu.distributed import train_tower_processes
 
-        result = train_tower_processes(model, data, config, args.out, resume=args.resume)
+        if args.devices:
+            raise ValueError(
+                "--devices does not apply to --parallel tower-processes: each rank takes the GPU of its LOCAL_RANK"
+            )
+        result = train_tower_processes(
+            model, data, config, args.out, resume=args.resume, tensorboard=not args.no_tensorboard
+        )
         if result["rank"] == 0:
             print(json.dumps(result))
         return

@@ -12,6 +12,7 @@ import gzip
 import logging
 import multiprocessing
 import os
+import signal
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,29 +285,47 @@ def batches(
     start: int = 0,
     workers: int = 0,
     drop_last: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """uint8 image batches (N, C, H, W) with labels, from batch `start` of the epoch on."""
+    """uint8 image batches (N, C, H, W) with labels, from batch `start` of the epoch on.
+
+    With `shard=(i, k)` (and `drop_last`, so that every batch splits evenly), only the i-th of k
+    equal parts of each global batch is loaded: a data-parallel replica reads its own rows alone.
+    """
+    index, count = shard
+    if count > 1 and (not drop_last or batch_size % count):
+        raise ValueError(f"a batch of {batch_size} splits over {count} replicas only evenly, with drop_last")
     order = epoch_order(len(dataset), seed, epoch, shuffle)
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     order = order[start * batch_size : stop]
+    part = batch_size // count
+    if count > 1:  # (batches, batch_size) -> this replica's columns
+        order = order.view(-1, batch_size)[:, index * part : (index + 1) * part].reshape(-1)
     if isinstance(dataset, InMemory):
-        for i in range(0, len(order), batch_size):
-            index = order[i : i + batch_size]
-            yield dataset.images[index], dataset.labels[index]
+        for i in range(0, len(order), part):
+            rows = order[i : i + part]
+            yield dataset.images[rows], dataset.labels[rows]
         return
-    sampler = order.tolist()
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        batch_size=part,
+        sampler=order.tolist(),
         num_workers=workers,
         collate_fn=_collate_skipping,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=_ignore_interrupts if workers else None,
     )
     for images, labels in loader:
         if len(labels):
             yield images, labels
+
+
+def _ignore_interrupts(_: int) -> None:
+    """Ctrl-C reaches the whole process group; the main process stops the run at a step boundary,
+    and a worker killed by the same signal would end it with a traceback instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def num_batches(dataset: Dataset, batch_size: int, drop_last: bool = False) -> int:

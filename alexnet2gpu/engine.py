@@ -1,9 +1,16 @@
-"""Training and evaluation: `train` runs (or resumes) a run, `evaluate` scores a model.
+"""Training and evaluation: one loop for every placement of the towers.
+
+`fit` runs (or resumes) a run on a placement (`alexnet2gpu.placement`): both towers in this process
+(`train`, `make train-1gpu` / `train-2gpu`) or one tower per process (`alexnet2gpu.distributed`,
+`make train-dist`). The placement supplies what differs between them; the recipe (the paper's
+schedule, warm-up, both optimisers, bf16, channels-last, compile), the NaN guard, signals, logs,
+progress and resume exist here once.
 
 Nothing is lost: `RUN_DIR/last.pt` is rewritten atomically at every epoch end, at the end of a
-run (also one cut short by max_steps) and on Ctrl-C or SIGTERM. Every random draw of a step is a
-function of (seed, step), and the epoch's order of (seed, epoch), so a resumed run continues
-exactly where the uninterrupted one would be.
+run (also one cut short by max_steps) and after Ctrl-C or SIGTERM, which only ask the loop to stop
+at the next step boundary. Every random draw of a step is a function of (seed, step), and the
+epoch's order of (seed, epoch), so a resumed run continues exactly where the uninterrupted one
+would be, in either placement.
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,21 +32,16 @@ from alexnet2gpu import checkpoint as ckpt
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.datasets import InMemory, batches, build_dataset, num_batches
 from alexnet2gpu.logs import RunLog
-from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
 from alexnet2gpu.optim import make_optimizer, make_scheduler
+from alexnet2gpu.placement import Placement, build_model
 from alexnet2gpu.stats import DataStats, load_or_fit
 from alexnet2gpu.transforms import Pipeline
+
+__all__ = ["TrainingError", "build_model", "evaluate", "fit", "train"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step and the checkpoint."""
-
-
-def build_model(config: AlexNetConfig, devices: tuple[torch.device, torch.device]) -> nn.Module:
-    """The two towers on `devices`, or a one-tower net (towers=1) on the first device."""
-    if config.towers == 2:
-        return AlexNet2GPU(config, devices)
-    return AlexNetFused(config, device=devices[0])
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -49,9 +52,14 @@ def take(dataset, n: int | None):
     """The first `n` images of a dataset (all when None)."""
     if n is None or n >= len(dataset):
         return dataset
+    return part(dataset, 0, n)
+
+
+def part(dataset, start: int, stop: int):
+    """Images `start` to `stop` of a dataset, keeping its class and channel counts."""
     if isinstance(dataset, InMemory):
-        return dataset.subset(n)
-    subset = torch.utils.data.Subset(dataset, range(n))
+        return InMemory(dataset.images[start:stop], dataset.labels[start:stop], dataset.num_classes, dataset.name)
+    subset = torch.utils.data.Subset(dataset, range(start, stop))
     subset.num_classes, subset.channels = dataset.num_classes, dataset.channels
     return subset
 
@@ -76,6 +84,10 @@ def topk_errors(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] 
     return [float((~hit[:, :k].any(1)).sum()) for k in ks]
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -87,16 +99,20 @@ def evaluate(
     amp: str = "none",
     workers: int = 0,
     progress: bool = True,
+    placement: Placement | None = None,
 ) -> dict[str, float]:
     """Loss and top-1 / top-5 error. With `ten_crop`, the softmax averaged over the paper's ten
-    patches (P 4.1), computed in chunks of at most `batch_size` crops so memory stays bounded."""
+    patches (P 4.1), computed in chunks of at most `batch_size` crops so memory stays bounded.
+    With a `placement` of several replicas, each scores its share of the set and the sums are added."""
+    placement = placement or Placement(())
     model.eval()
-    device = input_device(model)
+    n = len(dataset)
+    mine = part(dataset, n * placement.replica // placement.replicas, n * (placement.replica + 1) // placement.replicas)
     chunk = max(1, batch_size // 10) if ten_crop else batch_size
-    totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "n": 0}
-    bar = tqdm(total=len(dataset), desc="evaluating", unit="img", leave=False, disable=not progress)
-    for images, labels in batches(dataset, chunk, shuffle=False, workers=workers):
-        labels = labels.to(device)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 errors, top-5 errors, images
+    bar = tqdm(total=len(mine), desc="evaluating", unit="img", leave=False, disable=not progress)
+    for images, labels in batches(mine, chunk, shuffle=False, workers=workers):
+        labels = labels.to(input_device(model))
         with autocast(model, amp):
             if ten_crop:
                 crops = pipeline.ten_crops(images)  # (n, 10, C, 224, 224)
@@ -104,15 +120,17 @@ def evaluate(
                 probs = probs.view(len(labels), 10, -1).mean(1)  # (n, classes)
             else:
                 probs = F.softmax(model(pipeline(images)).float(), dim=1)
-        totals["loss"] += float(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
-        top1, top5 = topk_errors(probs, labels)
-        totals["top1"] += top1
-        totals["top5"] += top5
-        totals["n"] += len(labels)
+        loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
+        sums += torch.tensor([loss, *topk_errors(probs, labels), len(labels)], dtype=torch.float64)
         bar.update(len(labels))
     bar.close()
-    n = max(totals["n"], 1)
-    return {"loss": totals["loss"] / n, "top1_err": totals["top1"] / n, "top5_err": totals["top5"] / n, "images": n}
+    loss, top1, top5, images = placement.sum_replicas(sums).tolist()
+    images = max(images, 1)
+    return {"loss": loss / images, "top1_err": top1 / images, "top5_err": top5 / images, "images": int(images)}
+
+
+# ---------------------------------------------------------------------------------------------
+# a run: its state, its objects, and the loop
 
 
 @dataclass
@@ -123,42 +141,321 @@ class RunState:
     best_val_top1: float = math.inf
 
 
-class _Stop(Exception):
-    """Raised by the SIGTERM handler so that the loop saves before it exits."""
+@dataclass
+class Totals:
+    """Sums over the global batches of an epoch so far (every replica's rows)."""
+
+    loss: float = 0.0
+    wrong: float = 0.0
+    images: float = 0.0
+    since: float = field(default_factory=time.perf_counter)
 
 
-def _checkpoint(model, optimizer, scheduler, state: RunState, configs: dict, stats: DataStats | None) -> dict:
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": ckpt.rng_state(),
-        "step": state.step,
-        "epoch": state.epoch,
-        "batch": state.batch,
-        "best_val_top1": state.best_val_top1,
-        "config": {name: c.to_dict() for name, c in configs.items()},
-        "stats": stats.to_dict() if stats is not None else None,
-    }
+class StopRequest:
+    """SIGTERM and Ctrl-C only set a flag; the loop stops at the next step boundary and saves.
+
+    A second signal while it saves is counted and otherwise ignored, so the save is never cut."""
+
+    def __init__(self) -> None:
+        self.signals = 0
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._ask)
+        return self
+
+    def _ask(self, signum, frame) -> None:
+        self.signals += 1
+
+    def __bool__(self) -> bool:
+        return self.signals > 0
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
-def prepare(model_config: AlexNetConfig, data: DataConfig, config: TrainConfig, resume: str | Path | None):
+@dataclass
+class Run:
+    """Everything the loop reads and updates; built by `start`."""
+
+    placement: Placement
+    runner: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    state: RunState
+    configs: dict
+    stats: DataStats | None
+    train_pipe: Pipeline
+    val_pipe: Pipeline
+    log: RunLog | None
+    last: Path
+    say: object
+    progress: bool
+    stop: StopRequest = field(default_factory=StopRequest)
+    saved_step: int | None = None  # the step of the checkpoint this run last wrote or resumed
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.configs["train"]
+
+    @property
+    def data(self) -> DataConfig:
+        return self.configs["data"]
+
+
+def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig, config: TrainConfig, resume):
     """A run's training and validation sets, the checkpoint it resumes (refused if it holds another
-    network) and, for the paper's pipeline, the training statistics (the checkpoint's, else fitted)."""
+    network) and, for the paper's pipeline, the training statistics (the checkpoint's, else fitted).
+    The checkpoint is read and the statistics fitted once, on rank 0, and sent to every process."""
     train_set = build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size, strict=data.strict)
     val_set = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
     train_set, val_set = take(train_set, data.subset), take(val_set, config.val_subset)
-    checkpoint = ckpt.load(resume) if resume else None
-    if checkpoint is not None:
-        ckpt.check_compatible(checkpoint, model_config, resume)
-    stats = None
-    if data.preset == "paper":
-        if checkpoint is not None and checkpoint.get("stats"):
-            stats = DataStats.from_dict(checkpoint["stats"])
-        else:
-            limit = data.fit_images
-            stats = load_or_fit(train_set, name=data.dataset, data=data.data, stage_size=data.stage_size, limit=limit)
+    checkpoint, stats = None, None
+    if placement.rank == 0:
+        checkpoint = ckpt.load(resume) if resume else None
+        if checkpoint is not None:
+            ckpt.check_compatible(checkpoint, model_config, resume)
+        if data.preset == "paper":
+            if checkpoint is not None and checkpoint.get("stats"):
+                stats = DataStats.from_dict(checkpoint["stats"])
+            else:
+                fit = dict(name=data.dataset, data=data.data, stage_size=data.stage_size, limit=data.fit_images)
+                stats = load_or_fit(train_set, **fit)
+    checkpoint, stats = placement.broadcast((checkpoint, stats))
     return train_set, val_set, checkpoint, stats
+
+
+def start(placement, model_config, data, config, out, *, resume, progress, tensorboard) -> tuple[Run, object, object]:
+    """Build the model and optimiser (from the checkpoint when resuming) and the run's logs."""
+    train_set, val_set, checkpoint, stats = prepare(placement, model_config, data, config, resume)
+    torch.manual_seed(config.seed)  # the initial weights: the same in every placement
+    module = placement.build(model_config)
+    optimizer = make_optimizer(module, config)
+    scheduler = make_scheduler(optimizer, config)
+    state = RunState()
+    if checkpoint is not None:
+        placement.load_model_state(checkpoint["model"], str(resume))
+        placement.load_optimizer_state(optimizer, checkpoint["optimizer"], str(resume))
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        ckpt.set_rng_state(checkpoint["rng"])
+        state = RunState(checkpoint["step"], checkpoint["epoch"], checkpoint["batch"], checkpoint["best_val_top1"])
+    writer = placement.writer
+    log = RunLog(out, tensorboard=tensorboard) if writer else None
+    say = tqdm.write if (progress and writer) else (lambda *_: None)
+    if log is not None and checkpoint is not None:
+        log.truncate_after(state.step)
+        say(f"resumed {resume} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
+    run = Run(
+        placement=placement,
+        runner=placement.runner(config.channels_last, config.compile),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        configs={"model": model_config, "data": data, "train": config},
+        stats=stats,
+        train_pipe=Pipeline(data, stats, placement.device, train=True),
+        val_pipe=Pipeline(data, stats, placement.device, train=False),
+        log=log,
+        last=Path(out) / "last.pt",
+        say=say,
+        progress=progress and writer,
+        saved_step=state.step if checkpoint is not None else None,
+    )
+    return run, train_set, val_set
+
+
+def save(run: Run) -> None:
+    """Write last.pt in the single-process layout (every process takes part; the writer writes)."""
+    model, optimizer = run.placement.model_state(), run.placement.optimizer_state(run.optimizer)
+    if run.placement.writer:
+        state = run.state
+        checkpoint = {
+            "model": model,
+            "optimizer": optimizer,
+            "scheduler": run.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch": state.batch,
+            "best_val_top1": state.best_val_top1,
+            "config": {name: c.to_dict() for name, c in run.configs.items()},
+            "stats": run.stats.to_dict() if run.stats is not None else None,
+        }
+        ckpt.save(checkpoint, run.last)
+    run.placement.barrier()
+    run.saved_step = run.state.step
+
+
+def _done(state: RunState, config: TrainConfig) -> bool:
+    return config.max_steps is not None and state.step >= config.max_steps
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, totals: Totals) -> None:
+    """One step on this process's rows of a global batch; every process agrees on the loss first."""
+    config, placement, state = run.config, run.placement, run.state
+    total = config.batch_size if placement.replicas > 1 else len(labels)  # rows of the global batch
+    start = placement.shard(total).start
+    torch.manual_seed(step_seed(config.seed, state.step))  # dropout masks of a one-tower net
+    placement.dropout(config.seed, state.step, start, total)
+    x = run.train_pipe(images, torch.Generator().manual_seed(step_seed(config.seed, state.step)), (start, total))
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = labels.to(placement.device, non_blocking=True)
+    with autocast(run.runner, config.amp):
+        logits = run.runner(x)
+    loss = F.cross_entropy(logits.float(), y)
+    run.optimizer.zero_grad(set_to_none=True)
+    (loss * placement.loss_scale).backward()
+    wrong = topk_errors(logits.detach().float(), y, (1,))[0]
+    mine = torch.tensor([loss.item() * len(y), wrong, len(y), float(bool(run.stop))], dtype=torch.float64)
+    every = placement.gather(mine)  # (world, 4)
+    bad = [rank for rank in range(len(every)) if not math.isfinite(every[rank, 0])]
+    if bad:
+        raise TrainingError(
+            f"loss is {every[bad[0], 0].item() / max(every[bad[0], 2].item(), 1):g} at step {state.step + 1} "
+            f"on rank {', '.join(map(str, bad))}; stopped without saving; {_last_words(run)}"
+        )
+    if state.step < config.warmup_steps:
+        for group in run.optimizer.param_groups:
+            group["lr"] = config.lr * (state.step + 1) / config.warmup_steps
+    run.optimizer.step()
+    state.step, state.batch = state.step + 1, state.batch + 1
+    sums = every[:, :3].sum(0) / placement.copies
+    loss, wrong, images = sums.tolist()
+    totals.loss, totals.wrong, totals.images = totals.loss + loss, totals.wrong + wrong, totals.images + images
+    if every[:, 3].any():
+        run.stop.signals = max(run.stop.signals, 1)  # any process asked: every process stops here
+
+
+def _last_words(run: Run) -> str:
+    """What a stop leaves: only a checkpoint this run wrote or resumed is named."""
+    if run.saved_step is None:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint is {run.last} (step {run.saved_step})"
+
+
+def log_step(run: Run, totals: Totals, steps_per_epoch: int, bar: tqdm) -> None:
+    state, config = run.state, run.config
+    if state.batch == 3 and run.placement.device.type == "cpu" and run.progress:
+        per_step = (time.perf_counter() - totals.since) / 3
+        run.say(
+            f"CPU: {per_step:.1f} s/step, about {_hms(per_step * steps_per_epoch)} per epoch of {steps_per_epoch} steps"
+        )
+    if not (state.step % config.log_every == 0 or state.batch == steps_per_epoch or _done(state, config)):
+        return
+    rate = totals.images / (time.perf_counter() - totals.since)
+    lr, loss = run.optimizer.param_groups[0]["lr"], totals.loss / totals.images
+    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:g}")
+    if run.log is not None:
+        run.log.train(
+            step=state.step,
+            epoch=state.epoch + 1,
+            lr=lr,
+            loss=loss,
+            top1_err=totals.wrong / totals.images,
+            img_per_s=rate,
+        )
+
+
+def train_one_epoch(run: Run, train_set) -> Totals | None:
+    """The rest of the current epoch; its totals if it ran to its end, None if it stopped early."""
+    config, data, placement, state = run.config, run.data, run.placement, run.state
+    steps = num_batches(train_set, config.batch_size, drop_last=placement.replicas > 1)
+    desc = f"epoch {state.epoch + 1}/{config.epochs}"
+    bar = tqdm(total=steps, initial=state.batch, desc=desc, unit="step", disable=not run.progress, dynamic_ncols=True)
+    run.runner.train()
+    totals = Totals()
+    stream = batches(
+        train_set,
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        epoch=state.epoch,
+        start=state.batch,
+        workers=data.workers,
+        drop_last=placement.replicas > 1,
+        shard=(placement.replica, placement.replicas),
+    )
+    for images, labels in stream:
+        if _done(state, config) or run.stop:
+            break
+        train_step(run, images, labels, totals)
+        bar.update(1)
+        log_step(run, totals, steps, bar)
+    bar.close()
+    ran_out = state.batch >= steps
+    return totals if ran_out and not run.stop else None
+
+
+def end_epoch(run: Run, val_set, totals: Totals) -> dict:
+    """Validate, log, take the schedule's decision (the same on every process), save."""
+    state, config = run.state, run.config
+    val = evaluate(
+        run.runner,
+        val_set,
+        run.val_pipe,
+        batch_size=config.batch_size,
+        amp=config.amp,
+        workers=run.data.workers,
+        progress=run.progress,
+        placement=run.placement,
+    )
+    lr, train_loss = run.optimizer.param_groups[0]["lr"], totals.loss / max(totals.images, 1)
+    if run.log is not None:
+        row = dict(epoch=state.epoch + 1, step=state.step, lr=lr, train_loss=train_loss, loss=val["loss"])
+        run.log.val(**row, top1_err=val["top1_err"], top5_err=val["top5_err"])
+    run.say(
+        f"epoch {state.epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
+        f"top-1 err {val['top1_err']:.2%}, top-5 err {val['top5_err']:.2%}, lr {lr:g}"
+    )
+    run.scheduler.step(val["top1_err"])
+    state.best_val_top1 = min(state.best_val_top1, val["top1_err"])
+    state.epoch, state.batch = state.epoch + 1, 0
+    save(run)
+    return val
+
+
+def fit(
+    placement: Placement,
+    model_config: AlexNetConfig,
+    data: DataConfig,
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    tensorboard: bool = True,
+) -> dict:
+    """Train (or resume) a run in `out` on `placement`; returns the last validation metrics and the state."""
+    run, train_set, val_set = start(
+        placement, model_config, data, config, out, resume=resume, progress=progress, tensorboard=tensorboard
+    )
+    if placement.device.type == "cpu":
+        run.say("no CUDA device: training on the CPU (slow; make train-2gpu / train-1gpu use GPUs when present)")
+    state, val = run.state, {}
+    try:
+        with run.stop:
+            while state.epoch < config.epochs and not _done(state, config) and not run.stop:
+                totals = train_one_epoch(run, train_set)
+                if totals is not None:
+                    val = end_epoch(run, val_set, totals)
+            if run.saved_step != state.step or run.stop:
+                save(run)
+    finally:
+        if run.log is not None:
+            run.log.close()
+    if run.stop:
+        run.say(f"stopped at step {state.step}; saved {run.last}: continue with --resume {run.last}")
+        raise KeyboardInterrupt
+    return {"step": state.step, "epoch": state.epoch, "val": val, "checkpoint": str(run.last)}
 
 
 def train(
@@ -172,169 +469,7 @@ def train(
     progress: bool = True,
     tensorboard: bool = True,
 ) -> dict:
-    """Train (or resume) a run in `out`; returns the last validation metrics and the run's state."""
-    out = Path(out)
-    say = tqdm.write if progress else (lambda *_: None)
-    train_set, val_set, checkpoint, stats = prepare(model_config, data, config, resume)
-
-    torch.manual_seed(config.seed)  # the initial weights
-    model = build_model(model_config, devices)
-    optimizer = make_optimizer(model.parameters(), config)
-    scheduler = make_scheduler(optimizer, config)
-    state = RunState()
-    log = RunLog(out, tensorboard=tensorboard)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        ckpt.set_rng_state(checkpoint["rng"])
-        state = RunState(checkpoint["step"], checkpoint["epoch"], checkpoint["batch"], checkpoint["best_val_top1"])
-        log.truncate_after(state.step)
-        say(f"resumed {resume} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if config.compile else model
-    device = input_device(model)
-    train_pipe = Pipeline(data, stats, device, train=True)
-    val_pipe = Pipeline(data, stats, device, train=False)
-    configs = {"model": model_config, "data": data, "train": config}
-    last = out / "last.pt"
-    steps_per_epoch = num_batches(train_set, config.batch_size)
-    if device.type == "cpu":
-        say("no CUDA device: training on the CPU (slow; make train-2gpu / train-1gpu use GPUs when present)")
-
-    def save() -> None:
-        ckpt.save(_checkpoint(model, optimizer, scheduler, state, configs, stats), last)
-
-    def on_sigterm(signum, frame):
-        raise _Stop()
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
-    val: dict = {}
-    try:
-        while state.epoch < config.epochs and not _done(state, config):
-            model.train()
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=state.batch,
-                desc=f"epoch {state.epoch + 1}/{config.epochs}",
-                unit="step",
-                disable=not progress,
-                dynamic_ncols=True,
-            )
-            running, seen, wrong, tick = 0.0, 0, 0.0, time.perf_counter()
-            stream = batches(
-                train_set,
-                config.batch_size,
-                shuffle=True,
-                seed=config.seed,
-                epoch=state.epoch,
-                start=state.batch,
-                workers=data.workers,
-            )
-            for images, labels in stream:
-                if _done(state, config):
-                    break
-                torch.manual_seed(step_seed(config.seed, state.step))  # dropout masks
-                x = train_pipe(images, torch.Generator().manual_seed(step_seed(config.seed, state.step)))
-                if config.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = labels.to(device, non_blocking=True)
-                with autocast(model, config.amp):
-                    logits = runner(x)
-                loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"loss is {value} at step {state.step + 1}; stopped without saving, "
-                        f"the last good checkpoint is {last if last.exists() else 'none (none was written yet)'}"
-                    )
-                if state.step < config.warmup_steps:
-                    for group in optimizer.param_groups:
-                        group["lr"] = config.lr * (state.step + 1) / config.warmup_steps
-                optimizer.step()
-                state.step += 1
-                state.batch += 1
-                running += value * len(y)
-                wrong += topk_errors(logits.detach().float(), y, (1,))[0]
-                seen += len(y)
-                bar.update(1)
-                if device.type == "cpu" and state.batch == 3:
-                    per_step = (time.perf_counter() - tick) / 3
-                    say(
-                        f"CPU: {per_step:.1f} s/step, about {_hms(per_step * steps_per_epoch)} "
-                        f"per epoch of {steps_per_epoch} steps"
-                    )
-                if state.step % config.log_every == 0 or state.batch == steps_per_epoch or _done(state, config):
-                    rate = seen / (time.perf_counter() - tick)
-                    lr = optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(loss=f"{running / seen:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:g}")
-                    log.train(
-                        step=state.step,
-                        epoch=state.epoch + 1,
-                        lr=lr,
-                        loss=running / seen,
-                        top1_err=wrong / seen,
-                        img_per_s=rate,
-                    )
-            else:  # the epoch ran to its end: validate, schedule, save
-                bar.close()
-                val = evaluate(
-                    runner,
-                    val_set,
-                    val_pipe,
-                    batch_size=config.batch_size,
-                    amp=config.amp,
-                    workers=data.workers,
-                    progress=progress,
-                )
-                lr = optimizer.param_groups[0]["lr"]
-                train_loss = running / max(seen, 1)
-                log.val(
-                    epoch=state.epoch + 1,
-                    step=state.step,
-                    lr=lr,
-                    train_loss=train_loss,
-                    loss=val["loss"],
-                    top1_err=val["top1_err"],
-                    top5_err=val["top5_err"],
-                )
-                say(
-                    f"epoch {state.epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, "
-                    f"val loss {val['loss']:.4f}, top-1 err {val['top1_err']:.2%}, top-5 err {val['top5_err']:.2%}, "
-                    f"lr {lr:g}"
-                )
-                scheduler.step(val["top1_err"])
-                state.best_val_top1 = min(state.best_val_top1, val["top1_err"])
-                state.epoch += 1
-                state.batch = 0
-                save()
-                continue
-            bar.close()
-        save()
-    except (KeyboardInterrupt, _Stop):
-        save()
-        say(f"stopped at step {state.step}; saved {last}: continue with --resume {last}")
-        raise KeyboardInterrupt from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        log.close()
-    return {"step": state.step, "epoch": state.epoch, "val": val, "checkpoint": str(last)}
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
-def _done(state: RunState, config: TrainConfig) -> bool:
-    return config.max_steps is not None and state.step >= config.max_steps
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+    """Train (or resume) a run in `out` with both towers in this process, on `devices`."""
+    return fit(
+        Placement(devices), model_config, data, config, out, resume=resume, progress=progress, tensorboard=tensorboard
+    )

@@ -33,27 +33,28 @@ class LocalResponseNorm(nn.Module):
 class Dropout(nn.Module):
     """P 4.2: zero each unit with probability p in training (inverted: survivors scaled by 1/(1-p)).
 
-    By default the masks come from the global generator. With `generators` set (one per equal
-    chunk of the batch), each chunk's mask comes from its own generator: the processes of
-    `alexnet2gpu.distributed` and a single-process reference then draw the same masks.
+    By default the masks come from the global generator. With `masks = (generator, start, total)`
+    set, the mask of a whole batch of `total` rows is drawn from `generator` and this module takes
+    rows `start` onwards: a process feeding part of a global batch (`alexnet2gpu.distributed`) then
+    applies exactly the masks that one process feeding the whole batch would.
     """
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.generators: list[torch.Generator] | None = None
+        self.masks: tuple[torch.Generator, int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if self.generators is None:
+        if self.masks is None:
             return nn.functional.dropout(x, self.p, training=True)
-        chunks = x.chunk(len(self.generators))
-        keep = [
-            torch.empty_like(c).bernoulli_(1 - self.p, generator=g)
-            for c, g in zip(chunks, self.generators, strict=True)
-        ]
-        return x * torch.cat(keep) / (1 - self.p)
+        generator, start, total = self.masks
+        rows = max(total, start + x.shape[0])
+        keep = torch.empty((rows, *x.shape[1:]), device=x.device, dtype=x.dtype).bernoulli_(
+            1 - self.p, generator=generator
+        )
+        return x * keep[start : start + x.shape[0]] / (1 - self.p)  # (N, features)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

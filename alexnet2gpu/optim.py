@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from alexnet2gpu.config import TrainConfig
 
@@ -36,7 +37,8 @@ class PaperSGD(torch.optim.Optimizer):
         return loss
 
 
-def make_optimizer(params: Iterable, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
     if config.optimizer == "paper":
         return PaperSGD(params, config.lr, config.momentum, config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)

@@ -83,7 +83,7 @@ def pca_noise(
 
     (N, C) on the 0-255 scale. `scale="stdev"` uses sqrt(lambda), as Krizhevsky's code did.
     """
-    alpha = torch.randn((n, stats.eigval.numel()), generator=generator) * alpha_std  # (N, C)
+    alpha = torch.randn((n, stats.eigval.numel()), generator=generator, dtype=stats.eigval.dtype) * alpha_std  # (N, C)
     weights = stats.eigval if scale == "eigenvalue" else stats.eigval.sqrt()
     return (alpha * weights) @ stats.eigvec.T * pixel_scale  # (N, C)
 
@@ -99,7 +99,9 @@ class Pipeline:
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) uint8 -> float at the stored size: mean image subtracted (P 2)."""
-        x = images.to(self.device, non_blocking=True).float()
+        x = images.to(self.device, non_blocking=True).to(
+            torch.get_default_dtype()
+        )  # float32 unless a test sets float64
         if self.config.preset == "seed":
             return (x / 255.0 - self.config.seed_mean) / self.config.seed_std
         return (x - self.mean) * (self.config.pixel_scale / 255.0)
@@ -110,26 +112,35 @@ class Pipeline:
         size = self.config.crop_size if self.config.preset == "seed" else self.config.stage_size
         return resize(self.normalise(images), size)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Network inputs (N, C, 224, 224): a random crop, flip and PCA noise when training (P 4.1),
-        the centre crop otherwise."""
+        the centre crop otherwise.
+
+        `rows=(start, total)`: `images` are rows `start` onwards of a global batch of `total`; the
+        draws are made for the whole batch and this part takes its own, so a process feeding part of
+        the batch augments its rows exactly as one process feeding all of it would."""
         config, size = self.config, self.config.crop_size
         if config.preset == "seed":
             return self.stage(images)
         if not self.train:
             return center_crop(self.stage(images), size)
+        start, total = rows or (0, images.shape[0])
         n, span = images.shape[0], config.stage_size - size + 1
+        total, mine = max(total, start + n), slice(start, start + n)
         generator = generator or torch.Generator().manual_seed(0)
-        top = torch.randint(span, (n,), generator=generator)
-        left = torch.randint(span, (n,), generator=generator)
-        flip = torch.rand(n, generator=generator) < 0.5 if config.flips else None
+        top = torch.randint(span, (total,), generator=generator)[mine]
+        left = torch.randint(span, (total,), generator=generator)[mine]
+        flip = (torch.rand(total, generator=generator) < 0.5)[mine] if config.flips else None
         x = self.normalise(images)
         if x.shape[-1] == config.stage_size and x.shape[-2] == config.stage_size:
             x = crop(x, top, left, size, flip)
         else:
             x = resized_crop(x, config.stage_size, top, left, size, flip)
         if config.pca_noise:
-            noise = pca_noise(n, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
+            noise = pca_noise(total, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
+            noise = noise[mine]  # (N, C)
             x.add_(noise.to(self.device)[:, :, None, None])  # in place: x is this call's own tensor
         return x
 

@@ -105,18 +105,18 @@ def test_resume_after_ctrl_c_ends_bit_identical(tmp_path: Path, monkeypatch) -> 
     real = engine.Pipeline.__call__
     calls = []
 
-    def ctrl_c_on_third_step(self, images, generator=None):
+    def ctrl_c_on_third_step(self, images, generator=None, rows=None):
         calls.extend([1] if self.train else [])
         if self.train and len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, images, generator)
+            os.kill(os.getpid(), signal.SIGINT)  # the step goes on; the loop stops after it
+        return real(self, images, generator, rows)
 
     monkeypatch.setattr(engine.Pipeline, "__call__", ctrl_c_on_third_step)
     with pytest.raises(KeyboardInterrupt):
         run(interrupted, max_steps=5)
     monkeypatch.setattr(engine.Pipeline, "__call__", real)
     saved = ckpt.load(interrupted / "last.pt")
-    assert (saved["step"], saved["epoch"], saved["batch"]) == (2, 1, 0)
+    assert (saved["step"], saved["epoch"], saved["batch"]) == (3, 1, 1)
 
     run(interrupted, max_steps=5, resume=interrupted / "last.pt")
     a, b = weights(straight / "last.pt"), weights(interrupted / "last.pt")
@@ -138,16 +138,16 @@ def test_resume_mid_epoch_from_max_steps_ends_bit_identical(tmp_path: Path) -> N
 def test_sigterm_saves_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
     real, calls = engine.Pipeline.__call__, []
 
-    def sigterm_on_second_step(self, images, generator=None):
+    def sigterm_on_second_step(self, images, generator=None, rows=None):
         calls.extend([1] if self.train else [])
         if self.train and len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, images, generator)
+        return real(self, images, generator, rows)
 
     monkeypatch.setattr(engine.Pipeline, "__call__", sigterm_on_second_step)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, max_steps=5)
-    assert ckpt.load(tmp_path / "last.pt")["step"] in (1, 2)
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 2  # the step under way when the signal came
     assert signal.getsignal(signal.SIGTERM) is not None
 
 
@@ -162,7 +162,10 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
         return loss * float("nan") if len(calls) == 2 else loss
 
     monkeypatch.setattr(engine.F, "cross_entropy", nan_on_second_call)
-    with pytest.raises(engine.TrainingError, match="loss is nan at step 4.*last good checkpoint"):
+    with pytest.raises(
+        engine.TrainingError,
+        match=r"loss is nan at step 4 on rank 0; stopped without saving; the last checkpoint is .*last.pt \(step 2\)",
+    ):
         run(tmp_path, max_steps=6, resume=tmp_path / "last.pt")
     after = weights(tmp_path / "last.pt")
     assert all(torch.equal(before[k], after[k]) for k in before)
