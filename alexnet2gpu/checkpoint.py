@@ -68,12 +68,13 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def load(path: str | Path) -> dict:
+def load(path: str | Path, *, mmap: bool = False) -> dict:
+    """A checkpoint, checked for the keys every checkpoint has; `mmap` reads tensors only when used."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; a training run writes RUN_DIR/last.pt")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any failure to unpickle means the file is unusable
         raise CheckpointError(
             f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
@@ -97,6 +98,36 @@ def check_compatible(checkpoint: dict, config: AlexNetConfig, path: str | Path) 
         raise CheckpointError(
             f"{path} holds another network: {', '.join(differ)}; use the dataset and options it was trained with"
         )
+
+
+# What a resumed run may change: each takes effect and is recorded in the next checkpoint. Every other
+# option is part of the recipe the run was trained with (the batch, the lr and its schedule, the data
+# and its augmentation, the seed) and must stay as the checkpoint has it.
+MAY_CHANGE = {
+    "data": {"data", "workers", "strict"},
+    "train": {"epochs", "max_steps", "val_subset", "amp", "channels_last", "compile", "log_every"},
+}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_resume(checkpoint: dict, configs: dict, path: str | Path) -> None:
+    """Refuse to resume with another network, or with options that cannot change mid-run (naming them)."""
+    check_compatible(checkpoint, configs["model"], path)
+    for name, may_change in MAY_CHANGE.items():
+        saved, asked = checkpoint["config"].get(name, {}), configs[name].to_dict()
+        differ = [
+            f"{field}={saved[field]!r} (asked: {asked[field]!r})"
+            for field in asked
+            if field in saved and field not in may_change and _plain(saved[field]) != _plain(asked[field])
+        ]
+        if differ:
+            raise CheckpointError(
+                f"{path} was trained with {', '.join(differ)}, which cannot change on resume; resume without "
+                f"those flags, or start a new run (another --out, or --overwrite)"
+            )
 
 
 def rng_state() -> dict:

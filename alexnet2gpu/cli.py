@@ -7,6 +7,7 @@ on stderr and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -14,8 +15,9 @@ from alexnet2gpu.checkpoint import CheckpointError
 from alexnet2gpu.config import DATASETS, AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.datasets import DatasetError
 from alexnet2gpu.devices import DeviceError, resolve_devices
+from alexnet2gpu.rundir import RunDirError
 
-USER_ERRORS = (DatasetError, DeviceError, CheckpointError, ValueError, FileNotFoundError)
+USER_ERRORS = (DatasetError, DeviceError, CheckpointError, RunDirError, ValueError, FileNotFoundError)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +74,8 @@ def add_train(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (not in the paper; short runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/alexnet", metavar="RUN_DIR")
-    p.add_argument("--resume", default=None, metavar="CHECKPOINT")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue a run (its options, unless given)")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps in all (counted across resumes)")
     p.add_argument("--val-subset", type=int, default=None, metavar="N", help="validate on the first N images")
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
@@ -152,13 +155,8 @@ def model_config(args, num_classes: int, channels: int) -> AlexNetConfig:
     return AlexNetConfig(**fields)
 
 
-def cmd_train(args) -> None:
-    from alexnet2gpu.datasets import describe
-    from alexnet2gpu.engine import train
-
-    data = data_config(args, crop_size=args.input_size)
-    model = model_config(args, *describe(data.dataset, data.data))  # classes and channels, images unread
-    config = TrainConfig(
+def train_config(args) -> TrainConfig:
+    return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -174,6 +172,50 @@ def cmd_train(args) -> None:
         compile=args.compile,
         log_every=args.log_every,
     )
+
+
+# flags whose config field has another name (input_size sets the model's input and the data's crop)
+FLAG_FIELDS = {"no_lrn": ("lrn",), "no_pca_noise": ("pca_noise",), "input_size": ("input_size", "crop_size")}
+
+
+def _given_fields(given: set[str], config) -> dict:
+    """The fields of `config` that flags on the command line set, with the flags' values."""
+    names = {f.name for f in dataclasses.fields(config)}
+    fields = [f for dest in given for f in FLAG_FIELDS.get(dest, (dest,)) if f in names]
+    return {f: getattr(config, f) for f in fields}
+
+
+def resumed_configs(args, given: set[str]) -> tuple[AlexNetConfig, DataConfig, TrainConfig]:
+    """A resumed run's options: the checkpoint's, with only the flags given on this command line
+    applied on top (the engine refuses those that cannot change mid-run, naming them)."""
+    from alexnet2gpu import checkpoint as ckpt
+
+    saved = ckpt.load(args.resume, mmap=True)["config"]
+    model = AlexNetConfig.from_dict(saved["model"])
+    data, config = (config_from_dict(cls, saved[name]) for cls, name in ((DataConfig, "data"), (TrainConfig, "train")))
+    data = dataclasses.replace(data, **_given_fields(given, data_config(args, crop_size=args.input_size)))
+    config = dataclasses.replace(config, **_given_fields(given, train_config(args)))
+    flagged = model_config(args, model.num_classes, model.in_channels)
+    model = flagged if "net" in given else dataclasses.replace(model, **_given_fields(given, flagged))
+    return model, data, config
+
+
+def config_from_dict(cls, values: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+
+def cmd_train(args, given: set[str]) -> None:
+    from alexnet2gpu.datasets import describe
+    from alexnet2gpu.engine import train
+
+    if args.resume:
+        model, data, config = resumed_configs(args, given)
+    else:
+        data = data_config(args, crop_size=args.input_size)
+        model = model_config(args, *describe(data.dataset, data.data))  # classes and channels, images unread
+        config = train_config(args)
+    options = dict(resume=args.resume, tensorboard=not args.no_tensorboard, overwrite=args.overwrite)
     if args.parallel == "tower-processes":
         from alexnet2gpu.distributed import train_tower_processes
 
@@ -181,15 +223,13 @@ def cmd_train(args) -> None:
             raise ValueError(
                 "--devices does not apply to --parallel tower-processes: each rank takes the GPU of its LOCAL_RANK"
             )
-        result = train_tower_processes(
-            model, data, config, args.out, resume=args.resume, tensorboard=not args.no_tensorboard
-        )
+        result = train_tower_processes(model, data, config, args.out, **options)
         if result["rank"] == 0:
-            print(json.dumps(result))
+            print(json.dumps({k: result[k] for k in ("step", "epoch", "val", "checkpoint")}))
         return
     devices = resolve_devices(args.devices)
     print(f"towers on {devices[0]} and {devices[1]}; {model.num_classes} classes; run dir {args.out}", file=sys.stderr)
-    result = train(model, data, config, devices, args.out, resume=args.resume, tensorboard=not args.no_tensorboard)
+    result = train(model, data, config, devices, args.out, **options)
     print(json.dumps({k: result[k] for k in ("step", "epoch", "val", "checkpoint")}))
 
 
@@ -259,14 +299,30 @@ def cmd_bench(args) -> None:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "fit-stats": cmd_fit, "bench": cmd_bench}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alexnet2gpu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_evaluate, add_plot, add_fit, add_bench):
         add(sub)
+    return parser
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the options written on the command line (not those left at a default)."""
+    bare = build_parser()
+    for action in bare._subparsers._group_actions[0].choices["train"]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv))) - {"command"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        if args.command == "train":
+            cmd_train(args, given_flags(parser, argv))
+        else:
+            COMMANDS[args.command](args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -34,6 +34,7 @@ from alexnet2gpu.datasets import InMemory, batches, build_dataset, num_batches
 from alexnet2gpu.logs import RunLog
 from alexnet2gpu.optim import make_optimizer, make_scheduler
 from alexnet2gpu.placement import Placement, build_model
+from alexnet2gpu.rundir import RunDir
 from alexnet2gpu.stats import DataStats, load_or_fit
 from alexnet2gpu.transforms import Pipeline
 
@@ -208,23 +209,24 @@ class Run:
 
 def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig, config: TrainConfig, resume):
     """A run's training and validation sets, the checkpoint it resumes (refused if it holds another
-    network) and, for the paper's pipeline, the training statistics (the checkpoint's, else fitted).
-    The checkpoint is read and the statistics fitted once, on rank 0, and sent to every process."""
+    network or other options) and, for the paper's pipeline, the training statistics (the
+    checkpoint's, else fitted). The checkpoint is read and the statistics fitted once, on rank 0."""
     train_set = build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size, strict=data.strict)
     val_set = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
     train_set, val_set = take(train_set, data.subset), take(val_set, config.val_subset)
-    checkpoint, stats = None, None
-    if placement.rank == 0:
+
+    def read() -> tuple[dict | None, DataStats | None]:
         checkpoint = ckpt.load(resume) if resume else None
         if checkpoint is not None:
-            ckpt.check_compatible(checkpoint, model_config, resume)
-        if data.preset == "paper":
-            if checkpoint is not None and checkpoint.get("stats"):
-                stats = DataStats.from_dict(checkpoint["stats"])
-            else:
-                fit = dict(name=data.dataset, data=data.data, stage_size=data.stage_size, limit=data.fit_images)
-                stats = load_or_fit(train_set, **fit)
-    checkpoint, stats = placement.broadcast((checkpoint, stats))
+            ckpt.check_resume(checkpoint, {"model": model_config, "data": data, "train": config}, resume)
+        if data.preset != "paper":
+            return checkpoint, None
+        if checkpoint is not None and checkpoint.get("stats"):
+            return checkpoint, DataStats.from_dict(checkpoint["stats"])
+        fit = dict(name=data.dataset, data=data.data, stage_size=data.stage_size, limit=data.fit_images)
+        return checkpoint, load_or_fit(train_set, **fit)
+
+    checkpoint, stats = placement.on_rank0(read)
     return train_set, val_set, checkpoint, stats
 
 
@@ -268,7 +270,11 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
 
 
 def save(run: Run) -> None:
-    """Write last.pt in the single-process layout (every process takes part; the writer writes)."""
+    """Write last.pt in the single-process layout (every process takes part; the writer writes).
+    Weights that are not all finite are never saved: the run stops, naming the last checkpoint."""
+    finite = all(bool(torch.isfinite(p).all()) for p in run.placement.module.parameters())
+    if not run.placement.gather(torch.tensor([float(finite)], dtype=torch.float64)).all():
+        raise TrainingError(f"the weights are not finite at step {run.state.step}; not saved; {_last_words(run)}")
     model, optimizer = run.placement.model_state(), run.placement.optimizer_state(run.optimizer)
     if run.placement.writer:
         state = run.state
@@ -433,8 +439,21 @@ def fit(
     resume: str | Path | None = None,
     progress: bool = True,
     tensorboard: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Train (or resume) a run in `out` on `placement`; returns the last validation metrics and the state."""
+    """Train (or resume) a run in `out` on `placement`; returns the last validation metrics and the state.
+
+    Rank 0 claims `out` for the run (`alexnet2gpu.rundir`): a fresh run refuses a directory holding
+    a checkpoint unless `overwrite`, and no two processes train into one directory at once."""
+    claim = RunDir(out, resume=resume, overwrite=overwrite)
+    placement.on_rank0(lambda: claim.__enter__() and None)
+    try:
+        return _fit(placement, model_config, data, config, out, resume, progress, tensorboard)
+    finally:
+        claim.__exit__()
+
+
+def _fit(placement, model_config, data, config, out, resume, progress, tensorboard) -> dict:
     run, train_set, val_set = start(
         placement, model_config, data, config, out, resume=resume, progress=progress, tensorboard=tensorboard
     )
@@ -468,8 +487,8 @@ def train(
     resume: str | Path | None = None,
     progress: bool = True,
     tensorboard: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Train (or resume) a run in `out` with both towers in this process, on `devices`."""
-    return fit(
-        Placement(devices), model_config, data, config, out, resume=resume, progress=progress, tensorboard=tensorboard
-    )
+    options = dict(resume=resume, progress=progress, tensorboard=tensorboard, overwrite=overwrite)
+    return fit(Placement(devices), model_config, data, config, out, **options)

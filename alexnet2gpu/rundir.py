@@ -1,0 +1,95 @@
+"""A run directory belongs to one run: claimed with a lock for as long as a process trains into it.
+
+RUN_DIR/last.pt      the checkpoint (alexnet2gpu.checkpoint)
+RUN_DIR/train.csv    RUN_DIR/val.csv    RUN_DIR/tb/    the logs (alexnet2gpu.logs)
+RUN_DIR/.lock        the claim: an flock held by the training process, with its PID and host
+
+A fresh run refuses a directory that holds a checkpoint (forgetting `--resume` after a crash would
+otherwise overwrite the run); `overwrite=True` (`--overwrite`) removes the old run's files first.
+The lock is an flock, which the kernel releases on every exit, a crash and SIGKILL included: a
+lock file left behind by a dead process is stale by construction and is simply taken over.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+from pathlib import Path
+
+RUN_FILES = ("last.pt", "train.csv", "val.csv", "events.log")
+RUN_DIRS = ("tb",)
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked; the message says why and what to do."""
+
+
+class RunDir:
+    """Claim `path` for a run: `with RunDir(path, resume=..., overwrite=...)`."""
+
+    def __init__(self, path: str | Path, *, resume: str | Path | None = None, overwrite: bool = False) -> None:
+        self.path, self.resume, self.overwrite = Path(path), resume, overwrite
+        self.lock_file = None
+
+    def __enter__(self) -> RunDir:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--out {self.path} is a file; name a directory for the run (it is created if missing)")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunDirError(
+                f"cannot create run directory {self.path}: {error.strerror}; choose another --out"
+            ) from None
+        self._lock()
+        try:
+            self._check_fresh()
+            for stale in self.path.glob(".*.tmp"):  # a save cut by SIGKILL or a power cut
+                stale.unlink(missing_ok=True)
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unlock()
+
+    def _lock(self) -> None:
+        self.lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock_file.seek(0)
+            holder = self.lock_file.read().strip() or "another process"
+            self.lock_file.close()
+            self.lock_file = None
+            raise RunDirError(
+                f"run directory {self.path} is in use by {holder}; wait for it to end or choose another --out"
+            ) from None
+        self.lock_file.seek(0)
+        self.lock_file.truncate()
+        self.lock_file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        self.lock_file.flush()
+
+    def _unlock(self) -> None:
+        if self.lock_file is not None:
+            self.lock_file.truncate(0)
+            fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+            self.lock_file.close()
+            self.lock_file = None
+
+    def _check_fresh(self) -> None:
+        """Refuse to start a new run over a saved one; with `overwrite`, remove the old run first."""
+        last = self.path / "last.pt"
+        if self.resume is not None and last.exists() and Path(self.resume).resolve() == last.resolve():
+            return
+        if last.exists() and not self.overwrite:
+            raise RunDirError(
+                f"{self.path} holds a run (last.pt): continue it with --resume {last}, "
+                "or start over there with --overwrite (its checkpoint and logs are deleted)"
+            )
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)  # logs of a run that never saved are not kept either
+        for name in RUN_DIRS:
+            shutil.rmtree(self.path / name, ignore_errors=True)

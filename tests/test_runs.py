@@ -1,0 +1,241 @@
+"""A run directory belongs to one run; a signal stops the loop at a step boundary and never tears a
+checkpoint; only finite weights are saved; a resumed run uses what the user named, or refuses it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import alexnet2gpu.engine as engine
+from alexnet2gpu import checkpoint as ckpt
+from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.logs import read_csv
+from alexnet2gpu.optim import PaperSGD
+from alexnet2gpu.rundir import RunDir, RunDirError
+
+CPU = (torch.device("cpu"), torch.device("cpu"))
+# a narrow two-tower net and the paper's pipeline at unit pixel scale: a step takes a fraction of a second
+SMALL = AlexNetConfig(num_classes=10, init="he", conv_channels=(16, 32, 48, 48, 32), fc_features=(64, 64))
+FAKE = DataConfig(dataset="fake", preset="paper", subset=16, fit_images=64, pixel_scale=1.0, workers=0)
+
+
+def run(out: Path, max_steps: int, resume: Path | None = None, **options) -> dict:
+    config = TrainConfig(epochs=10, batch_size=8, max_steps=max_steps, val_subset=8, seed=3, log_every=1)
+    return engine.train(SMALL, FAKE, config, CPU, out, resume=resume, progress=False, tensorboard=False, **options)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = ckpt.load(a), ckpt.load(b)
+    velocity = x["optimizer"]["state"], y["optimizer"]["state"]
+    return all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"]) and all(
+        torch.equal(velocity[0][k]["velocity"], velocity[1][k]["velocity"]) for k in velocity[0]
+    )
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "alexnet2gpu", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def one_line(result: subprocess.CompletedProcess, *words: str) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. a run directory belongs to one run
+
+
+def test_a_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:
+    run(tmp_path, max_steps=3)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(RunDirError, match=r"holds a run.*--resume .*last.pt.*--overwrite"):
+        run(tmp_path, max_steps=1)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert [row["step"] for row in read_csv(tmp_path / "train.csv")] == [1, 2, 3]
+    run(tmp_path, max_steps=1, overwrite=True)  # starting over, explicitly: the old run's files are gone
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 1
+    assert [row["step"] for row in read_csv(tmp_path / "train.csv")] == [1]
+
+
+def test_two_processes_never_train_into_one_directory(tmp_path: Path) -> None:
+    flags = ["--dataset", "fake", "--preset", "seed", "--net", "one-gpu", "--init", "he", "--devices", "cpu"]
+    flags += ["-b", "4", "--subset", "4", "--val-subset", "4", "--max-steps", "1", "--no-tensorboard"]
+    with RunDir(tmp_path / "run"):  # another process's run holds the directory
+        line = one_line(cli("train", *flags, "--out", str(tmp_path / "run"), cwd=tmp_path), "in use by process")
+        assert str(os.getpid()) in line
+    # the lock file stays behind, as after a crash or SIGKILL: it no longer holds anything
+    assert (tmp_path / "run" / ".lock").exists()
+    assert cli("train", *flags, "--out", str(tmp_path / "run"), cwd=tmp_path).returncode == 0
+
+
+def test_out_naming_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    result = cli("train", "--dataset", "fake", "--devices", "cpu", "--out", str(tmp_path / "notes.txt"), cwd=tmp_path)
+    one_line(result, "is a file", "directory")
+
+
+def test_a_stale_temporary_checkpoint_is_removed(tmp_path: Path) -> None:
+    (tmp_path / ".last.pt.tmp").write_bytes(b"half a checkpoint")
+    run(tmp_path, max_steps=1)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. a signal asks the loop to stop: at a step boundary, with a whole checkpoint, resumable exactly
+
+
+def signal_inside_the_step(monkeypatch, where: str, on_step: int) -> None:
+    """SIGTERM sent to this process from inside step `on_step`, at `where`."""
+    calls = {"n": 0}
+
+    def kill() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if where.startswith("optimizer"):  # inside PaperSGD.step's loop over parameters
+        after = {"optimizer-first": 1, "optimizer-middle": 16, "optimizer-last": 32}[where]
+        real = torch.Tensor.add_
+
+        def add_(tensor, *args, **kwargs):
+            out = real(tensor, *args, **kwargs)
+            if calls.get("stepping") and isinstance(tensor, torch.nn.Parameter):
+                calls["params"] = calls.get("params", 0) + 1
+                if calls["params"] == after:
+                    kill()
+            return out
+
+        real_step = PaperSGD.step
+
+        def step(self, closure=None):
+            calls["n"] += 1
+            calls["stepping"] = calls["n"] == on_step
+            try:
+                return real_step(self, closure)
+            finally:
+                calls["stepping"] = False
+
+        monkeypatch.setattr(PaperSGD, "step", step)
+        monkeypatch.setattr(torch.Tensor, "add_", add_)
+        return
+    real_call = engine.Pipeline.__call__
+
+    def pipeline(self, images, generator=None, rows=None):
+        calls["n"] += self.train
+        if self.train and calls["n"] == on_step and where == "pipeline":
+            kill()
+        return real_call(self, images, generator, rows)
+
+    monkeypatch.setattr(engine.Pipeline, "__call__", pipeline)
+    if where == "backward":
+        real_ce = engine.F.cross_entropy
+
+        def cross_entropy(*args, **kwargs):
+            loss = real_ce(*args, **kwargs)
+            if calls["n"] == on_step and loss.requires_grad:
+                loss.register_hook(lambda grad: kill())
+            return loss
+
+        monkeypatch.setattr(engine.F, "cross_entropy", cross_entropy)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    run(out, max_steps=4)
+    return out / "last.pt"
+
+
+@pytest.mark.parametrize("where", ["pipeline", "backward", "optimizer-first", "optimizer-middle", "optimizer-last"])
+def test_sigterm_anywhere_in_a_step_resumes_bit_identical(tmp_path: Path, monkeypatch, straight, where) -> None:
+    signal_inside_the_step(monkeypatch, where, on_step=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, max_steps=4)
+    monkeypatch.undo()
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert (saved["step"], saved["epoch"], saved["batch"]) == (3, 1, 1)  # the step under way was finished
+    run(tmp_path, max_steps=4, resume=tmp_path / "last.pt")
+    assert same_weights(tmp_path / "last.pt", straight)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_a_second_signal_during_the_save_does_not_cut_it(tmp_path: Path, monkeypatch, straight) -> None:
+    signal_inside_the_step(monkeypatch, "pipeline", on_step=2)
+    real_save = ckpt.torch.save
+
+    def save_under_fire(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the user presses Ctrl-C again while the checkpoint is written
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_under_fire)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, max_steps=4)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 2
+    run(tmp_path, max_steps=4, resume=tmp_path / "last.pt")
+    assert same_weights(tmp_path / "last.pt", straight)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. only finite weights are saved, and only a written checkpoint is named
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None:
+    run(tmp_path, max_steps=2)  # one epoch: last.pt at step 2
+    before = (tmp_path / "last.pt").read_bytes()
+    real_step = PaperSGD.step
+
+    def poisoned(self, closure=None):  # the update of the run's last step leaves NaN weights
+        out = real_step(self, closure)
+        self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(PaperSGD, "step", poisoned)
+    with pytest.raises(
+        engine.TrainingError, match=r"not finite at step 3; not saved; the last checkpoint is .*\(step 2\)"
+    ):
+        run(tmp_path, max_steps=3, resume=tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_a_run_that_never_saved_names_no_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    real = engine.F.cross_entropy
+    monkeypatch.setattr(engine.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(engine.TrainingError, match="loss is inf at step 1 on rank 0; .*no checkpoint was written"):
+        run(tmp_path, max_steps=2)
+    assert not (tmp_path / "last.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. on resume, a flag takes effect and is recorded, or is refused
+
+
+def test_resume_keeps_the_runs_options_and_applies_only_the_flags_given(tmp_path: Path) -> None:
+    flags = ["--dataset", "fake", "--preset", "seed", "--init", "he", "--net", "one-gpu", "--devices", "cpu"]
+    flags += ["-b", "4", "--subset", "8", "--val-subset", "4", "--lr", "0.02", "--no-tensorboard"]
+    out = str(tmp_path / "run")
+    assert cli("train", *flags, "--max-steps", "1", "--out", out, cwd=tmp_path).returncode == 0
+    last = str(tmp_path / "run" / "last.pt")
+    # no flags but --resume: the run's own network, data and recipe, not the command line's defaults
+    result = cli("train", "--resume", last, "--out", out, "--max-steps", "2", "--devices", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    saved = ckpt.load(last)["config"]
+    assert (saved["train"]["lr"], saved["train"]["batch_size"], saved["train"]["max_steps"]) == (0.02, 4, 2)
+    assert (saved["model"]["init"], saved["data"]["dataset"]) == ("he", "fake")
+    # a flag that cannot change mid-run is refused, naming it; the run is untouched
+    before = Path(last).read_bytes()
+    for flag, value, field in (("--lr", "0.01", "lr=0.02"), ("-b", "8", "batch_size=4"), ("--seed", "5", "seed=0")):
+        line = one_line(cli("train", "--resume", last, "--out", out, flag, value, cwd=tmp_path), field, "resume")
+        assert "cannot change" in line
+    assert Path(last).read_bytes() == before
