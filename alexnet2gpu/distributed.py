@@ -233,6 +233,7 @@ def train_tower_processes(
     resume: str | Path | None = None,
     progress: bool = True,
     tensorboard: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """One rank of a tower-process run (torchrun, or `launch`, starts 2 x D of them): the same loop
     and recipe as `engine.train`, on the `TowerRanks` placement."""
@@ -252,5 +253,6 @@ def train_tower_processes(
     if config.batch_size % (world // 2):
         raise ValueError(f"--batch-size {config.batch_size} must split evenly over {world // 2} tower pairs")
     placement = TowerRanks(mesh, torch.device(f"cuda:{local}") if cuda else torch.device("cpu"))
-    result = fit(placement, model_config, data, config, out, resume=resume, progress=progress, tensorboard=tensorboard)
+    options = dict(resume=resume, progress=progress, tensorboard=tensorboard, overwrite=overwrite)
+    result = fit(placement, model_config, data, config, out, **options)
     return {**result, "rank": placement.rank}

@@ -241,3 +241,29 @@ def test_each_replica_loads_only_its_own_rows() -> None:
         for step, (images, labels) in enumerate(full):  # side by side, the replicas' rows are the global batch
             assert torch.equal(torch.cat([p[step][1] for p in parts]), labels)
             assert torch.equal(torch.cat([p[step][0] for p in parts]), images)
+
+
+def test_torchrun_runs_the_command_line_with_trains_flags(tmp_path: Path) -> None:
+    flags = ["--dataset", "fake", "--preset", "seed", "--init", "he", "-b", "4", "--subset", "8", "--val-subset", "4"]
+    flags += ["--epochs", "2", "--max-steps", "3", "--optimizer", "sgd", "--warmup-steps", "2", "--channels-last"]
+    flags += ["-j", "0", "-p", "1", "--no-tensorboard", "--out", str(tmp_path / "run")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    command = [*torchrun, "-m", "alexnet2gpu", "train", "--parallel", "tower-processes", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [row["step"] for row in read_csv(tmp_path / "run" / "train.csv")] == [1, 2, 3]
+    assert len(read_csv(tmp_path / "run" / "val.csv")) == 1
+    saved = ckpt.load(tmp_path / "run" / "last.pt")
+    assert (saved["step"], saved["config"]["train"]["optimizer"], saved["config"]["train"]["warmup_steps"]) == (
+        3,
+        "sgd",
+        2,
+    )
+    refused = subprocess.run(
+        [*command[:-2], "--devices", "cpu", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert refused.returncode != 0 and "error: --devices does not apply to --parallel tower-processes" in refused.stderr
