@@ -184,7 +184,7 @@ def train(
     state = RunState()
     log = RunLog(out, tensorboard=tensorboard)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        ckpt.load_weights(model, checkpoint["model"], resume)  # one line on a mismatch, not load_state_dict's
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         ckpt.set_rng_state(checkpoint["rng"])
