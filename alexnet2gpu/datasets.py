@@ -65,6 +65,8 @@ def read_idx(path: str | Path) -> torch.Tensor:
         count *= size
     if len(raw) - header != count:
         raise DatasetError(f"{path}: header says {shape} = {count} bytes, file holds {len(raw) - header}; truncated?")
+    if not count:  # a valid file of no images; frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
@@ -112,9 +114,9 @@ def _not_in_data(name: str, data: Path) -> str:
         what = "is a file, not a folder" if data.exists() else "does not exist"
         return f"{name} not found: --data {data} {what}; {instead}"
     lacks = min((_missing_idx(folder) for folder in (data, data / TORCHVISION_DIRS[name])), key=len)
-    what = "none of its four IDX files" if len(lacks) == 4 else ", ".join(lacks)
+    what = "hold none of its four IDX files" if len(lacks) == 4 else f"lack {', '.join(lacks)}"
     return (
-        f"{name} not found: looked in {data} and {data / TORCHVISION_DIRS[name]}, which lack {what}; "
+        f"{name} not found: looked in {data} and {data / TORCHVISION_DIRS[name]}, which {what}; "
         f"{instead}. To get it: {HOW_TO_GET[name]}"
     )
 

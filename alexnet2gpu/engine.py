@@ -34,6 +34,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step and the checkpoint."""
 
 
+class EvaluationError(ValueError):
+    """No number worth reporting: no images were evaluated, or the model's outputs are not finite."""
+
+
 def build_model(config: AlexNetConfig, devices: tuple[torch.device, torch.device]) -> nn.Module:
     """The two towers on `devices`, or a one-tower net (towers=1) on the first device."""
     if config.towers == 2:
@@ -104,6 +108,7 @@ def evaluate(
                 probs = probs.view(len(labels), 10, -1).mean(1)  # (n, classes)
             else:
                 probs = F.softmax(model(pipeline(images)).float(), dim=1)
+        _require_finite(probs, totals["n"])
         totals["loss"] += float(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
         top1, top5 = topk_errors(probs, labels)
         totals["top1"] += top1
@@ -111,8 +116,20 @@ def evaluate(
         totals["n"] += len(labels)
         bar.update(len(labels))
     bar.close()
-    n = max(totals["n"], 1)
+    n = totals["n"]
+    if not n:
+        raise EvaluationError(f"no images to evaluate in {getattr(dataset, 'name', 'the validation set')}")
     return {"loss": totals["loss"] / n, "top1_err": totals["top1"] / n, "top5_err": totals["top5"] / n, "images": n}
+
+
+def _require_finite(probs: torch.Tensor, done: int) -> None:
+    """Refuse to score outputs that are NaN or inf (a softmax of finite logits never is)."""
+    if not torch.isfinite(probs).all():
+        images = (~torch.isfinite(probs)).any(1).sum().item()
+        raise EvaluationError(
+            f"the model's outputs are NaN or inf for {images} of the images {done + 1}..{done + len(probs)}: "
+            "its weights hold NaN or inf, or its activations overflow; no error rate is reported"
+        )
 
 
 @dataclass
