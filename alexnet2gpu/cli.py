@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from alexnet2gpu.checkpoint import CheckpointError
 from alexnet2gpu.config import DATASETS, AlexNetConfig, ConfigError, DataConfig, TrainConfig
@@ -215,6 +216,11 @@ def cmd_evaluate(args) -> None:
     TrainConfig(batch_size=args.batch_size, val_subset=args.val_subset)  # -b and --val-subset, checked as train's
     saved = ckpt.load(args.checkpoint)
     model_cfg, data, _ = ckpt.read_configs(saved, args.checkpoint)
+    if not args.data and data.data and not Path(data.data).is_dir():
+        raise DatasetError(
+            f"{args.checkpoint} was trained on {data.dataset} in {data.data}, which is not here: "
+            f"pass --data FOLDER with its {data.dataset} validation set"
+        )
     data = dataclasses.replace(data, data=args.data or data.data, workers=args.workers)
     devices = resolve_devices(args.devices)
     model = build_model(model_cfg, devices)

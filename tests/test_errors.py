@@ -116,6 +116,13 @@ def test_evaluate_data_typo_is_refused(tmp_path: Path, capsys) -> None:
     )
 
 
+def test_evaluate_names_a_training_folder_that_is_gone(tmp_path: Path, capsys) -> None:
+    model = AlexNetConfig.seed_mnist(conv_channels=(4, 4, 4, 4, 4), fc_features=(8, 8), init="he")
+    gone = str(tmp_path / "moved")
+    path = write_checkpoint(tmp_path / "last.pt", model, DataConfig(dataset="mnist", data=gone, preset="seed"))
+    fails(capsys, ["evaluate", "--checkpoint", str(path)], f"in {re.escape(gone)}, which is not here: pass --data")
+
+
 def test_the_fake_dataset_refuses_a_data_folder(tmp_path: Path, capsys) -> None:
     fails(
         capsys, [*TRAIN_FAKE, "--data", str(tmp_path)], "--data .*: expected no folder: the fake dataset is generated"
