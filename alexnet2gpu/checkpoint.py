@@ -7,15 +7,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from alexnet2gpu.config import AlexNetConfig
+from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 
-KEYS = ("model", "optimizer", "step", "epoch", "batch", "config")
+KEYS = ("model", "optimizer", "scheduler", "rng", "step", "epoch", "batch", "config", "best_val_top1")
+CONFIGS = {"model": AlexNetConfig, "data": DataConfig, "train": TrainConfig}
 
 
 class CheckpointError(RuntimeError):
@@ -83,12 +86,68 @@ def load(path: str | Path, *, mmap: bool = False) -> dict:
     missing = [key for key in KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not an alexnet2gpu checkpoint: it lacks {', '.join(missing)}")
+    read_configs(checkpoint, path)
+    stats = checkpoint.get("stats")
+    if stats is not None and not (isinstance(stats, dict) and all(k in stats for k in ("mean", "eigvec", "eigval"))):
+        raise CheckpointError(f"{path}: its data statistics lack the mean image or the PCA; it cannot be used")
     return checkpoint
+
+
+def read_configs(checkpoint: dict, path: str | Path) -> tuple[AlexNetConfig, DataConfig, TrainConfig]:
+    """The model, data and training configs a checkpoint was written with, or one line on what is wrong."""
+    config = checkpoint.get("config")
+    parts = config if isinstance(config, dict) else {}
+    missing = [name for name in CONFIGS if not isinstance(parts.get(name), dict)]
+    if missing:
+        raise CheckpointError(
+            f"{path}: its config lacks the {', '.join(missing)} part{'s' if len(missing) > 1 else ''} "
+            "that this version needs to rebuild the network; use a checkpoint that `train` wrote"
+        )
+    try:
+        return tuple(_from_dict(cls, parts[name]) for name, cls in CONFIGS.items())
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its config cannot be used: {error}") from None
+
+
+def _from_dict(cls, values: dict):
+    """A config dataclass from its saved fields: unknown ones (another version's) are refused by name."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown} (written by another version?)")
+    return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
+
+
+def load_weights(model: nn.Module, state, path: str | Path) -> None:
+    """Load a checkpoint's weights into `model`, or raise one line: how many keys are missing,
+    unexpected or of another shape (the first few named), or which tensors are not finite."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a state dict of tensors")
+    own = model.state_dict()
+    mismatch = {
+        "missing": [k for k in own if k not in state],
+        "unexpected": [k for k in state if k not in own],
+        "of another shape": [
+            f"{k} {tuple(state[k].shape)}, network {tuple(own[k].shape)}"
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ],
+    }
+    if any(mismatch.values()):
+        said = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:3])})" for what, keys in mismatch.items() if keys)
+        raise CheckpointError(f"{path}: its weights do not fit the network ({said}); written for another network?")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{path}: NaN or inf in {len(bad)} of its weight tensors ({', '.join(bad[:3])}): the run had diverged "
+            "when it was saved; use an earlier checkpoint"
+        )
+    model.load_state_dict(state)
 
 
 def check_compatible(checkpoint: dict, config: AlexNetConfig, path: str | Path) -> None:
     """Refuse a checkpoint whose network differs from the one asked for, naming the fields."""
-    saved = AlexNetConfig.from_dict(checkpoint["config"]["model"])
+    saved = read_configs(checkpoint, path)[0]
     differ = [
         f"{field}={getattr(saved, field)!r} (asked: {getattr(config, field)!r})"
         for field in saved.to_dict()
@@ -141,12 +200,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
-    """`model.load_state_dict(state)`, with a mismatch reported as one line naming the keys."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        first = str(error).split("\n\t")[1:3]
-        raise CheckpointError(f"{path}: its weights do not fit this network ({'; '.join(first)[:240]})") from None

@@ -10,14 +10,32 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from alexnet2gpu.checkpoint import CheckpointError
-from alexnet2gpu.config import DATASETS, AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.config import DATASETS, AlexNetConfig, ConfigError, DataConfig, TrainConfig
 from alexnet2gpu.datasets import DatasetError
 from alexnet2gpu.devices import DeviceError, resolve_devices
 from alexnet2gpu.rundir import RunDirError
 
 USER_ERRORS = (DatasetError, DeviceError, CheckpointError, RunDirError, ValueError, FileNotFoundError)
+
+# the flag behind each config field, so that a refused value names what the user typed
+FLAGS = {
+    "AlexNetConfig": {"input_size": "--input-size", "dropout": "--dropout"},
+    "DataConfig": {"data": "--data", "subset": "--subset", "workers": "-j/--workers", "fit_images": "--fit-images"},
+    "TrainConfig": {
+        "epochs": "--epochs",
+        "batch_size": "-b/--batch-size",
+        "lr": "--lr",
+        "momentum": "--momentum",
+        "weight_decay": "--wd",
+        "warmup_steps": "--warmup-steps",
+        "max_steps": "--max-steps",
+        "val_subset": "--val-subset",
+        "log_every": "-p/--print-freq",
+    },
+}
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -190,19 +208,12 @@ def resumed_configs(args, given: set[str]) -> tuple[AlexNetConfig, DataConfig, T
     applied on top (the engine refuses those that cannot change mid-run, naming them)."""
     from alexnet2gpu import checkpoint as ckpt
 
-    saved = ckpt.load(args.resume, mmap=True)["config"]
-    model = AlexNetConfig.from_dict(saved["model"])
-    data, config = (config_from_dict(cls, saved[name]) for cls, name in ((DataConfig, "data"), (TrainConfig, "train")))
+    model, data, config = ckpt.read_configs(ckpt.load(args.resume, mmap=True), args.resume)
     data = dataclasses.replace(data, **_given_fields(given, data_config(args, crop_size=args.input_size)))
     config = dataclasses.replace(config, **_given_fields(given, train_config(args)))
     flagged = model_config(args, model.num_classes, model.in_channels)
     model = flagged if "net" in given else dataclasses.replace(model, **_given_fields(given, flagged))
     return model, data, config
-
-
-def config_from_dict(cls, values: dict):
-    known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
 
 
 def cmd_train(args, given: set[str]) -> None:
@@ -240,20 +251,21 @@ def cmd_evaluate(args) -> None:
     from alexnet2gpu.stats import DataStats
     from alexnet2gpu.transforms import Pipeline
 
+    TrainConfig(batch_size=args.batch_size, val_subset=args.val_subset)  # -b and --val-subset, checked as train's
     saved = ckpt.load(args.checkpoint)
-    model_cfg = AlexNetConfig.from_dict(saved["config"]["model"])
-    data_fields = dict(saved["config"]["data"])
-    if args.data:
-        data_fields["data"] = args.data
-    data = DataConfig(**data_fields)
+    model_cfg, data, _ = ckpt.read_configs(saved, args.checkpoint)
+    if not args.data and data.data and not Path(data.data).is_dir():
+        raise DatasetError(
+            f"{args.checkpoint} was trained on {data.dataset} in {data.data}, which is not here: "
+            f"pass --data FOLDER with its {data.dataset} validation set"
+        )
+    data = dataclasses.replace(data, data=args.data or data.data, workers=args.workers)
     devices = resolve_devices(args.devices)
     model = build_model(model_cfg, devices)
-    try:
-        model.load_state_dict(saved["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{args.checkpoint}: weights do not fit its own config ({str(error)[:200]})") from None
+    ckpt.load_weights(model, saved["model"], args.checkpoint)
     stats = DataStats.from_dict(saved["stats"]) if saved.get("stats") else None
-    val = take(build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size), args.val_subset)
+    val = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
+    val = take(val, args.val_subset)
     pipeline = Pipeline(data, stats, next(model.parameters()).device, train=False)
     result = evaluate(model, val, pipeline, batch_size=args.batch_size, ten_crop=args.ten_crop, workers=args.workers)
     result["ten_crop"] = args.ten_crop
@@ -278,9 +290,9 @@ def cmd_fit(args) -> None:
     from alexnet2gpu.datasets import build_dataset
     from alexnet2gpu.stats import load_or_fit
 
-    data = data_config(args)
-    train_set = build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size)
-    limit = args.fit_images or None
+    data = data_config(args, fit_images=args.fit_images or None)
+    train_set = build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size, strict=data.strict)
+    limit = data.fit_images
     stats = load_or_fit(
         train_set, name=data.dataset, data=data.data, stage_size=data.stage_size, limit=limit, workers=data.workers
     )
@@ -290,17 +302,51 @@ def cmd_fit(args) -> None:
 def cmd_bench(args) -> None:
     from alexnet2gpu import bench
 
+    require("--images", args.images, args.images > 0, "a positive number of images")
+    require("--repeats", args.repeats, args.repeats > 0, "a positive number of timing rounds")
+    if args.data_dir and not args.data:
+        raise ValueError(f"--data-dir {args.data_dir} is read by the data bench only: add --data, or drop --data-dir")
     if args.data:
+        args.device = str(resolve_devices(args.device)[0]) if args.device else None
         bench.main_data(args)
     else:
         bench.main_models(args)
 
 
+def require(flag: str, value, ok: bool, expected: str) -> None:
+    """Refuse a flag's value that no config field checks, in the words a refused config field gets."""
+    if not ok:
+        raise ValueError(f"{flag} {value}: expected {expected}")
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "fit-stats": cmd_fit, "bench": cmd_bench}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (its default prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a user error, on one line.
+
+    A flag's refused value names the flag. An exception raised in a DataLoader worker arrives as
+    "Caught X in DataLoader worker process N. Original Traceback ..."; its last line holds the
+    original message.
+    """
+    if isinstance(error, ConfigError) and error.field in FLAGS.get(error.owner, {}):
+        return f"{FLAGS[error.owner][error.field]} {error.value}: expected {error.expected}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "Original Traceback" in str(error):
+        head, sep, message = lines[-1].partition(": ")  # "alexnet2gpu.datasets.DatasetError: ..."
+        return message if sep and head.endswith(type(error).__name__) else lines[-1]
+    return " ".join(lines) or type(error).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m alexnet2gpu", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m alexnet2gpu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_evaluate, add_plot, add_fit, add_bench):
         add(sub)
@@ -324,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             COMMANDS[args.command](args)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -333,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if not isinstance(error, TrainingError):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -6,12 +6,33 @@ P = Krizhevsky, Sutskever, Hinton, NIPS 2012; C2 = cuda-convnet2's two-GPU layer
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 ACTIVATIONS = ("relu", "tanh")
 POOLINGS = {"overlapping": (3, 2), "non-overlapping": (2, 2)}  # P 3.4: z=3, s=2 against z=s=2
 INPUT_SIZES = (224, 227)
 INITS = ("paper", "he")
+
+
+class ConfigError(ValueError):
+    """A config field cannot take a value; `owner`, `field` and `value` say which (the CLI names its flag)."""
+
+    def __init__(self, owner: str, field: str, value, expected: str) -> None:
+        super().__init__(f"{owner}.{field}={value!r}: expected {expected}")
+        self.owner, self.field, self.value, self.expected = owner, field, value, expected
+
+
+def check_fields(config, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise a ConfigError for the first (field, ok, expected) that is not ok."""
+    for field, ok, expected in checks:
+        if not ok:
+            raise ConfigError(type(config).__name__, field, getattr(config, field), expected)
+
+
+def finite(x) -> bool:
+    """A real number that is not NaN or infinite (argparse's float() takes "nan" and "inf")."""
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -46,7 +67,7 @@ class AlexNetConfig:
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
-            raise ValueError(f"AlexNetConfig.{field}={getattr(self, field)!r}: expected {expected}")
+            raise ConfigError("AlexNetConfig", field, getattr(self, field), expected)
 
         if self.num_classes < 1:
             fail("num_classes", "a positive number of classes")
@@ -151,15 +172,19 @@ class DataConfig:
     def __post_init__(self) -> None:
         checks = [
             ("dataset", self.dataset in DATASETS, " or ".join(DATASETS)),
+            ("data", self.data is None or self.dataset != "fake", "no folder: the fake dataset is generated"),
             ("preset", self.preset in PRESETS, " or ".join(PRESETS)),
             ("pca_scale", self.pca_scale in PCA_SCALES, " or ".join(PCA_SCALES)),
             ("crop_size", 0 < self.crop_size <= self.stage_size, f"a size up to stage_size={self.stage_size}"),
             ("subset", self.subset is None or self.subset > 0, "a positive number of images"),
             ("fit_images", self.fit_images is None or self.fit_images > 0, "a positive number of images"),
+            ("workers", self.workers >= 0, "0 (decode in this process) or more worker processes"),
+            ("pca_alpha_std", finite(self.pca_alpha_std) and self.pca_alpha_std >= 0, "a finite, non-negative std"),
+            ("pixel_scale", finite(self.pixel_scale) and self.pixel_scale > 0, "a finite, positive scale"),
+            ("seed_mean", finite(self.seed_mean), "a finite mean"),
+            ("seed_std", finite(self.seed_std) and self.seed_std > 0, "a finite, positive std"),
         ]
-        for field, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"DataConfig.{field}={getattr(self, field)!r}: expected {expected}")
+        check_fields(self, checks)
 
     @property
     def flips(self) -> bool:
@@ -201,12 +226,17 @@ class TrainConfig:
             ("amp", self.amp in ("none", "bf16"), "none or bf16"),
             ("batch_size", self.batch_size > 0, "a positive batch size"),
             ("epochs", self.epochs > 0, "a positive number of epochs"),
-            ("lr", self.lr > 0, "a positive learning rate"),
+            ("lr", finite(self.lr) and self.lr > 0, "a finite, positive learning rate"),
+            ("momentum", finite(self.momentum) and 0 <= self.momentum < 1, "a momentum in [0, 1) (the paper's: 0.9)"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite weight decay >= 0"),
+            ("lr_drops", self.lr_drops >= 0, "0 or more lr drops"),
+            ("lr_patience", self.lr_patience >= 0, "0 or more epochs"),
+            ("warmup_steps", self.warmup_steps >= 0, "0 (no warm-up) or more steps"),
             ("max_steps", self.max_steps is None or self.max_steps > 0, "a positive number of steps"),
+            ("val_subset", self.val_subset is None or self.val_subset > 0, "a positive number of images"),
+            ("log_every", self.log_every > 0, "a positive number of steps"),
         ]
-        for field, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: expected {expected}")
+        check_fields(self, checks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -66,33 +66,60 @@ def read_idx(path: str | Path) -> torch.Tensor:
         count *= size
     if len(raw) - header != count:
         raise DatasetError(f"{path}: header says {shape} = {count} bytes, file holds {len(raw) - header}; truncated?")
+    if not count:  # a valid file of no images; frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
 def find_idx(name: str, data: str | None) -> Path:
-    """The folder holding `name`'s IDX files: `data` (or its torchvision layout), else Debian's
-    location, else a torchvision download into `data` (or ./data)."""
-    looked = []
-    candidates = [Path(data), Path(data) / TORCHVISION_DIRS[name]] if data else []
-    if name in DEBIAN:
-        candidates.append(Path(DEBIAN[name]))
-    if not data:
+    """The folder holding `name`'s four IDX files.
+
+    With `data` (the user's --data), that folder or its torchvision layout (DATA/MNIST/raw) and
+    nothing else: a folder that is missing or lacks the files is an error, never a quiet fall-back
+    to another copy. Without it, the usual places: Debian's package, ./data in torchvision's
+    layout, and last a torchvision download into ./data (the one place a download goes).
+    """
+    if data:
+        candidates = [Path(data), Path(data) / TORCHVISION_DIRS[name]]
+    else:
+        candidates = [Path(DEBIAN[name])] if name in DEBIAN else []
         candidates.append(Path("data") / TORCHVISION_DIRS[name])
     for folder in candidates:
-        looked.append(str(folder))
-        if all(_idx_path(folder, f) for f in IDX_FILES["train"] + IDX_FILES["val"]):
+        if not _missing_idx(folder):
             return folder
-    root = Path(data or "data")
+    if data:
+        raise DatasetError(_not_in_data(name, Path(data)))
     try:  # the network is often absent; then say where we looked
         from torchvision import datasets
 
-        getattr(datasets, {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name])(root, download=True)
-        return root / TORCHVISION_DIRS[name]
+        log.warning("%s not found in %s: downloading it into ./data", name, ", ".join(map(str, candidates)))
+        getattr(datasets, {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name])("data", download=True)
+        return Path("data") / TORCHVISION_DIRS[name]
     except Exception as error:  # noqa: BLE001 - any download failure means "not available"
         raise DatasetError(
-            f"{name} not found: looked in {', '.join(looked)}; download failed ({type(error).__name__}). "
-            f"To get it: {HOW_TO_GET[name]}"
+            f"{name} not found: looked in {', '.join(map(str, candidates))}; download into ./data failed "
+            f"({type(error).__name__}). To get it: {HOW_TO_GET[name]}"
         ) from None
+
+
+def _missing_idx(folder: Path) -> list[str]:
+    return [f"{stem}[.gz]" for stem in IDX_FILES["train"] + IDX_FILES["val"] if not _idx_path(folder, stem)]
+
+
+def _not_in_data(name: str, data: Path) -> str:
+    """Why --data does not hold `name`, and the two ways on: fix the path, or leave it out."""
+    usual = [DEBIAN[name]] if name in DEBIAN else []
+    usual.append(f"./data/{TORCHVISION_DIRS[name]} (downloaded there if absent)")
+    instead = f"fix the path, or leave out --data to use {' or '.join(usual)}"
+    if not data.is_dir():
+        what = "is a file, not a folder" if data.exists() else "does not exist"
+        return f"{name} not found: --data {data} {what}; {instead}"
+    lacks = min((_missing_idx(folder) for folder in (data, data / TORCHVISION_DIRS[name])), key=len)
+    what = "hold none of its four IDX files" if len(lacks) == 4 else f"lack {', '.join(lacks)}"
+    return (
+        f"{name} not found: looked in {data} and {data / TORCHVISION_DIRS[name]}, which {what}; "
+        f"{instead}. To get it: {HOW_TO_GET[name]}"
+    )
 
 
 def _idx_path(folder: Path, stem: str) -> Path | None:

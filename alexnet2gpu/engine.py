@@ -45,6 +45,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step and the checkpoint."""
 
 
+class EvaluationError(ValueError):
+    """No number worth reporting: no images were evaluated, or the model's outputs are not finite."""
+
+
 def input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -110,7 +114,7 @@ def evaluate(
     n = len(dataset)
     mine = part(dataset, n * placement.replica // placement.replicas, n * (placement.replica + 1) // placement.replicas)
     chunk = max(1, batch_size // 10) if ten_crop else batch_size
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 errors, top-5 errors, images
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, top-1 errors, top-5 errors, images, non-finite
     bar = tqdm(total=len(mine), desc="evaluating", unit="img", leave=False, disable=not progress)
     for images, labels in batches(mine, chunk, shuffle=False, workers=workers):
         labels = labels.to(input_device(model))
@@ -122,11 +126,18 @@ def evaluate(
             else:
                 probs = F.softmax(model(pipeline(images)).float(), dim=1)
         loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
-        sums += torch.tensor([loss, *topk_errors(probs, labels), len(labels)], dtype=torch.float64)
+        bad = float((~torch.isfinite(probs)).any(1).sum())  # a softmax of finite logits never is NaN
+        sums += torch.tensor([loss, *topk_errors(probs, labels), len(labels), bad], dtype=torch.float64)
         bar.update(len(labels))
     bar.close()
-    loss, top1, top5, images = placement.sum_replicas(sums).tolist()
-    images = max(images, 1)
+    loss, top1, top5, images, bad = placement.sum_replicas(sums).tolist()  # every replica sees the same
+    if not images:
+        raise EvaluationError(f"no images to evaluate in {getattr(dataset, 'name', 'the validation set')}")
+    if bad:
+        raise EvaluationError(
+            f"the model's outputs are NaN or inf for {int(bad)} of {int(images)} images: its weights hold NaN or "
+            "inf, or its activations overflow; no error rate is reported"
+        )
     return {"loss": loss / images, "top1_err": top1 / images, "top5_err": top5 / images, "images": int(images)}
 
 

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
+from alexnet2gpu.checkpoint import CheckpointError
 from alexnet2gpu.logs import read_csv
+
+CONV1_KEYS = ("tower_a.conv1.weight", "conv1.weight")  # two towers, one tower
 
 
 def _pyplot():
@@ -22,10 +25,26 @@ def _pyplot():
     return plt
 
 
+def read_log(path: Path, columns: tuple[str, ...]) -> list[dict[str, float]]:
+    """A run's CSV log ([] when absent), or one line naming the file and what it lacks."""
+    if not path.exists():
+        return []
+    try:
+        rows = read_csv(path)
+    except ValueError as error:  # a cell that is not a number
+        raise ValueError(f"{path} holds a cell that is not a number ({error}); repair or remove its row") from None
+    except TypeError:  # csv gives None (or a list) for the cells of a row that is too short (or too long)
+        raise ValueError(f"{path} holds a row with too few or too many cells; repair or remove it") from None
+    missing = [column for column in columns if rows and column not in rows[0]]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {', '.join(missing)}: is it a log that `train` wrote?")
+    return rows
+
+
 def plot_curves(run_dir: Path) -> Path:
     plt = _pyplot()
-    train = read_csv(run_dir / "train.csv") if (run_dir / "train.csv").exists() else []
-    val = read_csv(run_dir / "val.csv") if (run_dir / "val.csv").exists() else []
+    train = read_log(run_dir / "train.csv", ("step", "loss", "top1_err"))
+    val = read_log(run_dir / "val.csv", ("step", "loss", "top1_err", "top5_err"))
     if not train and not val:
         raise FileNotFoundError(f"{run_dir} has no train.csv or val.csv: is it a run directory?")
     fig, (loss_ax, err_ax) = plt.subplots(1, 2, figsize=(11, 4))
@@ -106,6 +125,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     paths = [plot_curves(run_dir)] if has_csv else []
     if has_checkpoint:
         saved = ckpt.load(run_dir / "last.pt")
+        if not any(key in saved["model"] for key in CONV1_KEYS):
+            raise CheckpointError(f"{run_dir / 'last.pt'} holds no conv1 weights ({' or '.join(CONV1_KEYS)})")
         paths.append(
             plot_kernels(saved["model"], run_dir / "conv1_kernels.png", f"conv1 kernels, step {saved['step']}")
         )

@@ -1,0 +1,337 @@
+"""Bad input a user can fix ends in one line on stderr and a non-zero exit, on every command: a
+path the user named is used or refused, never replaced; a number is reported only if it means
+something; a checkpoint that does not fit is named with what does not fit."""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet2gpu import checkpoint as ckpt
+from alexnet2gpu.cli import main
+from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.datasets import DatasetError, InMemory, find_idx
+from alexnet2gpu.engine import EvaluationError, build_model, evaluate
+from alexnet2gpu.stats import DataStats
+from alexnet2gpu.transforms import Pipeline
+
+CPU = (torch.device("cpu"), torch.device("cpu"))
+# two towers of a few channels: every layer of the paper's net, built and run in milliseconds
+TINY = AlexNetConfig(num_classes=10, init="he", conv_channels=(4, 4, 4, 4, 4), fc_features=(8, 8))
+FAKE = DataConfig(dataset="fake", preset="seed")
+PAPER_FAKE = AlexNetConfig(num_classes=10, init="he")  # what `train --dataset fake --init he` builds
+TRAIN_FAKE = ["train", "--dataset", "fake", "--preset", "seed", "--init", "he", "--devices", "cpu", "--no-tensorboard"]
+
+
+def fails(capsys, argv: list[str], pattern: str, *, alone: bool = True) -> str:
+    """Run the CLI: it must exit with 2 and print one error line matching `pattern`; with `alone`,
+    nothing else on stderr (without, progress bars and notices may come before it)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert re.search(pattern, errors[0]), errors[0]
+    if alone:
+        assert err == errors[0] + "\n", err
+    return errors[0]
+
+
+def write_checkpoint(path: Path, model: AlexNetConfig = TINY, data: DataConfig = FAKE, weights=None, **changes) -> Path:
+    """A checkpoint as `train` writes it (without optimizer state), for a network of `model`."""
+    state = weights if weights is not None else build_model(model, CPU).state_dict()
+    checkpoint = {
+        "model": state,
+        "optimizer": {},
+        "scheduler": {},
+        "rng": ckpt.rng_state(),
+        "step": 1,
+        "epoch": 0,
+        "batch": 1,
+        "best_val_top1": math.inf,
+        "stats": None,
+        "config": {"model": model.to_dict(), "data": data.to_dict(), "train": TrainConfig().to_dict()},
+        **changes,
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+def write_idx_folder(folder: Path, train: int, val: int) -> Path:
+    """The four IDX files of an MNIST-like set with `train` and `val` blank 28x28 images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", val)):
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + struct.pack(">3I", n, 28, 28) + bytes(n * 784)
+        )
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", n) + bytes(n))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# principle 4: a path the user named is used, or refused; never replaced by another copy
+
+
+def test_train_data_typo_is_refused_not_replaced_by_the_system_copy(tmp_path: Path, capsys) -> None:
+    typo = tmp_path / "typo"
+    argv = ["train", "--dataset", "fashion-mnist", "--data", str(typo), "--devices", "cpu", "--out", str(tmp_path)]
+    fails(capsys, argv, rf"fashion-mnist not found: --data {re.escape(str(typo))} does not exist; fix the path")
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_data_folder_without_the_idx_files_is_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"")
+    argv = ["fit-stats", "--dataset", "fashion-mnist", "--data", str(tmp_path)]
+    fails(capsys, argv, rf"looked in {re.escape(str(tmp_path))} and .*, which lack train-labels-idx1-ubyte\[.gz\]")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["fit-stats", "--dataset", "fashion-mnist", "--data"],
+        ["bench", "--data", "--dataset", "mnist", "--data-dir"],
+    ],
+)
+def test_fit_stats_and_bench_refuse_a_data_typo(tmp_path: Path, capsys, command: list[str]) -> None:
+    fails(capsys, [*command, str(tmp_path / "typo")], rf"--data {re.escape(str(tmp_path / 'typo'))} does not exist")
+
+
+def test_bench_data_dir_without_the_data_bench_is_refused(tmp_path: Path, capsys) -> None:
+    fails(capsys, ["bench", "--data-dir", str(tmp_path)], "read by the data bench only: add --data")
+
+
+def test_evaluate_data_typo_is_refused(tmp_path: Path, capsys) -> None:
+    model = AlexNetConfig.seed_mnist(conv_channels=(4, 4, 4, 4, 4), fc_features=(8, 8), init="he")
+    path = write_checkpoint(tmp_path / "last.pt", model, DataConfig(dataset="fashion-mnist", preset="seed"))
+    typo = tmp_path / "typo"
+    fails(
+        capsys, ["evaluate", "--checkpoint", str(path), "--data", str(typo)], f"--data {re.escape(str(typo))} does not"
+    )
+
+
+def test_evaluate_names_a_training_folder_that_is_gone(tmp_path: Path, capsys) -> None:
+    model = AlexNetConfig.seed_mnist(conv_channels=(4, 4, 4, 4, 4), fc_features=(8, 8), init="he")
+    gone = str(tmp_path / "moved")
+    path = write_checkpoint(tmp_path / "last.pt", model, DataConfig(dataset="mnist", data=gone, preset="seed"))
+    fails(capsys, ["evaluate", "--checkpoint", str(path)], f"in {re.escape(gone)}, which is not here: pass --data")
+
+
+def test_the_fake_dataset_refuses_a_data_folder(tmp_path: Path, capsys) -> None:
+    fails(
+        capsys, [*TRAIN_FAKE, "--data", str(tmp_path)], "--data .*: expected no folder: the fake dataset is generated"
+    )
+
+
+def test_mnist_is_downloaded_only_into_data_without_data_flag(tmp_path: Path, monkeypatch) -> None:
+    import torchvision.datasets
+
+    roots = []
+
+    def download(root, download):
+        roots.append(root)
+        write_idx_folder(Path(root) / "MNIST/raw", 1, 1)
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DatasetError, match="mine and .*, which hold none of its four IDX files"):
+        find_idx("mnist", "mine")
+    assert roots == []  # nothing was written into the folder the user named
+    assert find_idx("mnist", None) == Path("data/MNIST/raw") and roots == ["data"]
+    assert find_idx("mnist", "data/MNIST/raw") == Path("data/MNIST/raw")  # and, once there, found by name
+
+
+# ---------------------------------------------------------------------------------------------
+# principle 5: a number is reported only if it means something; flags take meaningful values
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--lr", "inf", "a finite, positive learning rate"),
+        ("--lr", "nan", "a finite, positive learning rate"),
+        ("--lr", "0", "a finite, positive learning rate"),
+        ("--val-subset", "0", "a positive number of images"),
+        ("--subset", "0", "a positive number of images"),
+        ("-b", "0", "a positive batch size"),
+        ("--epochs", "0", "a positive number of epochs"),
+        ("--max-steps", "0", "a positive number of steps"),
+        ("--momentum", "1", r"a momentum in \[0, 1\)"),
+        ("--momentum", "nan", r"a momentum in \[0, 1\)"),
+        ("--wd", "-inf", "a finite weight decay >= 0"),
+        ("--warmup-steps", "-1", "0 \\(no warm-up\\) or more steps"),
+        ("-j", "-1", "0 \\(decode in this process\\) or more worker processes"),
+        ("-p", "0", "a positive number of steps"),
+        ("--dropout", "1", r"a probability in \[0, 1\)"),
+    ],
+)
+def test_train_refuses_meaningless_flag_values_naming_the_flag(
+    tmp_path: Path, capsys, flag: str, value: str, expected: str
+) -> None:
+    given = [f"{flag}={value}"] if flag.startswith("--") else [flag, value]  # --wd=-inf: argparse takes -inf for a flag
+    line = fails(capsys, [*TRAIN_FAKE, "--out", str(tmp_path), *given], f"expected {expected}")
+    assert re.match(rf"error: (\S+/)?{flag}(/\S+)? {value}", line), line
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["-b", "0"], "-b/--batch-size 0: expected a positive batch size"),
+        (["--val-subset", "0"], "--val-subset 0: expected a positive number of images"),
+        (["-j", "-2"], "-j/--workers -2: expected 0"),
+    ],
+)
+def test_evaluate_refuses_meaningless_flag_values(tmp_path: Path, capsys, args: list[str], pattern: str) -> None:
+    path = write_checkpoint(tmp_path / "last.pt")
+    fails(capsys, ["evaluate", "--checkpoint", str(path), *args], pattern)
+
+
+def test_evaluate_of_an_empty_set_is_an_error_not_zero_percent(tmp_path: Path, capsys) -> None:
+    folder = write_idx_folder(tmp_path / "idx", train=2, val=0)
+    model = AlexNetConfig.seed_mnist(conv_channels=(4, 4, 4, 4, 4), fc_features=(8, 8), init="he")
+    path = write_checkpoint(tmp_path / "last.pt", model, DataConfig(dataset="mnist", data=str(folder), preset="seed"))
+    fails(capsys, ["evaluate", "--checkpoint", str(path)], "no images to evaluate in mnist val", alone=False)
+    with pytest.raises(EvaluationError, match="no images to evaluate in fake val"):
+        evaluate(build_model(TINY, CPU), _fake_val(0), Pipeline(FAKE, None, "cpu", train=False), progress=False)
+
+
+def _fake_val(n: int) -> InMemory:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return InMemory(images, torch.arange(n) % 10, 10, "fake val")
+
+
+@pytest.mark.parametrize("ten_crop", [False, True])
+def test_a_model_with_nan_weights_is_not_scored(ten_crop: bool) -> None:
+    model = build_model(TINY, CPU)
+    with torch.no_grad():
+        model.tower_b.fc7.weight[0, 0] = math.nan  # one weight: every logit of every image turns NaN
+    stats = DataStats(torch.zeros(3, 32, 32), torch.eye(3), torch.ones(3))  # ten-crop needs the paper's pipeline
+    pipeline = Pipeline(DataConfig(dataset="fake") if ten_crop else FAKE, stats, "cpu", train=False)
+    with pytest.raises(EvaluationError, match=r"outputs are NaN or inf for (\d+) of \1 images"):
+        evaluate(model, _fake_val(6), pipeline, batch_size=40 if ten_crop else 4, ten_crop=ten_crop, progress=False)
+
+
+def test_evaluate_refuses_a_checkpoint_with_nan_weights(tmp_path: Path, capsys) -> None:
+    weights = build_model(TINY, CPU).state_dict()
+    weights["tower_a.conv2.bias"][1] = math.inf
+    path = write_checkpoint(tmp_path / "nan.pt", weights=weights)
+    fails(
+        capsys, ["evaluate", "--checkpoint", str(path)], r"NaN or inf in 1 of its weight tensors \(tower_a.conv2.bias\)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# principle 7: a checkpoint that does not fit is one line naming what does not fit
+
+
+def test_evaluate_refuses_wrong_shaped_weights_naming_them(tmp_path: Path, capsys) -> None:
+    other = AlexNetConfig(num_classes=10, conv_channels=(4, 4, 4, 4, 4), fc_features=(8, 6))
+    path = write_checkpoint(tmp_path / "last.pt", weights=build_model(other, CPU).state_dict())
+    fails(
+        capsys,
+        ["evaluate", "--checkpoint", str(path)],
+        r"weights do not fit the network \(6 of another shape \(tower_a.fc7.weight \(3, 8\), network \(4, 8\)",
+    )
+
+
+def test_resume_refuses_wrong_shaped_weights_in_one_line(tmp_path: Path, capsys) -> None:
+    weights = build_model(TINY, CPU).state_dict()
+    weights["surplus.weight"] = weights.pop("tower_b.fc8.bias")
+    path = write_checkpoint(tmp_path / "last.pt", PAPER_FAKE, FAKE, weights=weights)
+    fails(
+        capsys,
+        [*TRAIN_FAKE, "--out", str(tmp_path / "run"), "--resume", str(path)],
+        r"1 missing \(tower_b.fc8.bias\); 1 unexpected \(surplus.weight\); \d+ of another shape",
+        alone=False,  # "towers on cpu and cpu ..." comes first
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "pattern"),
+    [
+        (lambda c: c.pop("config"), "not an alexnet2gpu checkpoint: it lacks config"),
+        (lambda c: c["config"].pop("model"), "its config lacks the model part"),
+        (lambda c: c.update(config={"data": {}}), "its config lacks the model, train parts"),
+        (lambda c: c["config"]["data"].update(colour=1), r"unknown DataConfig fields \['colour'\]"),
+        (lambda c: c["config"]["model"].update(input_size="big"), "its config cannot be used"),
+        (lambda c: c.update(model=[1, 2]), "its 'model' entry is not a state dict of tensors"),
+    ],
+)
+def test_a_checkpoint_without_a_usable_config_is_one_line(tmp_path: Path, capsys, damage, pattern: str) -> None:
+    path = write_checkpoint(tmp_path / "last.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    damage(checkpoint)
+    torch.save(checkpoint, path)
+    fails(capsys, ["evaluate", "--checkpoint", str(path)], pattern)
+
+
+def test_resume_of_a_checkpoint_without_a_model_config_is_one_line(tmp_path: Path, capsys) -> None:
+    path = write_checkpoint(tmp_path / "last.pt", PAPER_FAKE, weights={})
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["config"]["model"]
+    torch.save(checkpoint, path)
+    argv = [*TRAIN_FAKE, "--out", str(tmp_path / "run"), "--resume", str(path)]
+    fails(capsys, argv, "config lacks the model part", alone=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# principle 7: one line on every command, with workers or without
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line(tmp_path: Path, capsys) -> None:
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "0.jpg").write_bytes(b"not a jpeg")
+    argv = ["fit-stats", "--dataset", "imagenet", "--data", str(tmp_path), "--strict", "-j", "1"]
+    line = fails(capsys, argv, rf"^error: .*{re.escape(str(tmp_path / 'train/cat/0.jpg'))}", alone=False)
+    assert "worker" not in line and "Caught" not in line
+
+
+@pytest.mark.parametrize(
+    ("files", "pattern"),
+    [
+        (None, "no run directory"),
+        ({}, "has no train.csv, val.csv or last.pt"),
+        ({"notes.txt": "x"}, "has no train.csv, val.csv or last.pt"),
+        ({"train.csv": "step,loss\n1,2\n"}, r"train.csv lacks the column\(s\) top1_err"),
+        ({"val.csv": "step,loss,top1_err,top5_err\n1,x,0,0\n"}, "val.csv holds a cell that is not a number"),
+        ({"train.csv": "step,loss,top1_err\n1,2\n"}, "train.csv holds a row with too few or too many cells"),
+    ],
+)
+def test_plot_of_something_that_is_not_a_run_is_one_line(tmp_path: Path, capsys, files, pattern: str) -> None:
+    run = tmp_path / "run"
+    if files is not None:
+        run.mkdir()
+        for name, text in files.items():
+            (run / name).write_text(text)
+    fails(capsys, ["plot", str(run)], pattern)
+
+
+def test_plot_of_a_checkpoint_without_conv1_is_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "run").mkdir()
+    write_checkpoint(tmp_path / "run" / "last.pt", weights={"fc8.weight": torch.zeros(2, 2)})
+    fails(capsys, ["plot", str(tmp_path / "run")], "holds no conv1 weights")
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["train", "--input-size", "225"], r"argument --input-size: invalid choice: 225 .*see .* train --help"),
+        (["evaluate"], "the following arguments are required: --checkpoint"),
+        (["bench", "--images", "0"], "--images 0: expected a positive number of images"),
+        (["bench", "--repeats", "0"], "--repeats 0: expected a positive number of timing rounds"),
+        (["bench", "--data", "--device", "cuda:9"], "device cuda:9 does not exist here"),
+        (["fit-stats", "--dataset", "fake", "--fit-images", "-1"], "--fit-images -1: expected a positive number"),
+    ],
+)
+def test_usage_errors_are_one_line_on_every_command(capsys, argv: list[str], pattern: str) -> None:
+    fails(capsys, argv, pattern)
