@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from alexnet2gpu import checkpoint as ckpt
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import InMemory, batches, build_dataset, num_batches
+from alexnet2gpu.datasets import DatasetError, InMemory, batches, build_dataset, num_batches
 from alexnet2gpu.logs import RunLog
 from alexnet2gpu.optim import make_optimizer, make_scheduler
 from alexnet2gpu.placement import Placement, build_model
@@ -225,6 +225,12 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
     train_set = build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size, strict=data.strict)
     val_set = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
     train_set, val_set = take(train_set, data.subset), take(val_set, config.val_subset)
+    if num_batches(train_set, config.batch_size, drop_last=placement.replicas > 1) == 0:
+        raise DatasetError(
+            f"{getattr(train_set, 'name', data.dataset)}: {len(train_set)} training images make no batch of "
+            f"{config.batch_size}{f' over {placement.replicas} tower pairs' if placement.replicas > 1 else ''}; "
+            "add images or lower -b"
+        )
 
     def read() -> tuple[dict | None, DataStats | None]:
         checkpoint = ckpt.load(resume) if resume else None

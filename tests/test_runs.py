@@ -239,3 +239,12 @@ def test_resume_keeps_the_runs_options_and_applies_only_the_flags_given(tmp_path
         line = one_line(cli("train", "--resume", last, "--out", out, flag, value, cwd=tmp_path), field, "resume")
         assert "cannot change" in line
     assert Path(last).read_bytes() == before
+
+
+def test_a_training_set_without_one_batch_is_refused(tmp_path: Path, monkeypatch) -> None:
+    from alexnet2gpu.datasets import DatasetError, InMemory
+
+    empty = InMemory(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0), 10, "empty")
+    monkeypatch.setattr(engine, "build_dataset", lambda *args, **kwargs: empty)
+    with pytest.raises(DatasetError, match="empty: 0 training images make no batch of 8; add images or lower -b"):
+        run(tmp_path, max_steps=1)
