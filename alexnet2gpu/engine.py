@@ -145,8 +145,9 @@ def _checkpoint(model, optimizer, scheduler, state: RunState, configs: dict, sta
 def prepare(model_config: AlexNetConfig, data: DataConfig, config: TrainConfig, resume: str | Path | None):
     """A run's training and validation sets, the checkpoint it resumes (refused if it holds another
     network) and, for the paper's pipeline, the training statistics (the checkpoint's, else fitted)."""
-    train_set = build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size, strict=data.strict)
-    val_set = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
+    sets = dict(stage_size=data.stage_size, strict=data.strict, gpu_decode=data.gpu_decode)
+    train_set = build_dataset(data.dataset, "train", data.data, **sets)
+    val_set = build_dataset(data.dataset, "val", data.data, **sets)
     train_set, val_set = take(train_set, data.subset), take(val_set, config.val_subset)
     checkpoint = ckpt.load(resume) if resume else None
     if checkpoint is not None:
@@ -231,10 +232,15 @@ def train(
                 epoch=state.epoch,
                 start=state.batch,
                 workers=data.workers,
+                keep_empty=True,
             )
             for images, labels in stream:
                 if _done(state, config):
                     break
+                if not len(labels):  # every image of this batch was unreadable: counted, so a resume stays exact
+                    state.batch += 1
+                    bar.update(1)
+                    continue
                 torch.manual_seed(step_seed(config.seed, state.step))  # dropout masks
                 x = train_pipe(images, torch.Generator().manual_seed(step_seed(config.seed, state.step)))
                 if config.channels_last:
