@@ -1,4 +1,4 @@
-"""`python -m alexnet2gpu COMMAND`: train, evaluate, plot, bench, fit-stats.
+"""`python -m alexnet2gpu COMMAND`: train, evaluate, plot, bench, fit-stats, stage.
 
 Errors a user can fix (missing data, a device that does not exist, a bad checkpoint) are one line
 on stderr and a non-zero exit code, never a traceback.
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from alexnet2gpu.checkpoint import CheckpointError
-from alexnet2gpu.config import DATASETS, AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.config import DATASETS, SUBSAMPLINGS, AlexNetConfig, DataConfig, StageConfig, TrainConfig
 from alexnet2gpu.datasets import DatasetError
 from alexnet2gpu.devices import DeviceError, resolve_devices
 
@@ -27,6 +28,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=int, default=None, metavar="N", help="first N training images, for short runs")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("-j", "--workers", type=int, default=4, help="image-decoding processes (ImageNet folders)")
+    p.add_argument("--gpu-decode", action="store_true", help="decode a staged folder's JPEGs on CUDA (unmeasured)")
     p.add_argument("--no-pca-noise", action="store_true", help="no PCA colour noise (ablation)")
     p.add_argument(
         "--flip", choices=["auto", "on", "off"], default="auto", help="horizontal flips (auto: not for digits)"
@@ -105,6 +107,20 @@ def add_fit(sub) -> None:
     p.add_argument("--fit-images", type=int, default=50_000, help="images to fit on (0: all)")
 
 
+def add_stage(sub) -> None:
+    p = sub.add_parser("stage", help="decode an ImageNet folder once to 256x256 JPEG shards (P 2), for fast reading")
+    p.add_argument(
+        "--data", required=True, metavar="RAW", help="the ImageFolder tree: RAW/train/<class>/, RAW/val/<class>/"
+    )
+    p.add_argument("--out", required=True, metavar="STAGED", help="a new folder (or an interrupted stage, to resume)")
+    p.add_argument("--quality", type=int, default=StageConfig.quality, help="JPEG quality (default: C2's)")
+    p.add_argument(
+        "--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="JPEG chroma (default: C2's)"
+    )
+    p.add_argument("-j", "--workers", type=int, default=os.cpu_count(), help="processes (default: one per core)")
+    p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+
+
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time the models (default) or the data pipeline (--data)")
     p.add_argument("--data", action="store_true", help="benchmark the data pipeline instead of the models")
@@ -130,6 +146,7 @@ def data_config(args, **extra) -> DataConfig:
         workers=args.workers,
         pca_noise=not args.no_pca_noise,
         flip={"auto": None, "on": True, "off": False}[args.flip],
+        gpu_decode=args.gpu_decode,
         **extra,
     )
 
@@ -241,6 +258,19 @@ def cmd_fit(args) -> None:
     print(json.dumps({"eigval": stats.eigval.tolist(), "eigvec": stats.eigvec.tolist(), **stats.provenance}))
 
 
+def cmd_stage(args) -> None:
+    from alexnet2gpu.staging import stage
+
+    config = StageConfig(quality=args.quality, subsampling=args.subsampling)
+    manifest = stage(args.data, args.out, config, workers=args.workers, strict=args.strict)
+    for split, counts in manifest["splits"].items():
+        print(
+            f"{split}: {counts['images']:,} images of {counts['sources']:,} staged, {len(counts['skipped'])} skipped, "
+            f"{counts['bytes'] / 1e9:.2f} GB in {counts['shards']} shards"
+        )
+    print(f"staged into {args.out} (skipped images and their reasons: {os.path.join(args.out, 'manifest.json')})")
+
+
 def cmd_bench(args) -> None:
     from alexnet2gpu import bench
 
@@ -250,13 +280,20 @@ def cmd_bench(args) -> None:
         bench.main_models(args)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "fit-stats": cmd_fit, "bench": cmd_bench}
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "plot": cmd_plot,
+    "fit-stats": cmd_fit,
+    "bench": cmd_bench,
+    "stage": cmd_stage,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m alexnet2gpu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_evaluate, add_plot, add_fit, add_bench):
+    for add in (add_train, add_evaluate, add_plot, add_fit, add_bench, add_stage):
         add(sub)
     args = parser.parse_args(argv)
     try:

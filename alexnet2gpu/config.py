@@ -147,6 +147,9 @@ class DataConfig:
     subset: int | None = None  # first N training images, for short runs
     strict: bool = False  # an unreadable image stops the run instead of being skipped
     workers: int = 4  # decoding processes for image folders
+    # Not in P: a staged folder's JPEGs decoded on the GPU (torchvision decode_jpeg, device="cuda";
+    # pytorch/vision PR 8496 measured about 8,000 img/s on an A100); off until measured here (issue 13).
+    gpu_decode: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -207,6 +210,35 @@ class TrainConfig:
         for field, ok, expected in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: expected {expected}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SUBSAMPLINGS = ("4:2:0", "4:4:4")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """How `python -m alexnet2gpu stage` stores a folder's images once at the paper's size."""
+
+    size: int = 256  # P 2: short side rescaled to 256, centre 256x256 kept
+    quality: int = 95  # C2 stores its 256x256 images as JPEG quality 95 (make-data/pyext/include/pyext.h)
+    # C2 encodes with OpenCV, whose default is 4:2:0 chroma; 4:4:4 keeps full colour resolution:
+    # closer to the live path's pixels, slower to decode (docs/BENCHMARKS.md has both)
+    subsampling: str = "4:2:0"
+    shard_images: int = 2048  # sources per shard: about 80 MB of JPEGs, seconds of one core's work
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("size", self.size > 0, "a positive size"),
+            ("quality", 1 <= self.quality <= 100, "a JPEG quality from 1 to 100"),
+            ("subsampling", self.subsampling in SUBSAMPLINGS, " or ".join(SUBSAMPLINGS)),
+            ("shard_images", self.shard_images > 0, "a positive number of images"),
+        ]
+        for field, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"StageConfig.{field}={getattr(self, field)!r}: expected {expected}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
