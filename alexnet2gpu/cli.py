@@ -122,12 +122,16 @@ def add_stage(sub) -> None:
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time the models (default) or the data pipeline (--data)")
+    p = sub.add_parser("bench", help="time the models (default), the data pipeline (--data) or ImageNet staging")
     p.add_argument("--data", action="store_true", help="benchmark the data pipeline instead of the models")
+    p.add_argument("--imagenet", action="store_true", help="the live ImageNet folder path against a staged copy")
     p.add_argument("--dataset", default="fashion-mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     p.add_argument("--device", default=None, help="device to run on (default: cuda:0 when present, else cpu)")
-    p.add_argument("--images", type=int, default=3000, help="training images per round of the data bench")
+    p.add_argument("--images", type=int, default=None, help="images per round (--data: 3000, --imagenet: 500)")
+    p.add_argument("-j", "--workers", type=int, default=None, help="--imagenet: loader processes (default: all cores)")
+    p.add_argument("--quality", type=int, default=StageConfig.quality, help="--imagenet: JPEG quality of the stage")
+    p.add_argument("--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="--imagenet: chroma")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the model bench")
     p.add_argument("--profile", default=None, metavar="MODEL", help="print torch.profiler's table for one step")
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
@@ -274,7 +278,9 @@ def cmd_stage(args) -> None:
 def cmd_bench(args) -> None:
     from alexnet2gpu import bench
 
-    if args.data:
+    if args.imagenet:
+        bench.main_imagenet(args)
+    elif args.data:
         bench.main_data(args)
     else:
         bench.main_models(args)
