@@ -115,7 +115,7 @@ def add_stage(sub) -> None:
     p.add_argument("--out", required=True, metavar="STAGED", help="a new folder (or an interrupted stage, to resume)")
     p.add_argument("--quality", type=int, default=StageConfig.quality, help="JPEG quality (default: C2's)")
     p.add_argument(
-        "--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="JPEG chroma (default: C2's)"
+        "--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="JPEG chroma (C2's: 4:2:0)"
     )
     p.add_argument("-j", "--workers", type=int, default=os.cpu_count(), help="processes (default: one per core)")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")

@@ -69,7 +69,7 @@ def test_manifest_counts_every_source_and_lists_the_skipped(raw, staged) -> None
     )
     assert sorted(Path(item["path"]).name for item in train["skipped"]) == sorted(unreadable)
     assert all(item["path"].startswith("train/cow/") and item["reason"] for item in train["skipped"])
-    assert manifest["quality"] == 95 and manifest["subsampling"] == "4:2:0" and manifest["stage_size"] == 256
+    assert manifest["quality"] == 95 and manifest["subsampling"] == "4:4:4" and manifest["stage_size"] == 256
     assert manifest["source"] == str(root.resolve()) and manifest["package_version"]
     assert manifest["classes"] == ["ant", "bee", "cow"] and manifest["splits"]["val"]["skipped"] == []
     assert not list(staged.rglob("*.tmp")) and not list(staged.rglob("*.done.json"))
@@ -109,8 +109,12 @@ def test_an_interrupted_stage_resumes_keeping_its_complete_shards(raw, tmp_path:
             assert path.read_bytes() == (out / path.relative_to(straight)).read_bytes(), path
 
 
-def test_train_two_steps_and_fit_stats_on_a_staged_folder(staged, tmp_path: Path) -> None:
+def test_train_two_steps_and_fit_stats_on_a_staged_folder(staged, tmp_path: Path, capsys) -> None:
     from alexnet2gpu.engine import train
+
+    main(["fit-stats", "--dataset", "imagenet", "--data", str(staged), "--fit-images", "8", "-j", "0"])
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["images"] == 8 and fitted["stage_size"] == 256 and len(fitted["eigval"]) == 3
 
     data = DataConfig(dataset="imagenet", data=str(staged), preset="paper", fit_images=8, workers=0)
     config = TrainConfig(epochs=1, batch_size=4, max_steps=2, val_subset=4, seed=1, log_every=1)
