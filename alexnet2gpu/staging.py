@@ -199,12 +199,15 @@ def _adopt_plan(out: Path, plan: dict) -> None:
             old = json.loads(plan_path.read_text())
         except ValueError:
             old = {}
-        changed = sorted(k for k in plan if old.get(k) != plan[k])
+        names = {"splits": "list of source images", "source": "source folder", "stage_size": "size"}
+        changed = sorted(names.get(k, k) for k in plan if old.get(k) != plan[k])
         if changed:
             raise DatasetError(
                 f"{out} holds a stage begun with another {', '.join(changed)}; stage into a new folder or delete {out}"
             )
         return
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} is a file; it names the folder to stage into")
     if out.exists() and any(not is_ignored(p.name) for p in out.iterdir()):
         raise DatasetError(f"{out} is not empty and holds no stage; --out needs a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)

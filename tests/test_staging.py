@@ -219,6 +219,7 @@ def test_stage_command_and_its_refusals(raw, tmp_path: Path, capsys) -> None:
         (["--data", str(root), "--out", str(busy)], "not empty and holds no stage"),
         (["--data", str(out), "--out", str(tmp_path / "again")], "is a staged folder already"),
         (["--data", str(root), "--out", str(out)], "another quality"),
+        (["--data", str(root), "--out", str(busy / "notes.txt")], "is a file"),
         (["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "lacks train/"),
     ]:
         with pytest.raises(SystemExit) as exit_:
