@@ -24,7 +24,7 @@ RUN = $(if $(ALLOC),$(ALLOC_ENV_$(ALLOC))) $(PY)
 TRAIN := $(RUN) -m alexnet2gpu train --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT)
 CUDA_COUNT = $(shell $(PY) -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 
-.PHONY: setup test lint clean train-2gpu train-1gpu train-dist evaluate plot demo gpu-check bench
+.PHONY: setup test lint clean train-2gpu train-1gpu train-dist evaluate plot demo gpu-check bench stage
 
 setup: $(VENV)/.installed
 
@@ -83,6 +83,15 @@ demo: setup
 # One script for a one-GPU machine (GPU tests, bench on cuda, a short training run); see the script.
 gpu-check:
 	bash tools/gpu_check.sh
+
+# ImageNet decoded once to 256x256 JPEG shards (hours for a million images; resumable):
+#   make stage DATA=/data/imagenet OUT=/data/imagenet-staged [ARGS="-j 16 --quality 95"]
+# then train with DATA=/data/imagenet-staged
+stage: setup
+	@if [ -z "$(DATA)" ] || [ "$(origin OUT)" = "file" ]; then \
+	  echo "make stage needs DATA=RAW_FOLDER and OUT=NEW_FOLDER, e.g. make stage DATA=/data/imagenet OUT=/data/imagenet-staged"; \
+	  exit 2; fi
+	$(RUN) -m alexnet2gpu stage --data $(DATA) --out $(OUT) $(ARGS)
 
 # The model bench (CPU unless a GPU is present); `make bench ARGS=--data` for the data pipeline.
 bench: setup

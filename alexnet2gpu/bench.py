@@ -2,20 +2,29 @@
 
 `python -m alexnet2gpu bench --data`: images/s of the paper's batched train pipeline against the
 seed's per-sample torchvision transforms, on the same images.
+`python -m alexnet2gpu bench --imagenet`: the live ImageNet folder path against a staged copy.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from alexnet2gpu.config import DataConfig
-from alexnet2gpu.datasets import InMemory, batches, build_dataset
+from alexnet2gpu.config import DataConfig, StageConfig
+from alexnet2gpu.datasets import InMemory, _collate_skipping, batches, build_dataset
+from alexnet2gpu.staging import StagedImages, stage
 from alexnet2gpu.stats import fit_stats
 from alexnet2gpu.transforms import Pipeline
 
@@ -118,10 +127,203 @@ def print_data_table(result: dict) -> None:
 
 
 def main_data(args) -> None:
-    result = bench_data(dataset=args.dataset, data=args.data_dir, device=args.device or "cpu", images=args.images)
+    images = args.images or 3000
+    result = bench_data(dataset=args.dataset, data=args.data_dir, device=args.device or "cpu", images=images)
     print(json.dumps(result) if args.json else "", end="\n" if args.json else "")
     if not args.json:
         print_data_table(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet: the live folder path against the staged one, on generated ImageNet-like photos
+
+IMAGENET_SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (333, 500), (500, 500))  # common in ImageNet
+# ImageNet's 1.28M training images take about 140 GB: about 110 KB each, at a typical 500x375
+GPU_STEP_RATES = {"V100 fp32": 5_000, "A100 fp16": 16_000}  # img/s of AlexNet-sized nets, as issue 13 cites them
+
+
+def imagenet_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A photo-like image: smooth colour regions, sharp-edged shapes and grey texture at five
+    scales with amplitude growing with scale (1/f, as in natural images), plus a little colour
+    grain. Saved as JPEG quality 90 it takes about 80-105 KB at 500x375, as ImageNet's photos do."""
+    grid = rng.integers(0, 256, (rng.integers(3, 7), rng.integers(3, 7), 3), dtype=np.uint8)
+    image = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(3, 9)):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        box = (x0, y0, x0 + rng.integers(20, width // 2), y0 + rng.integers(20, height // 2))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(rng.integers(0, 256, 3).tolist()))
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0))).astype(np.float32)  # (H, W, 3)
+    amplitude = rng.uniform(28, 45)
+    for k in range(5):  # grey texture in cells of 1, 2, 4, 8, 16 pixels
+        cells = rng.normal(0, 1, (height // 2**k + 1, width // 2**k + 1)).astype(np.float32)
+        layer = Image.fromarray(cells, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+        pixels += np.asarray(layer)[..., None] * amplitude * 0.8 ** (4 - k)
+    pixels += rng.normal(0, 0.15 * amplitude, pixels.shape).astype(np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_imagenet_like(root: Path, images: int, classes: int = 10, seed: int = 0) -> Path:
+    """root/{train,val}/<class>/*.JPEG: `images` training images and a tenth as many for validation."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", images), ("val", max(classes, images // 10))):
+        for i in range(n):
+            folder = root / split / f"n{i % classes:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            size = IMAGENET_SIZES[rng.integers(len(IMAGENET_SIZES))]
+            imagenet_like(rng, *size).save(folder / f"{split}_{i:06d}.JPEG", quality=90)
+    return root
+
+
+def _rate(run: Callable[[], int], in_process: bool) -> float:
+    """img/s of `run()`: per CPU-second of this process for work done in it (a worker's own rate,
+    which other load on a shared machine does not change), per wall-clock second for work in workers."""
+    clock = time.process_time if in_process else time.perf_counter
+    start = clock()
+    n = run()
+    return n / (clock() - start)
+
+
+def _count(loader: DataLoader) -> Callable[[], int]:
+    return lambda: sum(len(labels) for _, labels in loader)
+
+
+def _compare(live, staged) -> tuple[bool, float]:
+    """Whether the labels agree, and the mean absolute difference of the pixels (grey levels)."""
+    same, total, count = True, 0.0, 0
+    pairs = zip(batches(live, 64, shuffle=False), batches(staged, 64, shuffle=False), strict=True)
+    for (x, y), (sx, sy) in pairs:
+        same = same and torch.equal(y, sy)
+        total += (x.float() - sx.float()).abs().sum().item()
+        count += x.numel()
+    return same, total / count
+
+
+def _gpu_decode_rate(staged: StagedImages, batch: int = 128, repeats: int = 3) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    encoded = [torch.frombuffer(staged._bytes(staged.index[i]), dtype=torch.uint8) for i in range(len(staged))]
+    chunks = [encoded[i : i + batch] for i in range(0, len(encoded), batch)]
+    decode_jpeg(chunks[0], mode=ImageReadMode.RGB, device="cuda")  # warm-up (nvJPEG handles)
+    rates = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for chunk in chunks:
+            decode_jpeg(chunk, mode=ImageReadMode.RGB, device="cuda")
+        torch.cuda.synchronize()
+        rates.append(len(encoded) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def bench_imagenet(
+    *, images: int = 500, repeats: int = 5, workers: int | None = None, stage_config: StageConfig | None = None
+) -> dict:
+    """img/s of the live folder path and of the staged path on the same generated photos, timed in
+    interleaved rounds: in this process with one thread, as a loader worker runs (per worker, per
+    CPU-second), and in `workers` processes (all cores, per wall-clock second)."""
+    workers = workers or os.cpu_count() or 1
+    stage_config = stage_config or StageConfig()
+    with tempfile.TemporaryDirectory(prefix="alexnet2gpu-bench-") as tmp:
+        raw = write_imagenet_like(Path(tmp) / "raw", images)
+        start = time.perf_counter()
+        manifest = stage(raw, Path(tmp) / "staged", stage_config, workers=workers, progress=False)
+        stage_rate = sum(s["sources"] for s in manifest["splits"].values()) / (time.perf_counter() - start)
+        live = build_dataset("imagenet", "train", str(raw))
+        staged = build_dataset("imagenet", "train", str(Path(tmp) / "staged"))
+        raw_bytes = sum(path.stat().st_size for path, _ in live.samples)
+
+        def loader(dataset, processes: int) -> DataLoader:
+            extra = {"persistent_workers": True, "prefetch_factor": 4} if processes else {}
+            return DataLoader(dataset, batch_size=64, num_workers=processes, collate_fn=_collate_skipping, **extra)
+
+        encoded = [torch.frombuffer(staged._bytes(row), dtype=torch.uint8) for row in staged.index]
+        cases = {  # name -> (run, in this process)
+            "raw_per_worker": (_count(loader(live, 0)), True),
+            "staged_per_worker": (_count(loader(staged, 0)), True),
+            "staged_decode_only": (lambda: len([decode_jpeg(e, mode=ImageReadMode.RGB) for e in encoded]), True),
+            "raw_all_workers": (_count(loader(live, workers)), False),
+            "staged_all_workers": (_count(loader(staged, workers)), False),
+        }
+        for name in ("raw_all_workers", "staged_all_workers"):
+            cases[name][0]()  # starts the worker processes, once
+        rates: dict[str, list[float]] = {name: [] for name in cases}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a loader worker
+        for _ in range(repeats):
+            for name, (run, in_process) in cases.items():
+                rates[name].append(_rate(run, in_process))
+        torch.set_num_threads(threads)
+        del cases  # the loaders' worker processes end here
+        labels_equal, difference = _compare(live, staged)
+        gpu = _gpu_decode_rate(staged)
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    staged_per_worker = medians["staged_per_worker"]
+    return {
+        "machine": machine(),
+        "images": len(live),
+        "workers": workers,
+        "quality": stage_config.quality,
+        "subsampling": stage_config.subsampling,
+        "raw_img_per_s_per_worker": round(medians["raw_per_worker"]),
+        "staged_img_per_s_per_worker": round(staged_per_worker),
+        "ratio_staged_vs_raw": round(staged_per_worker / medians["raw_per_worker"], 2),
+        "staged_img_per_s_all_workers": round(medians["staged_all_workers"]),
+        "ratio_decode_only_vs_raw": round(medians["staged_decode_only"] / medians["raw_per_worker"], 2),
+        "gpu_decode_img_per_s": None if gpu is None else round(gpu),
+        "img_per_s": {name: round(v) for name, v in medians.items()},
+        "spread": {name: [round(min(r)), round(max(r))] for name, r in rates.items()},
+        "stage_img_per_s": round(stage_rate, 1),
+        "raw_kb_per_image": round(raw_bytes / len(live) / 1e3, 1),
+        "staged_kb_per_image": round(manifest["splits"]["train"]["bytes"] / len(staged) / 1e3, 1),
+        "staged_gb_per_million_images": round(manifest["splits"]["train"]["bytes"] / len(staged) * 1e6 / 1e9, 1),
+        "labels_equal": labels_equal,
+        "mean_abs_diff_staged_vs_live": round(difference, 3),
+        "sixteen_cores_img_per_s": {
+            "raw": round(16 * medians["raw_per_worker"]),
+            "staged": round(16 * staged_per_worker),
+        },
+        "gpu_step_rates_img_per_s": GPU_STEP_RATES,
+    }
+
+
+def print_imagenet_table(result: dict) -> None:
+    print(
+        f"ImageNet-like photos, {result['images']} images ({result['raw_kb_per_image']} KB each), staged at quality "
+        f"{result['quality']}, {result['subsampling']} ({result['staged_kb_per_image']} KB each); {result['machine']}"
+    )
+    print(f"{'path':<22} {'img/s (median)':>15} {'min-max':>16}")
+    for name, rate in result["img_per_s"].items():
+        low, high = result["spread"][name]
+        print(f"{name:<22} {rate:>15,} {f'{low:,}-{high:,}':>16}")
+    gpu = result["gpu_decode_img_per_s"]
+    print(f"GPU decode (batches of 128): {'no CUDA device' if gpu is None else f'{gpu:,} img/s'}")
+    print(
+        f"staged / live, per worker: {result['ratio_staged_vs_raw']:.2f}x (decode_jpeg alone: "
+        f"{result['ratio_decode_only_vs_raw']:.2f}x); all workers: {result['workers']} processes, wall clock"
+    )
+    print(
+        f"staged pixels against the live path's: mean |diff| {result['mean_abs_diff_staged_vs_live']} grey levels; "
+        f"labels equal: {result['labels_equal']}"
+    )
+    print(
+        f"staging: {result['stage_img_per_s']} img/s; disk: {result['staged_gb_per_million_images']} GB per million "
+        f"staged images"
+    )
+    cores = result["sixteen_cores_img_per_s"]
+    print(
+        f"16 cores would feed {cores['staged']:,} img/s staged, {cores['raw']:,} live; GPU steps (issue 13): "
+        + ", ".join(f"{k} {v:,} img/s" for k, v in result["gpu_step_rates_img_per_s"].items())
+    )
+
+
+def main_imagenet(args) -> None:
+    config = StageConfig(quality=args.quality, subsampling=args.subsampling)
+    result = bench_imagenet(images=args.images or 500, repeats=args.repeats, workers=args.workers, stage_config=config)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_imagenet_table(result)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`python -m alexnet2gpu COMMAND`: train, evaluate, plot, bench, fit-stats.
+"""`python -m alexnet2gpu COMMAND`: train, evaluate, plot, bench, fit-stats, stage.
 
 Errors a user can fix (missing data, a device that does not exist, a bad checkpoint) are one line
 on stderr and a non-zero exit code, never a traceback.
@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from alexnet2gpu.checkpoint import CheckpointError
-from alexnet2gpu.config import DATASETS, AlexNetConfig, ConfigError, DataConfig, TrainConfig
+from alexnet2gpu.config import DATASETS, SUBSAMPLINGS, AlexNetConfig, ConfigError, DataConfig, StageConfig, TrainConfig
 from alexnet2gpu.datasets import DatasetError
 from alexnet2gpu.devices import DeviceError, resolve_devices
 from alexnet2gpu.rundir import RunDirError
@@ -47,6 +48,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=int, default=None, metavar="N", help="first N training images, for short runs")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("-j", "--workers", type=int, default=4, help="image-decoding processes (ImageNet folders)")
+    p.add_argument("--gpu-decode", action="store_true", help="decode a staged folder's JPEGs on CUDA (unmeasured)")
     p.add_argument("--no-pca-noise", action="store_true", help="no PCA colour noise (ablation)")
     p.add_argument(
         "--flip", choices=["auto", "on", "off"], default="auto", help="horizontal flips (auto: not for digits)"
@@ -126,13 +128,31 @@ def add_fit(sub) -> None:
     p.add_argument("--fit-images", type=int, default=50_000, help="images to fit on (0: all)")
 
 
+def add_stage(sub) -> None:
+    p = sub.add_parser("stage", help="decode an ImageNet folder once to 256x256 JPEG shards (P 2), for fast reading")
+    p.add_argument(
+        "--data", required=True, metavar="RAW", help="the ImageFolder tree: RAW/train/<class>/, RAW/val/<class>/"
+    )
+    p.add_argument("--out", required=True, metavar="STAGED", help="a new folder (or an interrupted stage, to resume)")
+    p.add_argument("--quality", type=int, default=StageConfig.quality, help="JPEG quality (default: C2's)")
+    p.add_argument(
+        "--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="JPEG chroma (C2's: 4:2:0)"
+    )
+    p.add_argument("-j", "--workers", type=int, default=os.cpu_count(), help="processes (default: one per core)")
+    p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+
+
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time the models (default) or the data pipeline (--data)")
+    p = sub.add_parser("bench", help="time the models (default), the data pipeline (--data) or ImageNet staging")
     p.add_argument("--data", action="store_true", help="benchmark the data pipeline instead of the models")
+    p.add_argument("--imagenet", action="store_true", help="the live ImageNet folder path against a staged copy")
     p.add_argument("--dataset", default="fashion-mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     p.add_argument("--device", default=None, help="device to run on (default: cuda:0 when present, else cpu)")
-    p.add_argument("--images", type=int, default=3000, help="training images per round of the data bench")
+    p.add_argument("--images", type=int, default=None, help="images per round (--data: 3000, --imagenet: 500)")
+    p.add_argument("-j", "--workers", type=int, default=None, help="--imagenet: loader processes (default: all cores)")
+    p.add_argument("--quality", type=int, default=StageConfig.quality, help="--imagenet: JPEG quality of the stage")
+    p.add_argument("--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="--imagenet: chroma")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the model bench")
     p.add_argument("--profile", default=None, metavar="MODEL", help="print torch.profiler's table for one step")
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
@@ -151,6 +171,7 @@ def data_config(args, **extra) -> DataConfig:
         workers=args.workers,
         pca_noise=not args.no_pca_noise,
         flip={"auto": None, "on": True, "off": False}[args.flip],
+        gpu_decode=args.gpu_decode,
         **extra,
     )
 
@@ -299,13 +320,29 @@ def cmd_fit(args) -> None:
     print(json.dumps({"eigval": stats.eigval.tolist(), "eigvec": stats.eigvec.tolist(), **stats.provenance}))
 
 
+def cmd_stage(args) -> None:
+    from alexnet2gpu.staging import stage
+
+    config = StageConfig(quality=args.quality, subsampling=args.subsampling)
+    manifest = stage(args.data, args.out, config, workers=args.workers, strict=args.strict)
+    for split, counts in manifest["splits"].items():
+        print(
+            f"{split}: {counts['images']:,} images of {counts['sources']:,} staged, {len(counts['skipped'])} skipped, "
+            f"{counts['bytes'] / 1e9:.2f} GB in {counts['shards']} shards"
+        )
+    print(f"staged into {args.out} (skipped images and their reasons: {os.path.join(args.out, 'manifest.json')})")
+
+
 def cmd_bench(args) -> None:
     from alexnet2gpu import bench
 
-    require("--images", args.images, args.images > 0, "a positive number of images")
+    require("--images", args.images, args.images is None or args.images > 0, "a positive number of images")
     require("--repeats", args.repeats, args.repeats > 0, "a positive number of timing rounds")
     if args.data_dir and not args.data:
         raise ValueError(f"--data-dir {args.data_dir} is read by the data bench only: add --data, or drop --data-dir")
+    if args.imagenet:
+        bench.main_imagenet(args)
+        return
     if args.data:
         args.device = str(resolve_devices(args.device)[0]) if args.device else None
         bench.main_data(args)
@@ -319,7 +356,14 @@ def require(flag: str, value, ok: bool, expected: str) -> None:
         raise ValueError(f"{flag} {value}: expected {expected}")
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "fit-stats": cmd_fit, "bench": cmd_bench}
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "plot": cmd_plot,
+    "fit-stats": cmd_fit,
+    "bench": cmd_bench,
+    "stage": cmd_stage,
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -348,7 +392,7 @@ def one_line(error: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m alexnet2gpu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_evaluate, add_plot, add_fit, add_bench):
+    for add in (add_train, add_evaluate, add_plot, add_fit, add_bench, add_stage):
         add(sub)
     return parser
 

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from alexnet2gpu.images import IMAGE_EXTENSIONS, UnreadableImage, is_ignored, is_image_name, stage_image
 
 log = logging.getLogger(__name__)
 
@@ -181,74 +183,107 @@ def fake_dataset(split: str, *, size: int = 32, channels: int = 3, num_classes: 
 # ---------------------------------------------------------------------------------------------
 # ImageNet: the ImageFolder layout, decoded and staged to 256x256 in worker processes
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jpe")
+
+class SkippingDataset(Dataset):
+    """A dataset whose images can be unreadable: each one is logged with where it is, the reason
+    and a running count, and the loader's collate drops it (the epoch order stays a function of
+    the index, so a resumed run stays exact); with `strict` the first one stops the run."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.skipped = multiprocessing.Value("i", 0)  # shared by the loader's worker processes
+
+    def skip(self, where: str, reason: str) -> None:
+        if self.strict:
+            raise DatasetError(f"unreadable image {where}: {reason} (drop --strict to skip such images)")
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+            count = self.skipped.value
+        log.warning("skipping unreadable image %s (%s); %d skipped so far", where, reason, count)
 
 
-class ImageFolderStaged(Dataset):
+def class_names(train: Path) -> list[str]:
+    """The class folders of `train`, sorted; hidden folders and tool leftovers are no classes."""
+    return sorted(d.name for d in os.scandir(train) if d.is_dir() and not is_ignored(d.name))
+
+
+def list_images(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(path, label) of every image in `root/<class>/`, classes in the given order, files sorted.
+    Tool leftovers are ignored; any other file that is not an image, or a folder, is an error
+    found here, before a run starts, rather than an image silently missing from the set."""
+    samples = []
+    for label, cls in enumerate(classes):
+        folder = root / cls
+        if not folder.is_dir():
+            raise DatasetError(f"{root}: class folder {cls!r} (from train/) is missing; every split needs it")
+        entries = sorted((e for e in os.scandir(folder) if not is_ignored(e.name)), key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir():
+                raise DatasetError(
+                    f"{folder / entry.name} is a folder inside a class folder; the layout is <split>/<class>/<image>: "
+                    "move it out of the dataset folder"
+                )
+            if not is_image_name(entry.name):
+                raise DatasetError(
+                    f"{folder / entry.name} is not an image (by its extension; PIL opens {len(IMAGE_EXTENSIONS)} "
+                    "kinds, .jpg .png .tif .webp ...); move it out of the dataset folder"
+                )
+        if not entries:
+            raise DatasetError(f"class folder {folder} is empty; remove it or add its images")
+        samples += [(folder / entry.name, label) for entry in entries]
+    return samples
+
+
+class ImageFolderStaged(SkippingDataset):
     """`root/<class>/<image>` (torchvision's ImageFolder layout), each image rescaled so its short
     side is `stage_size` and centre-cropped to a square (P 2), as uint8 (3, S, S).
 
-    Unreadable images are logged with their path and a running count and skipped (the loader's
-    collate drops them); with `strict=True` the first one stops the run.
+    Every mode PIL opens decodes to correct RGB (`alexnet2gpu.images.stage_image`); files that do
+    not decode are skipped with their path and reason, or stop the run with `strict=True`.
     """
 
     def __init__(self, root: Path, classes: list[str], stage_size: int = 256, strict: bool = False) -> None:
-        self.root, self.classes, self.stage_size, self.strict = root, classes, stage_size, strict
+        super().__init__(strict)
+        self.root, self.classes, self.stage_size = root, classes, stage_size
         self.num_classes, self.channels, self.name = len(classes), 3, f"imagenet ({root})"
-        self.samples = []
-        for label, cls in enumerate(classes):
-            folder = root / cls
-            if not folder.is_dir():
-                raise DatasetError(f"{root}: class folder {cls!r} (from train/) is missing; every split needs it")
-            files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
-            for file in files:
-                if not file.lower().endswith(IMAGE_EXTENSIONS):
-                    raise DatasetError(
-                        f"{folder / file} is not an image (known extensions: {' '.join(IMAGE_EXTENSIONS)}); "
-                        "move it out of the dataset folder"
-                    )
-            if not files:
-                raise DatasetError(f"class folder {folder} is empty; remove it or add its images")
-            self.samples += [(folder / file, label) for file in files]
-        self.skipped = multiprocessing.Value("i", 0)  # shared by the loader's worker processes
+        self.samples = list_images(root, classes)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
-        from PIL import Image
-        from torchvision.transforms import functional as TF
-
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as error:
-            with self.skipped.get_lock():
-                self.skipped.value += 1
-                count = self.skipped.value
-            if self.strict:
-                raise DatasetError(f"unreadable image {path}: {error} (drop --strict to skip such images)") from None
-            log.warning("skipping unreadable image %s (%s); %d skipped so far", path, error, count)
+            return stage_image(path, self.stage_size), label  # (3, 256, 256) uint8
+        except UnreadableImage as error:
+            self.skip(str(path), str(error))
             return None
-        image = TF.center_crop(TF.resize(image, self.stage_size), self.stage_size)
-        return TF.pil_to_tensor(image), label  # (3, 256, 256) uint8
 
 
-def imagenet_dataset(split: str, data: str | None, stage_size: int, strict: bool) -> ImageFolderStaged:
+def imagenet_dataset(
+    split: str, data: str | None, stage_size: int, strict: bool, gpu_decode: bool = False
+) -> SkippingDataset:
+    """An ImageFolder tree, or a folder written by `python -m alexnet2gpu stage` (its manifest)."""
     if not data:
         raise DatasetError("imagenet needs --data DIR: a folder with train/ and val/, one subfolder per class")
+    from alexnet2gpu import staging  # staging builds on this module
+
     root = Path(data)
+    staging.refuse_unfinished(root)
+    if staging.is_staged(root):
+        return staging.StagedImages(root, split, stage_size=stage_size, strict=strict, gpu_decode=gpu_decode)
+    if gpu_decode:
+        raise DatasetError(f"GPU decoding reads a staged folder; {root} is not one (python -m alexnet2gpu stage)")
     train, folder = root / "train", root / {"train": "train", "val": "val"}[split]
     if not train.is_dir() or not folder.is_dir():
         raise DatasetError(
             f"{root} lacks {'train/' if not train.is_dir() else 'val/'}: imagenet needs DIR/train/<class>/*.JPEG "
             "and DIR/val/<class>/*.JPEG (the ImageFolder layout; pytorch/examples' valprep.sh sorts val/)"
         )
-    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = class_names(train)
     if not classes:
         raise DatasetError(f"{train} has no class folders")
-    extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in set(classes))
+    extra = sorted(set(class_names(folder)) - set(classes))
     if extra:
         raise DatasetError(f"{folder} has classes that train/ lacks, so their labels are out of range: {extra[:5]}")
     return ImageFolderStaged(folder, classes, stage_size, strict)
@@ -258,17 +293,25 @@ def imagenet_dataset(split: str, data: str | None, stage_size: int, strict: bool
 
 
 def build_dataset(
-    name: str, split: str, data: str | None = None, *, stage_size: int = 256, strict: bool = False
+    name: str,
+    split: str,
+    data: str | None = None,
+    *,
+    stage_size: int = 256,
+    strict: bool = False,
+    gpu_decode: bool = False,
 ) -> Dataset:
     """`split` is "train" or "val" (the test set for MNIST and Fashion-MNIST)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    if gpu_decode and name != "imagenet":
+        raise DatasetError(f"GPU decoding reads a staged ImageNet folder, not {name}")
     if name in ("mnist", "fashion-mnist"):
         return idx_dataset(name, split, data)
     if name == "fake":
         return fake_dataset(split)
     if name == "imagenet":
-        return imagenet_dataset(split, data, stage_size, strict)
+        return imagenet_dataset(split, data, stage_size, strict, gpu_decode)
     raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
 
 
@@ -281,10 +324,16 @@ def describe(name: str, data: str | None) -> tuple[int, int]:
     if name == "fake":
         return 10, 3
     if name == "imagenet":
+        from alexnet2gpu import staging  # staging builds on this module
+
+        if data:
+            staging.refuse_unfinished(Path(data))
+        if data and staging.is_staged(Path(data)):
+            return len(staging.read_manifest(Path(data))["classes"]), 3
         train = Path(data or "") / "train"
         if not data or not train.is_dir():
             imagenet_dataset("train", data, 256, False)  # raises the error that says what is missing
-        return sum(1 for d in train.iterdir() if d.is_dir() and not d.name.startswith(".")), 3
+        return len(class_names(train)), 3
     raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
 
 
@@ -295,11 +344,25 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def _collate_skipping(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+def _collate_skipping(items: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    """Stacks the images that decoded (None marks a skipped one); encoded images (1-D bytes, for
+    decoding on the GPU) stay a list."""
     items = [item for item in items if item is not None]
+    labels = torch.tensor([label for _, label in items], dtype=torch.long)
     if not items:
-        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-    return torch.stack([i for i, _ in items]), torch.tensor([label for _, label in items])
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), labels
+    if items[0][0].dim() == 1:
+        return [image for image, _ in items], labels
+    # decoders hand over (C, H, W) views of (H, W, C) pixels: stacked in that order the copy is a plain
+    # one (5x faster than gathering channel planes); the batch is (N, C, H, W), channels-last in memory
+    return torch.stack([image.permute(1, 2, 0) for image, _ in items]).permute(0, 3, 1, 2), labels
+
+
+def _one_line(error: DatasetError) -> DatasetError:
+    """A worker's DatasetError reaches this process as "Caught DatasetError in DataLoader worker ...
+    Original Traceback ..."; its own message is the traceback's last line."""
+    last = str(error).strip().splitlines()[-1]
+    return DatasetError(last.split("DatasetError: ", 1)[-1])
 
 
 def batches(
@@ -313,12 +376,15 @@ def batches(
     workers: int = 0,
     drop_last: bool = False,
     shard: tuple[int, int] = (0, 1),
+    keep_empty: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 image batches (N, C, H, W) with labels, from batch `start` of the epoch on.
 
     With `shard=(i, k)` (and `drop_last`, so that every batch splits evenly), only the i-th of k
     equal parts of each global batch is loaded: a data-parallel replica reads its own rows alone.
-    """
+    Unreadable images are dropped from their batch. A batch of which every image was dropped is
+    left out, or with `keep_empty` yielded empty, so that a caller counting batches (to resume at
+    batch `start`) counts every batch of the epoch."""
     index, count = shard
     if count > 1 and (not drop_last or batch_size % count):
         raise ValueError(f"a batch of {batch_size} splits over {count} replicas only evenly, with drop_last")
@@ -343,9 +409,15 @@ def batches(
         persistent_workers=False,
         worker_init_fn=_ignore_interrupts if workers else None,
     )
-    for images, labels in loader:
-        if len(labels):
-            yield images, labels
+    decode = getattr(dataset.dataset if isinstance(dataset, Subset) else dataset, "decode_batch", None)
+    try:
+        for images, labels in loader:
+            if isinstance(images, list):  # encoded: decoded here, on the GPU
+                images, labels = decode(images, labels)
+            if len(labels) or keep_empty:
+                yield images, labels
+    except DatasetError as error:
+        raise (_one_line(error) if workers else error) from None
 
 
 def _ignore_interrupts(_: int) -> None:

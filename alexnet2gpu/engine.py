@@ -222,8 +222,9 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
     """A run's training and validation sets, the checkpoint it resumes (refused if it holds another
     network or other options) and, for the paper's pipeline, the training statistics (the
     checkpoint's, else fitted). The checkpoint is read and the statistics fitted once, on rank 0."""
-    train_set = build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size, strict=data.strict)
-    val_set = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
+    sets = dict(stage_size=data.stage_size, strict=data.strict, gpu_decode=data.gpu_decode)
+    train_set = build_dataset(data.dataset, "train", data.data, **sets)
+    val_set = build_dataset(data.dataset, "val", data.data, **sets)
     train_set, val_set = take(train_set, data.subset), take(val_set, config.val_subset)
     if num_batches(train_set, config.batch_size, drop_last=placement.replicas > 1) == 0:
         raise DatasetError(
@@ -406,10 +407,15 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
         workers=data.workers,
         drop_last=placement.replicas > 1,
         shard=(placement.replica, placement.replicas),
+        keep_empty=True,
     )
     for images, labels in stream:
         if _done(state, config) or run.stop:
             break
+        if not placement.gather(torch.tensor([float(len(labels))], dtype=torch.float64)).all():
+            state.batch += 1  # every image of a share was unreadable: no step anywhere, the batch counted
+            bar.update(1)
+            continue
         train_step(run, images, labels, totals)
         bar.update(1)
         log_step(run, totals, steps, bar)

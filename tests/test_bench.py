@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from alexnet2gpu.accounting import exchanges, naive_exchanges, table
-from alexnet2gpu.bench import bench_data, bench_models
+from alexnet2gpu.bench import bench_data, bench_imagenet, bench_models
 
 
 def test_model_bench_reports_every_model_and_the_ratios() -> None:
@@ -34,6 +34,20 @@ def test_data_bench_times_both_pipelines() -> None:
     result = bench_data(images=256, repeats=1)
     assert set(result["img_per_s"]) == {"paper_batched", "seed_per_sample"}
     assert all(v > 0 for v in result["img_per_s"].values()) and result["ratio_paper_vs_seed"] > 0
+
+
+def test_imagenet_bench_times_the_live_and_the_staged_path() -> None:
+    import torch
+
+    result = bench_imagenet(images=12, repeats=1, workers=1)
+    json.dumps(result)
+    assert result["images"] == 12 and result["labels_equal"]
+    assert {"raw_img_per_s_per_worker", "staged_img_per_s_per_worker", "ratio_staged_vs_raw"} <= result.keys()
+    assert all(v > 0 for v in result["img_per_s"].values()) and result["ratio_staged_vs_raw"] > 0
+    assert 60 < result["raw_kb_per_image"] < 130  # ImageNet-like file sizes
+    assert 0 < result["staged_kb_per_image"] < result["raw_kb_per_image"]
+    assert 0 < result["mean_abs_diff_staged_vs_live"] < 4
+    assert (result["gpu_decode_img_per_s"] is None) == (not torch.cuda.is_available())
 
 
 def test_paper_split_moves_a_quarter_of_a_naive_split() -> None:

@@ -7,8 +7,10 @@ import logging
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from image_trees import awkward_images, leftovers, unreadable_images
 
 from alexnet2gpu.config import DataConfig
 from alexnet2gpu.datasets import (
@@ -19,6 +21,7 @@ from alexnet2gpu.datasets import (
     epoch_order,
     read_idx,
 )
+from alexnet2gpu.images import UnreadableImage, rescale_and_crop, stage_image
 from alexnet2gpu.stats import DataStats, fit_stats
 from alexnet2gpu.transforms import Pipeline, center_crop, crop, pca_noise, resize, resized_crop, ten_crop
 
@@ -245,6 +248,120 @@ def test_imagenet_without_folders_says_what_layout_it_needs(tmp_path: Path) -> N
         build_dataset("imagenet", "train", str(tmp_path))
     with pytest.raises(DatasetError, match="needs --data"):
         build_dataset("imagenet", "train", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# every image a class folder may hold (issue 11, principle 6)
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory) -> tuple[Path, dict, dict]:
+    folder = tmp_path_factory.mktemp("awkward")
+    return folder, awkward_images(folder), unreadable_images(folder)
+
+
+def test_every_mode_decodes_to_its_pixels(awkward) -> None:
+    folder, expected, _ = awkward
+    for name, pixels in expected.items():  # transparency on white, 16-bit and float scaled, CMYK, 1-bit, EXIF
+        got = stage_image(folder / name).permute(1, 2, 0).numpy()
+        assert got.shape == (256, 256, 3) and got.dtype == np.uint8, name
+        assert np.array_equal(got, pixels), f"{name}: max error {np.abs(got.astype(int) - pixels).max()}"
+
+
+def test_unreadable_and_hostile_files_raise_their_reason(awkward) -> None:
+    folder, _, unreadable = awkward
+    for name, word in unreadable.items():
+        with pytest.raises(UnreadableImage, match=f"(?i){word}"):
+            stage_image(folder / name)
+
+
+def test_rescale_keeps_the_centre_square() -> None:
+    from PIL import Image
+
+    wide = np.zeros((256, 512, 3), dtype=np.uint8)
+    wide[:, :128], wide[:, 128:384], wide[:, 384:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    square = np.asarray(rescale_and_crop(Image.fromarray(wide), 256))
+    assert np.array_equal(square, wide[:, 128:384])  # the short side is 256 already: only the crop
+    tall = np.zeros((90, 30, 3), dtype=np.uint8)
+    tall[30:60] = 200  # the centre 30x30 square, upscaled to 256
+    upscaled = np.asarray(rescale_and_crop(Image.fromarray(tall), 256))
+    assert upscaled[4:-4].min() == 200  # the outer rows blend with the rows above and below, as a resize does
+    assert upscaled[0].max() < 200 and upscaled[-1].max() < 200
+    thin = Image.new("RGB", (1, 100_000), (7, 8, 9))  # 25.6 Mpx if resized whole: only the square is
+    assert np.asarray(rescale_and_crop(thin, 256)).reshape(-1, 3).tolist()[0] == [7, 8, 9]
+
+
+def test_awkward_tree_skips_with_path_and_reason_or_stops_with_strict(tmp_path: Path, caplog) -> None:
+    root = make_imagenet(tmp_path)
+    expected = awkward_images(root / "train" / "cat")
+    unreadable = unreadable_images(root / "train" / "dog")
+    leftovers(root)
+    train = build_dataset("imagenet", "train", str(root))
+    names = [path.name for path, _ in train.samples]
+    assert sorted(names) == sorted(["0.jpg", "1.png"] * 2 + list(expected) + list(unreadable))
+    with caplog.at_level(logging.WARNING):
+        got = torch.cat([labels for _, labels in batches(train, 8, shuffle=False)])
+    assert got.tolist() == [0] * (2 + len(expected)) + [1] * 2
+    for name, word in unreadable.items():
+        line = next(r.getMessage() for r in caplog.records if name in r.getMessage())
+        assert str(root / "train" / "dog" / name) in line and word in line.lower()
+    strict = build_dataset("imagenet", "train", str(root), strict=True)
+    first_bad = next(i for i, (path, _) in enumerate(strict.samples) if path.name in unreadable)
+    with pytest.raises(DatasetError, match="unreadable image .*drop --strict"):
+        strict[first_bad]
+
+
+def test_tool_leftovers_are_ignored_everywhere(tmp_path: Path) -> None:
+    from alexnet2gpu.datasets import describe
+
+    root = make_imagenet(tmp_path)
+    leftovers(root)  # .DS_Store, ._x.jpg, Thumbs.db, .ipynb_checkpoints/ and __MACOSX/ in train/ and val/
+    for split in ("train", "val"):
+        dataset = build_dataset("imagenet", split, str(root))
+        assert dataset.classes == ["cat", "dog"] and len(dataset) == 4
+    assert describe("imagenet", str(root)) == (2, 3)
+
+
+def test_a_folder_inside_a_class_folder_is_named(tmp_path: Path) -> None:
+    root = make_imagenet(tmp_path)
+    (root / "train" / "cat" / "more").mkdir()
+    with pytest.raises(DatasetError, match="cat/more is a folder inside a class folder"):
+        build_dataset("imagenet", "train", str(root))
+
+
+def test_strict_error_from_a_worker_is_one_line(tmp_path: Path) -> None:
+    root = make_imagenet(tmp_path)
+    (root / "train" / "dog" / "0.jpg").write_bytes(b"\xff\xd8 broken")
+    strict = build_dataset("imagenet", "train", str(root), strict=True)
+    with pytest.raises(DatasetError) as caught:
+        list(batches(strict, 2, shuffle=False, workers=1))
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("unreadable image ")
+
+
+def test_resume_stays_exact_when_a_whole_batch_is_skipped(tmp_path: Path) -> None:
+    from alexnet2gpu import checkpoint as ckpt
+    from alexnet2gpu.config import AlexNetConfig, TrainConfig
+    from alexnet2gpu.engine import train
+
+    root = make_imagenet(tmp_path / "data", per_class=5)
+    train_set = build_dataset("imagenet", "train", str(root))
+    order = epoch_order(len(train_set), 3, 0, shuffle=True)
+    for i in order[2:4].tolist():  # batch 1 of the first epoch: both its images unreadable
+        train_set.samples[i][0].write_bytes(b"broken")
+    small = AlexNetConfig(num_classes=2, conv_channels=(8, 16, 16, 16, 16), fc_features=(16, 16), init="he")
+    data = DataConfig(dataset="imagenet", data=str(root), workers=0, fit_images=4)
+    cpu = (torch.device("cpu"),) * 2
+
+    def run(out: Path, steps: int, resume: Path | None = None) -> dict:
+        config = TrainConfig(epochs=1, batch_size=2, max_steps=steps, val_subset=2, seed=3)
+        return train(small, data, config, cpu, out, resume=resume, progress=False, tensorboard=False)
+
+    run(tmp_path / "straight", 3)  # batches 0, 2, 3 make the three steps
+    run(tmp_path / "split", 2)  # batches 0, 2: batch 1 counted although it made no step
+    assert ckpt.load(tmp_path / "split" / "last.pt")["batch"] == 3
+    run(tmp_path / "split", 3, resume=tmp_path / "split" / "last.pt")
+    a, b = (ckpt.load(tmp_path / run_ / "last.pt")["model"] for run_ in ("straight", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-check: what a one-GPU machine must show, in one script of under 8 minutes.
 #   1. the GPU tests (towers on cuda:0 + cpu and on cuda:0 alone against the fused model; LRN on CUDA)
-#   2. bench on cuda:0: fp32, bf16, channels_last, compiled; and the data pipeline on cuda:0
+#   2. bench on cuda:0: fp32, bf16, channels_last, compiled; the data pipeline on cuda:0; ImageNet staged
+#      against live on all cores, and decode_jpeg on the GPU
 #   3. a short Fashion-MNIST training run on cuda:0
 # It ends with a table and leaves everything under $OUT (default gpu-check/).
 # Needs torch, torchvision, numpy, tqdm and pytest importable (PY=python by default; the package is
@@ -29,7 +30,8 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
 PY
 
 step "GPU tests"
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_lrn.py 2>&1 | tee "$OUT/tests.txt" | tail -3
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_lrn.py \
+  tests/test_staging.py::test_gpu_decode_gives_the_cpu_decodes_pixels 2>&1 | tee "$OUT/tests.txt" | tail -3
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "bench on cuda:0"
@@ -39,6 +41,7 @@ for opts in "" "--amp bf16" "--channels-last" "--amp bf16 --channels-last --comp
     || { echo "bench $opts failed"; status=1; }
 done
 timeout 60 $PY -m alexnet2gpu bench --data --data-dir "$DATA_DIR" --device cuda:0 --images 20000 --json > "$OUT/bench_data.json" || status=1
+timeout 240 $PY -m alexnet2gpu bench --imagenet --images 1000 --json > "$OUT/bench_imagenet.json" || status=1
 
 step "Fashion-MNIST training on cuda:0 (the seed's recipe, 2 epochs)"
 start=$(date +%s)
@@ -61,6 +64,10 @@ data = out / "bench_data.json"
 if data.exists() and data.stat().st_size:
     d = json.loads(data.read_text())
     print(f"data pipeline on cuda:0: {d['img_per_s']} (ratio {d['ratio_paper_vs_seed']})")
+imagenet = out / "bench_imagenet.json"
+if imagenet.exists() and imagenet.stat().st_size:
+    d = json.loads(imagenet.read_text())
+    print(f"ImageNet img/s: {d['img_per_s']}, GPU decode {d['gpu_decode_img_per_s']}, staged/live {d['ratio_staged_vs_raw']}")
 train = out / "train.json"
 if train.exists():
     print("training:", train.read_text().strip())
