@@ -157,7 +157,8 @@ class DataConfig:
     dataset: str = "imagenet"
     data: str | None = None  # a folder; None looks in the dataset's usual places
     # "paper": short side 256, mean image subtracted, random 224 crops, flips, PCA colour noise.
-    # "seed": the seed's run: resize to 224, scale to [0, 1], normalise by seed_mean / seed_std.
+    # "seed": the seed's run: scale to [0, 1], normalise by seed_mean / seed_std, then resize the whole
+    # image to crop_size (the seed's Normalize then Resize((224, 224))).
     preset: str = "paper"
     stage_size: int = 256  # P 2: short side rescaled to 256, centre 256x256 kept
     crop_size: int = 224  # P 4.1; 227 with AlexNetConfig(input_size=227)
