@@ -12,9 +12,9 @@ P = Krizhevsky, Sutskever, Hinton, NIPS 2012. Per tower, as P 3.5 and Figure 2:
     fc7 2048 -> ReLU -> dropout                    reads both towers (N, 4096) in
     fc8 500                                        reads both towers (N, 4096) in
 
-With `conv1_padding="none"` a 224 input gives 54, 26, 12 and 5x5 maps instead (fc6 reads 6,400 per
-image in one tower); the one-tower `fc_hidden` sits between fc7 and fc8. Both only for the seed's
-network (`AlexNetConfig.seed_mnist`), which P does not have.
+The seed's network (`AlexNetConfig.seed_mnist`), which P does not have, changes two things: with
+`conv1_padding="none"` a 224 input gives 54, 26, 12 and 5x5 maps (towers and fused alike), and a
+one-tower `fc_hidden` layer sits between fc7 and fc8.
 """
 
 from __future__ import annotations
