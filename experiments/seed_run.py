@@ -1,10 +1,11 @@
 """Experiment 1: the seed's run, the seed's own network beside the faithful two towers.
 
 The seed's one-tower network (`AlexNetConfig.seed_mnist`: no LRN, 54x54 conv1, a 1000-unit layer
-before the logits, PyTorch's default init) with the seed's recipe (batch 60, inputs normalised then resized to 224) beside the faithful two-tower AlexNet on
-the same data and budget (He init); the two towers with the paper's recipe (mean image, random
-crops, PCA noise, batch 128, N(0, 0.01) init) and with the paper's pipeline at unit input scale
-and He init; test error with the centre crop and with ten crops.
+before the logits, PyTorch's default init) with the seed's recipe (batch 60, inputs normalised then
+resized to 224) beside the faithful two-tower AlexNet on the same data and budget (He init); the
+two towers with the paper's recipe (mean image, random crops, PCA noise, batch 128, N(0, 0.01)
+init) and with the paper's pipeline at unit input scale and He init; test error with the centre
+crop and with ten crops.
 
 The seed names batch 60 and 30 epochs but no optimiser: every run uses the base recipe's SGD
 (runner.BASE_TRAIN: the paper's update, lr 0.01, momentum 0.9, weight decay 5e-4).
