@@ -48,7 +48,8 @@ class Exchange:
 def exchanges(config: AlexNetConfig | None = None) -> list[Exchange]:
     """The paper's exchange points, per image."""
     c = config or AlexNetConfig()
-    pool2, pool5 = c.conv_channels[1] // 2 * 13 * 13, c.conv_channels[4] // 2 * 6 * 6
+    _, _, s2, s5 = c.map_sizes  # 13 and 6 in P's network
+    pool2, pool5 = c.conv_channels[1] // 2 * s2 * s2, c.conv_channels[4] // 2 * s5 * s5
     fc6, fc7 = c.fc_features[0] // 2, c.fc_features[1] // 2
     rows = [Exchange("conv3 input (pool2)", pool2), Exchange("fc6 input (pool5)", pool5)]
     rows += [Exchange("fc7 input (fc6)", fc6), Exchange("fc8 input (fc7)", fc7)]
@@ -64,7 +65,8 @@ def naive_exchanges(config: AlexNetConfig | None = None) -> list[Exchange]:
     pools), as one model-parallel layer per layer would: the figure the paper's design avoids."""
     c = config or AlexNetConfig()
     half = [ch // 2 for ch in c.conv_channels]
-    sizes = [27, 13, 13, 13, 6]  # pool1, pool2, conv3, conv4, pool5
+    _, s1, s2, s5 = c.map_sizes
+    sizes = [s1, s2, s2, s2, s5]  # pool1, pool2, conv3, conv4, pool5: 27, 13, 13, 13, 6 in P's network
     rows = [Exchange(f"conv{i + 1} output", half[i] * s * s) for i, s in enumerate(sizes)]
     rows += [Exchange("fc6 output", c.fc_features[0] // 2), Exchange("fc7 output", c.fc_features[1] // 2)]
     rows.append(Exchange("logits to device 0", c.fc8_out[1], directions=1))

@@ -331,7 +331,8 @@ def main_imagenet(args) -> None:
 
 
 def _models(device: torch.device) -> dict[str, tuple[torch.nn.Module, int]]:
-    """name -> (model, input channels). The seed's net is one full-width tower without LRN;
+    """name -> (model, input channels). one_tower_mnist is one full-width tower without LRN, padded to
+    227 and with P's three fc layers (the earlier seed preset, not the seed's exact network);
     towers_nn_lrn is the towers with PyTorch's LRN instead of alexnet2gpu.lrn."""
     import torchvision
 
@@ -340,6 +341,7 @@ def _models(device: torch.device) -> dict[str, tuple[torch.nn.Module, int]]:
     from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
 
     torch.manual_seed(0)
+    one_tower_mnist = AlexNetConfig(towers=1, lrn=False, in_channels=1, num_classes=10)
     reference_lrn = AlexNet2GPU(AlexNetConfig(), (device, device))
     for module in reference_lrn.modules():
         if isinstance(module, LocalResponseNorm):
@@ -349,7 +351,7 @@ def _models(device: torch.device) -> dict[str, tuple[torch.nn.Module, int]]:
         "towers_nn_lrn": (reference_lrn, 3),
         "fused": (AlexNetFused(AlexNetConfig(), device=device), 3),
         "torchvision": (torchvision.models.alexnet(num_classes=1000).to(device), 3),
-        "seed_one_tower": (AlexNetFused(AlexNetConfig.seed_mnist(), device=device), 1),
+        "one_tower_mnist": (AlexNetFused(one_tower_mnist, device=device), 1),
     }
 
 

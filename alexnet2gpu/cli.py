@@ -14,7 +14,16 @@ import sys
 from pathlib import Path
 
 from alexnet2gpu.checkpoint import CheckpointError
-from alexnet2gpu.config import DATASETS, SUBSAMPLINGS, AlexNetConfig, ConfigError, DataConfig, StageConfig, TrainConfig
+from alexnet2gpu.config import (
+    DATASETS,
+    INITS,
+    SUBSAMPLINGS,
+    AlexNetConfig,
+    ConfigError,
+    DataConfig,
+    StageConfig,
+    TrainConfig,
+)
 from alexnet2gpu.datasets import DatasetError
 from alexnet2gpu.devices import DeviceError, resolve_devices
 from alexnet2gpu.rundir import RunDirError
@@ -43,7 +52,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="imagenet", choices=DATASETS)
     p.add_argument("--data", default=None, metavar="DIR", help="dataset folder (default: the dataset's usual places)")
     p.add_argument(
-        "--preset", default="paper", choices=["paper", "seed"], help="paper: P 2, 4.1; seed: resize+normalise"
+        "--preset", default="paper", choices=["paper", "seed"], help="paper: P 2, 4.1; seed: normalise, resize to 224"
     )
     p.add_argument("--subset", type=int, default=None, metavar="N", help="first N training images, for short runs")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
@@ -61,14 +70,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--net",
         default="two-tower",
         choices=["two-tower", "one-gpu", "seed"],
-        help="two-tower: the paper's; one-gpu: its one-GPU comparison net (P 3.2); seed: the seed's",
+        help="two-tower: the paper's; one-gpu: its one-GPU comparison net (P 3.2); seed: the seed's exact one-tower"
+        " net (no LRN, 54x54 conv1, a 1000-unit layer before the logits)",
     )
     p.add_argument("--no-lrn", action="store_true", help="no local response normalisation (ablation)")
     p.add_argument("--pooling", default="overlapping", choices=["overlapping", "non-overlapping"])
     p.add_argument("--activation", default="relu", choices=["relu", "tanh"])
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument(
-        "--init", default="paper", choices=["paper", "he"], help="paper: N(0, 0.01) (P 5); he: for short runs"
+        "--init",
+        default=None,
+        choices=INITS,
+        help="paper: N(0, 0.01) (P 5); he: for short runs; torch: PyTorch's default (default: the net's own, "
+        "torch for --net seed, else paper)",
     )
 
 
@@ -185,8 +199,9 @@ def model_config(args, num_classes: int, channels: int) -> AlexNetConfig:
         pooling=args.pooling,
         activation=args.activation,
         dropout=args.dropout,
-        init=args.init,
     )
+    if args.init is not None:
+        fields["init"] = args.init
     if args.net == "one-gpu":
         return AlexNetConfig.one_gpu(**fields)
     if args.net == "seed":

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 ACTIVATIONS = ("relu", "tanh")
 POOLINGS = {"overlapping": (3, 2), "non-overlapping": (2, 2)}  # P 3.4: z=3, s=2 against z=s=2
 INPUT_SIZES = (224, 227)
-INITS = ("paper", "he")
+CONV1_PADDINGS = ("c2", "none")
+INITS = ("paper", "he", "torch")
 
 
 class ConfigError(ValueError):
@@ -48,9 +49,15 @@ class AlexNetConfig:
     # P says 224, but 11x11 stride 4 needs 227 for 55x55. C2 reads zeros past the right/bottom
     # edge of a 224 crop (padding 3 on those sides only); 227 takes the crop as it is.
     input_size: int = 224
+    # "c2": a 224 input gets C2's zeros up to 227 (55x55 after conv1, 6x6 after pool5). "none": conv1
+    # reads the input as it is, so 224 gives 54, 26, 12 and 5x5 after pool5 (the seed's network).
+    conv1_padding: str = "c2"
     towers: int = 2  # 1 gives a single-tower net (the paper's one-GPU comparison, the seed's model)
     conv_channels: tuple[int, int, int, int, int] = (96, 256, 384, 384, 256)  # P 3.5
     fc_features: tuple[int, int] = (4096, 4096)  # fc6, fc7
+    # Not in P: a hidden layer `fc_hidden` of this width between fc7 and fc8 (ReLU, no dropout). The
+    # seed keeps a 1000-unit layer (ImageNet's fc8 width) before its 10 logits. One tower only.
+    fc_hidden: int | None = None
     fc8_split: bool = True  # P: 500 logits per tower; False: one fc8 on tower A (C2's 1000-way layer)
     # P 3.3 as Krizhevsky's code computes it: PyTorch's LocalResponseNorm divides alpha by size
     lrn: bool = True
@@ -63,6 +70,7 @@ class AlexNetConfig:
     dropout: float = 0.5  # P 4.2: on the outputs of fc6 and fc7
     # "paper": N(0, 0.01), biases 0/1 (P 5). "he": He et al. 2015 normal init, biases 0, which leaves
     # chance level within tens of steps on inputs of unit scale (the seed preset); for short CPU runs.
+    # "torch": PyTorch's default, each layer's reset_parameters (the seed's network, which sets none).
     init: str = "paper"
 
     def __post_init__(self) -> None:
@@ -75,12 +83,16 @@ class AlexNetConfig:
             fail("in_channels", "a positive number of input channels (3 for RGB, 1 for grayscale)")
         if self.input_size not in INPUT_SIZES:
             fail("input_size", "224 (right/bottom zero padding of 3, as cuda-convnet) or 227")
+        if self.conv1_padding not in CONV1_PADDINGS:
+            fail("conv1_padding", "c2 (zeros up to 227, as cuda-convnet) or none (the seed's 54x54 conv1)")
         if self.towers not in (1, 2):
             fail("towers", "2 (the paper's network) or 1 (one tower)")
         if len(self.conv_channels) != 5 or any(c % self.towers for c in self.conv_channels):
             fail("conv_channels", f"five channel counts, each divisible by towers={self.towers}")
         if len(self.fc_features) != 2 or any(f % self.towers for f in self.fc_features):
             fail("fc_features", f"two feature counts (fc6, fc7), each divisible by towers={self.towers}")
+        if self.fc_hidden is not None and (self.fc_hidden < 1 or self.towers != 1):
+            fail("fc_hidden", "None, or a positive width with towers=1 (P's towers have no such layer)")
         if self.fc8_split and self.towers == 2 and self.num_classes < 2:
             fail("num_classes", "at least 2 when fc8 is split between the towers")
         if self.pooling not in POOLINGS:
@@ -103,8 +115,12 @@ class AlexNetConfig:
 
     @classmethod
     def seed_mnist(cls, **overrides) -> AlexNetConfig:
-        """The seed's small experiment: one full-width tower without LRN, grayscale, 10 classes."""
-        fields = dict(towers=1, lrn=False, in_channels=1, num_classes=10)
+        """The seed's network, layer for layer: one full-width tower, grayscale, no LRN, no groups, no
+        padding before conv1 (224 -> 54 -> 26 -> 12 -> 5), fc6 and fc7 of 4096, a 1000-unit hidden
+        layer, 10 logits, PyTorch's default init; 50,830,786 parameters."""
+        fields = dict(
+            towers=1, lrn=False, in_channels=1, num_classes=10, conv1_padding="none", fc_hidden=1000, init="torch"
+        )
         return cls(**{**fields, **overrides})
 
     @property
@@ -113,8 +129,19 @@ class AlexNetConfig:
 
     @property
     def conv1_pad(self) -> int:
-        """Zeros added on the right and bottom so that conv1 gives 55x55 (0 for 227 inputs)."""
-        return 227 - self.input_size
+        """Zeros added on the right and bottom so that conv1 gives 55x55 (0 for 227 inputs and for
+        conv1_padding="none")."""
+        return 227 - self.input_size if self.conv1_padding == "c2" else 0
+
+    @property
+    def map_sizes(self) -> tuple[int, int, int, int]:
+        """Height (= width) after conv1, pool1, pool2 and pool5: (55, 27, 13, 6) in P's network,
+        (54, 26, 12, 5) in the seed's. conv2 to conv5 keep their input's size."""
+        kernel, stride = self.pool_kernel_stride
+        conv1 = (self.input_size + self.conv1_pad - 11) // 4 + 1  # 11x11, stride 4 (P 3.5)
+        pool1 = (conv1 - kernel) // stride + 1
+        pool2 = (pool1 - kernel) // stride + 1
+        return conv1, pool1, pool2, (pool2 - kernel) // stride + 1
 
     @property
     def fc8_out(self) -> tuple[int, ...]:
@@ -151,7 +178,8 @@ class DataConfig:
     dataset: str = "imagenet"
     data: str | None = None  # a folder; None looks in the dataset's usual places
     # "paper": short side 256, mean image subtracted, random 224 crops, flips, PCA colour noise.
-    # "seed": the seed's run: resize to 224, scale to [0, 1], normalise by seed_mean / seed_std.
+    # "seed": the seed's run: scale to [0, 1], normalise by seed_mean / seed_std, then resize the whole
+    # image to crop_size (the seed's Normalize then Resize((224, 224))).
     preset: str = "paper"
     stage_size: int = 256  # P 2: short side rescaled to 256, centre 256x256 kept
     crop_size: int = 224  # P 4.1; 227 with AlexNetConfig(input_size=227)

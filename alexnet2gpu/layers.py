@@ -76,9 +76,17 @@ def activation(name: str) -> nn.Module:
 
 
 # P 5: weights N(0, 0.01); bias 1 in conv2, conv4, conv5, fc6, fc7 (ReLUs start with positive
-# inputs), bias 0 in conv1, conv3 and fc8.
+# inputs), bias 0 in conv1, conv3 and fc8 (and in the seed's fc_hidden, which P does not have).
 BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+def torch_default_init(module: nn.Module) -> None:
+    """PyTorch's own init, drawn again layer by layer in the model's order: weights kaiming_uniform
+    with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases from the same range."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            layer.reset_parameters()
 
 
 @torch.no_grad()
@@ -86,6 +94,9 @@ def init_weights(module: nn.Module, scheme: str = "paper") -> None:
     """Initialise every conv and linear layer below `module`, drawing from each device's default
     generator (so `torch.manual_seed` makes it reproducible). "paper" is P 5; "he" is He et al.
     2015's N(0, 2 / fan_in) with zero biases."""
+    if scheme == "torch":  # PyTorch's default, the seed's network's
+        torch_default_init(module)
+        return
     for name, layer in module.named_modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             if scheme == "he":

@@ -11,6 +11,10 @@ P = Krizhevsky, Sutskever, Hinton, NIPS 2012. Per tower, as P 3.5 and Figure 2:
     fc6 2048 -> ReLU -> dropout                    reads both towers (N, 9216) in
     fc7 2048 -> ReLU -> dropout                    reads both towers (N, 4096) in
     fc8 500                                        reads both towers (N, 4096) in
+
+The seed's network (`AlexNetConfig.seed_mnist`), which P does not have, changes two things: with
+`conv1_padding="none"` a 224 input gives 54, 26, 12 and 5x5 maps (towers and fused alike), and a
+one-tower `fc_hidden` layer sits between fc7 and fc8.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ class Tower(nn.Module):
         self.conv3 = nn.Conv2d(config.conv_channels[1], c3, 3, padding=1, **both)  # both towers' pool2
         self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, **both)
         self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, **both)
-        self.fc6 = nn.Linear(config.conv_channels[4] * 6 * 6, f6, **both)  # both towers' pool5
+        pool5 = config.map_sizes[-1]  # 6 (P), 5 unpadded
+        self.fc6 = nn.Linear(config.conv_channels[4] * pool5 * pool5, f6, **both)  # both towers' pool5
         self.fc7 = nn.Linear(config.fc_features[0], f7, **both)
         fc8_out = config.fc8_out[index]
         self.fc8 = nn.Linear(config.fc_features[1], fc8_out, **both) if fc8_out else None
@@ -146,14 +151,16 @@ class AlexNetFused(nn.Module):
         g = c.towers
         c1, c2, c3, c4, c5 = c.conv_channels
         f6, f7 = c.fc_features
+        pool5 = c.map_sizes[-1]  # 6 (P), 5 unpadded
         self.conv1 = nn.Conv2d(c.in_channels, c1, 11, stride=4, device=device)
         self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=g, device=device)
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, device=device)
         self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=g, device=device)
         self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=g, device=device)
-        self.fc6 = nn.Linear(c5 * 6 * 6, f6, device=device)
+        self.fc6 = nn.Linear(c5 * pool5 * pool5, f6, device=device)
         self.fc7 = nn.Linear(f6, f7, device=device)
-        self.fc8 = nn.Linear(f7, c.num_classes, device=device)
+        self.fc_hidden = nn.Linear(f7, c.fc_hidden, device=device) if c.fc_hidden else None  # the seed's
+        self.fc8 = nn.Linear(c.fc_hidden or f7, c.num_classes, device=device)
         self.lrn1, self.lrn2 = _lrn(c, g), _lrn(c, g)  # per group: the towers' LRN windows
         self.pool1, self.pool2, self.pool5 = _pool(c), _pool(c), _pool(c)
         self.act = activation(c.activation)
@@ -171,6 +178,8 @@ class AlexNetFused(nn.Module):
         x = self.pool5(self.act(self.conv5(x))).flatten(1)  # (N, 256, 6, 6) -> (N, 9216)
         x = self.drop(self.act(self.fc6(x)))  # (N, 4096)
         x = self.drop(self.act(self.fc7(x)))  # (N, 4096)
+        if self.fc_hidden is not None:  # the seed's extra layer: ReLU, no dropout
+            x = self.act(self.fc_hidden(x))  # (N, 1000)
         return self.fc8(x)  # (N, num_classes)
 
     @classmethod

@@ -18,11 +18,14 @@ from alexnet2gpu.config import DataConfig
 from alexnet2gpu.stats import DataStats
 
 
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of a square batch (N, C, h, h) -> (N, C, size, size); a no-op at that size."""
+def resize(x: torch.Tensor, size: int, antialias: bool | None = None) -> torch.Tensor:
+    """Bilinear resize of a square batch (N, C, h, h) -> (N, C, size, size); a no-op at that size.
+    `antialias=None` filters only when shrinking; True is torchvision's tensor `Resize`, which when
+    enlarging differs from plain bilinear by float rounding alone (about 5e-7)."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+    antialias = x.shape[-1] > size if antialias is None else antialias
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, flip: torch.Tensor | None = None):
@@ -107,10 +110,12 @@ class Pipeline:
         return (x - self.mean) * (self.config.pixel_scale / 255.0)
 
     def stage(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) uint8 -> (N, C, 256, 256) float, mean subtracted and resized (P 2); the
-        seed's pipeline goes straight to 224 and has no crops."""
-        size = self.config.crop_size if self.config.preset == "seed" else self.config.stage_size
-        return resize(self.normalise(images), size)
+        """(N, C, h, w) uint8 -> (N, C, 256, 256) float, mean subtracted and resized (P 2). The
+        seed's pipeline has no crops: Normalize, then Resize((224, 224)) of the whole image, as the
+        seed writes it (torchvision's filter, so the values are torchvision's to the bit)."""
+        if self.config.preset == "seed":
+            return resize(self.normalise(images), self.config.crop_size, antialias=True)
+        return resize(self.normalise(images), self.config.stage_size)
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None

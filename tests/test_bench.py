@@ -14,7 +14,7 @@ from alexnet2gpu.bench import bench_data, bench_imagenet, bench_models
 def test_model_bench_reports_every_model_and_the_ratios() -> None:
     result = bench_models(device="cpu", batches=(2,), repeats=1)
     json.dumps(result)  # --json prints it
-    names = {"towers_one_device", "towers_nn_lrn", "fused", "torchvision", "seed_one_tower"}
+    names = {"towers_one_device", "towers_nn_lrn", "fused", "torchvision", "one_tower_mnist"}
     assert {(r["kind"], r["model"]) for r in result["rows"]} == {(k, n) for k in ("train", "infer") for n in names}
     flops = result["forward_gflop_per_image"]
     assert flops["towers_one_device"] == flops["fused"]  # one function, one cost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ def test_experiment_smoke(tmp_path: Path, name: str) -> None:
         "--results",
         str(results),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)  # this tree's code
     assert done.returncode == 0, done.stderr[-3000:]
     text = results.read_text()
     assert text.startswith("## Experiment") and "(tiny size, CPU)" in text

@@ -230,8 +230,9 @@ def test_plot_writes_curves_and_kernels(tmp_path: Path) -> None:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(engine.__file__).parents[1])}  # the package under test
     return subprocess.run(
-        [sys.executable, "-m", "alexnet2gpu", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "alexnet2gpu", *args], capture_output=True, text=True, cwd=cwd, timeout=120, env=env
     )
 
 
