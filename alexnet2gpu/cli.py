@@ -11,7 +11,7 @@ import json
 import sys
 
 from alexnet2gpu.checkpoint import CheckpointError
-from alexnet2gpu.config import DATASETS, AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.config import BIAS_RULES, DATASETS, INITS, AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.datasets import DatasetError
 from alexnet2gpu.devices import DeviceError, resolve_devices
 
@@ -46,7 +46,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation", default="relu", choices=["relu", "tanh"])
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument(
-        "--init", default="paper", choices=["paper", "he"], help="paper: N(0, 0.01) (P 5); he: for short runs"
+        "--init",
+        default=AlexNetConfig.init,
+        choices=INITS,
+        help="paper: N(0, 0.01), biases 1 (P 5); caffe: bvlc_alexnet's 0.1 biases; he: He et al. 2015",
     )
 
 
@@ -69,6 +72,12 @@ def add_train(sub) -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", "--weight-decay", type=float, default=5e-4, dest="weight_decay")
     p.add_argument("--optimizer", default="paper", choices=["paper", "sgd"], help="paper: P 5's update rule")
+    p.add_argument(
+        "--bias-rule",
+        default=TrainConfig.bias_rule,
+        choices=BIAS_RULES,
+        help="paper: one lr and decay for all (P 5); convnet: biases at 2x lr, no decay (cuda-convnet, CF)",
+    )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (not in the paper; short runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/alexnet", metavar="RUN_DIR")
@@ -165,6 +174,7 @@ def cmd_train(args) -> None:
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         optimizer=args.optimizer,
+        bias_rule=args.bias_rule,
         warmup_steps=args.warmup_steps,
         seed=args.seed,
         max_steps=args.max_steps,

@@ -21,11 +21,12 @@ from torch import nn
 from tqdm import tqdm
 
 from alexnet2gpu import checkpoint as ckpt
+from alexnet2gpu.alarm import LossAlarm
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.datasets import InMemory, batches, build_dataset, num_batches
 from alexnet2gpu.logs import RunLog
 from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
-from alexnet2gpu.optim import make_optimizer, make_scheduler
+from alexnet2gpu.optim import load_scheduler, load_state, make_optimizer, make_scheduler, set_lr
 from alexnet2gpu.stats import DataStats, load_or_fit
 from alexnet2gpu.transforms import Pipeline
 
@@ -179,14 +180,14 @@ def train(
 
     torch.manual_seed(config.seed)  # the initial weights
     model = build_model(model_config, devices)
-    optimizer = make_optimizer(model.parameters(), config)
+    optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     state = RunState()
     log = RunLog(out, tensorboard=tensorboard)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        load_state(optimizer, model, checkpoint["optimizer"], config)  # the groups follow config.bias_rule
+        load_scheduler(scheduler, optimizer, checkpoint["scheduler"], config)
         ckpt.set_rng_state(checkpoint["rng"])
         state = RunState(checkpoint["step"], checkpoint["epoch"], checkpoint["batch"], checkpoint["best_val_top1"])
         log.truncate_after(state.step)
@@ -211,6 +212,7 @@ def train(
 
     previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     val: dict = {}
+    alarm = LossAlarm(model_config.num_classes, config)
     try:
         while state.epoch < config.epochs and not _done(state, config):
             model.train()
@@ -251,9 +253,12 @@ def train(
                         f"loss is {value} at step {state.step + 1}; stopped without saving, "
                         f"the last good checkpoint is {last if last.exists() else 'none (none was written yet)'}"
                     )
+                warning = alarm.observe(state.step + 1, value)  # a diverging or flat loss: say so, once
+                if warning:
+                    say(warning)
+                    log.note(state.step + 1, warning)
                 if state.step < config.warmup_steps:
-                    for group in optimizer.param_groups:
-                        group["lr"] = config.lr * (state.step + 1) / config.warmup_steps
+                    set_lr(optimizer, config.lr * (state.step + 1) / config.warmup_steps)
                 optimizer.step()
                 state.step += 1
                 state.batch += 1

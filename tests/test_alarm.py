@@ -1,0 +1,78 @@
+"""The stuck-loss alarm: one line when the loss diverges or sits at chance, none when it learns."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import alexnet2gpu.engine as engine
+from alexnet2gpu.alarm import LossAlarm
+from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+
+CHANCE = math.log(10)
+CPU = (torch.device("cpu"), torch.device("cpu"))
+
+
+def warnings(losses: list[float], config: TrainConfig | None = None) -> list[tuple[int, str]]:
+    alarm = LossAlarm(10, config or TrainConfig())
+    return [(step, w) for step, loss in enumerate(losses, 1) if (w := alarm.observe(step, loss))]
+
+
+def test_a_diverging_loss_warns_once_after_the_first_steps() -> None:
+    losses = [14.0] * 5 + [8.0] * 100  # the paper's init on Fashion-MNIST overshoots and stays up
+    fired = warnings(losses)
+    assert [step for step, _ in fired] == [21]  # judged only after alarm_after_steps=20
+    assert "diverging" in fired[0][1] and "--init caffe" in fired[0][1] and "--lr" in fired[0][1]
+
+
+def test_an_early_overshoot_that_comes_back_is_not_diverging() -> None:
+    losses = [14.0] * 5 + [2.0 - 0.005 * i for i in range(200)]
+    assert warnings(losses) == []
+
+
+def test_a_loss_flat_at_chance_warns_once_after_the_window() -> None:
+    config = TrainConfig()
+    losses = [CHANCE + 0.01 * (-1) ** i for i in range(1000)]
+    fired = warnings(losses, config)
+    # the first mean is ready at step alarm_window; alarm_flat_steps means in a row later it fires
+    assert [step for step, _ in fired] == [config.alarm_window + config.alarm_flat_steps - 1]
+    assert "flat" in fired[0][1] and "--init caffe" in fired[0][1] and "--bias-rule convnet" in fired[0][1]
+
+
+def test_a_loss_that_learns_slowly_is_silent() -> None:
+    # chance for 50 steps, then down by 0.002 a step: leaves the 2% band long before 300 steps
+    losses = [CHANCE] * 50 + [CHANCE - 0.002 * i for i in range(1500)]
+    assert warnings(losses) == []
+    assert warnings(losses, TrainConfig(alarm_flat_steps=0)) == []
+
+
+def test_the_thresholds_scale_with_the_classes() -> None:
+    alarm = LossAlarm(1000, TrainConfig(alarm_window=1, alarm_after_steps=0, alarm_flat_steps=2))
+    assert alarm.observe(1, 9.0) is None  # 1.3 ln 1000: high, not diverging
+    assert alarm.observe(2, 6.95) is None
+    assert "flat" in alarm.observe(3, 6.85)  # within 2% of 6.91
+
+
+# ---------------------------------------------------------------------------------------------
+# real runs on fake data, with the windows shrunk to a few steps
+
+SHORT = dict(alarm_window=2, alarm_after_steps=2, alarm_flat_steps=3)
+DATA = DataConfig(dataset="fake", preset="seed", subset=32)
+
+
+def real_run(out: Path, init: str, lr: float) -> list[str]:
+    config = TrainConfig(epochs=1, batch_size=4, max_steps=6, lr=lr, val_subset=4, log_every=1, **SHORT)
+    model = AlexNetConfig(num_classes=10, init=init)
+    engine.train(model, DATA, config, CPU, out, progress=False, tensorboard=False)
+    events = out / "events.log"
+    return events.read_text().splitlines() if events.exists() else []
+
+
+def test_real_runs_fire_when_stuck_and_stay_silent_when_learning(tmp_path: Path) -> None:
+    diverging = real_run(tmp_path / "huge-lr", "he", 0.5)
+    assert len(diverging) == 1 and "diverging" in diverging[0], diverging
+    flat = real_run(tmp_path / "tiny-lr", "caffe", 1e-7)
+    assert len(flat) == 1 and "flat" in flat[0], flat
+    assert real_run(tmp_path / "learns", "he", 0.01) == []
