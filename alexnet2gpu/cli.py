@@ -187,6 +187,9 @@ def cmd_train(args) -> None:
     if args.parallel == "tower-processes":
         from alexnet2gpu.distributed import train_tower_processes
 
+        if config.bias_rule != "paper":
+            print("note: tower processes train biases with the weights' rule (--bias-rule paper)", file=sys.stderr)
+
         result = train_tower_processes(model, data, config, args.out, resume=args.resume)
         if result["rank"] == 0:
             print(json.dumps(result))

@@ -10,6 +10,7 @@ import torch
 import alexnet2gpu.engine as engine
 from alexnet2gpu.alarm import LossAlarm
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.logs import read_csv
 
 CHANCE = math.log(10)
 CPU = (torch.device("cpu"), torch.device("cpu"))
@@ -58,21 +59,23 @@ def test_the_thresholds_scale_with_the_classes() -> None:
 # ---------------------------------------------------------------------------------------------
 # real runs on fake data, with the windows shrunk to a few steps
 
-SHORT = dict(alarm_window=2, alarm_after_steps=2, alarm_flat_steps=3)
-DATA = DataConfig(dataset="fake", preset="seed", subset=32)
 
-
-def real_run(out: Path, init: str, lr: float) -> list[str]:
-    config = TrainConfig(epochs=1, batch_size=4, max_steps=6, lr=lr, val_subset=4, log_every=1, **SHORT)
-    model = AlexNetConfig(num_classes=10, init=init)
-    engine.train(model, DATA, config, CPU, out, progress=False, tensorboard=False)
+def real_run(out: Path, init: str, lr: float, preset: str, steps: int) -> list[str]:
+    # 16 images in batches of 8; He init overshoots for its first 4 steps here, then learns
+    shrunk = dict(alarm_window=2, alarm_after_steps=5, alarm_flat_steps=3)
+    config = TrainConfig(epochs=10, batch_size=8, max_steps=steps, lr=lr, val_subset=8, seed=3, log_every=1, **shrunk)
+    data = DataConfig(dataset="fake", preset=preset, subset=16)
+    engine.train(AlexNetConfig(num_classes=10, init=init), data, config, CPU, out, progress=False, tensorboard=False)
     events = out / "events.log"
     return events.read_text().splitlines() if events.exists() else []
 
 
 def test_real_runs_fire_when_stuck_and_stay_silent_when_learning(tmp_path: Path) -> None:
-    diverging = real_run(tmp_path / "huge-lr", "he", 0.5)
+    diverging = real_run(tmp_path / "paper-init", "paper", 0.01, "paper", 6)  # P's init on 0-255 pixels
     assert len(diverging) == 1 and "diverging" in diverging[0], diverging
-    flat = real_run(tmp_path / "tiny-lr", "caffe", 1e-7)
+    flat = real_run(tmp_path / "tiny-lr", "caffe", 1e-7, "seed", 4)
     assert len(flat) == 1 and "flat" in flat[0], flat
-    assert real_run(tmp_path / "learns", "he", 0.01) == []
+    learns = tmp_path / "learns"
+    assert real_run(learns, "he", 0.01, "seed", 8) == []
+    losses = [row["loss"] for row in read_csv(learns / "train.csv")]
+    assert losses[-1] < 0.6 * losses[0] and losses[-1] < math.log(10) + 0.5, losses

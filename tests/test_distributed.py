@@ -96,7 +96,10 @@ def train_worker(rank: int, world: int, out: str, max_steps: int, resume: str | 
     from alexnet2gpu.distributed import train_tower_processes
 
     data = DataConfig(dataset="fake", preset="seed", subset=16)
-    config = TrainConfig(epochs=5, batch_size=8, max_steps=max_steps, val_subset=8, seed=1, log_every=1)
+    # tower processes keep one rule for every parameter (bias_rule "paper") until they use make_optimizer
+    config = TrainConfig(
+        epochs=5, batch_size=8, max_steps=max_steps, val_subset=8, seed=1, log_every=1, bias_rule="paper"
+    )
     train_tower_processes(AlexNetConfig(num_classes=10, init="he"), data, config, out, resume=resume, progress=False)
 
 
@@ -114,7 +117,7 @@ def test_tower_process_checkpoints_load_both_ways(tmp_path: Path) -> None:
 
     # a single-process run resumes it, and its checkpoint goes back to tower processes
     data = DataConfig(dataset="fake", preset="seed", subset=16)
-    config = TrainConfig(epochs=5, batch_size=8, max_steps=4, val_subset=8, seed=1)
+    config = TrainConfig(epochs=5, batch_size=8, max_steps=4, val_subset=8, seed=1, bias_rule="paper")
     train(
         AlexNetConfig(num_classes=10, init="he"),
         data,
