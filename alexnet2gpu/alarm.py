@@ -2,7 +2,7 @@
 
 A network that predicts nothing scores ln(classes) (2.30 for 10 classes, 6.91 for 1000): Caffe
 users saw ImageNet runs of the paper's initialisation sit there for tens of thousands of steps
-(BVLC/caffe issues 401, 59, 2085). The alarm says so within a few hundred steps and names the flags
+(BVLC/caffe issues 401, 59, 2085). The alarm says so within half an epoch and names the flags
 that fix it; it judges the mean loss of the last `alarm_window` steps, never one noisy batch.
 """
 
@@ -28,13 +28,15 @@ FIXES = {
 class LossAlarm:
     """Feed it every step's training loss; it returns a warning at most once per kind."""
 
-    def __init__(self, num_classes: int, config: TrainConfig) -> None:
+    def __init__(self, num_classes: int, config: TrainConfig, steps_per_epoch: int = 0) -> None:
         self.chance = math.log(num_classes)
         self.window = deque(maxlen=config.alarm_window)
         self.after_steps = config.alarm_after_steps
         self.diverge_above = config.alarm_diverge_factor * self.chance
         self.flat_margin = config.alarm_flat_margin * self.chance
-        self.flat_steps = config.alarm_flat_steps
+        self.flat_steps = config.alarm_flat_steps and max(
+            config.alarm_flat_steps, math.ceil(config.alarm_flat_epochs * steps_per_epoch)
+        )
         self.flat_run = 0  # consecutive steps whose mean loss sat within the margin of chance
         self.fired: set[str] = set()
 

@@ -212,7 +212,7 @@ def train(
 
     previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     val: dict = {}
-    alarm = LossAlarm(model_config.num_classes, config)
+    alarm = LossAlarm(model_config.num_classes, config, steps_per_epoch)
     try:
         while state.epoch < config.epochs and not _done(state, config):
             model.train()

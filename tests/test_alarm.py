@@ -16,8 +16,8 @@ CHANCE = math.log(10)
 CPU = (torch.device("cpu"), torch.device("cpu"))
 
 
-def warnings(losses: list[float], config: TrainConfig | None = None) -> list[tuple[int, str]]:
-    alarm = LossAlarm(10, config or TrainConfig())
+def warnings(losses: list[float], config: TrainConfig | None = None, steps_per_epoch: int = 0) -> list[tuple[int, str]]:
+    alarm = LossAlarm(10, config or TrainConfig(), steps_per_epoch)
     return [(step, w) for step, loss in enumerate(losses, 1) if (w := alarm.observe(step, loss))]
 
 
@@ -38,13 +38,21 @@ def test_a_loss_flat_at_chance_warns_once_after_the_window() -> None:
     losses = [CHANCE + 0.01 * (-1) ** i for i in range(1000)]
     fired = warnings(losses, config)
     # the first mean is ready at step alarm_window; alarm_flat_steps means in a row later it fires
+    # (half an epoch is shorter here: no epoch length given)
     assert [step for step, _ in fired] == [config.alarm_window + config.alarm_flat_steps - 1]
     assert "flat" in fired[0][1] and "--init caffe" in fired[0][1] and "--bias-rule convnet" in fired[0][1]
 
 
+def test_the_flat_window_is_half_an_epoch_when_that_is_longer() -> None:
+    losses = [CHANCE] * 1000
+    fired = warnings(losses, steps_per_epoch=469)  # Fashion-MNIST at batch 128
+    assert [step for step, _ in fired] == [10 + 235 - 1]
+    assert [step for step, _ in warnings(losses, steps_per_epoch=47)] == [10 + 100 - 1]  # alarm_flat_steps
+
+
 def test_a_loss_that_learns_slowly_is_silent() -> None:
-    # chance for 50 steps, then down by 0.002 a step: leaves the 2% band long before 300 steps
-    losses = [CHANCE] * 50 + [CHANCE - 0.002 * i for i in range(1500)]
+    # chance for 60 steps (Caffe's init on Fashion-MNIST: about 25), then down by 0.002 a step
+    losses = [CHANCE] * 60 + [CHANCE - 0.002 * i for i in range(1500)]
     assert warnings(losses) == []
     assert warnings(losses, TrainConfig(alarm_flat_steps=0)) == []
 
