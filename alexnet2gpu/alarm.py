@@ -26,38 +26,45 @@ FIXES = {
 
 
 class LossAlarm:
-    """Feed it every step's training loss; it returns a warning at most once per kind."""
+    """Feed it every step's training loss; it returns a warning at most once per kind.
+
+    diverging: the mean of the last `alarm_window` losses is above `alarm_diverge_factor`
+    ln(classes) after the first `alarm_after_steps` steps. flat: the mean of the last half epoch of
+    losses (at least `alarm_flat_steps`) is within `alarm_flat_margin` ln(classes) of ln(classes).
+    """
 
     def __init__(self, num_classes: int, config: TrainConfig, steps_per_epoch: int = 0) -> None:
         self.chance = math.log(num_classes)
-        self.window = deque(maxlen=config.alarm_window)
+        self.recent = deque(maxlen=config.alarm_window)
         self.after_steps = config.alarm_after_steps
         self.diverge_above = config.alarm_diverge_factor * self.chance
         self.flat_margin = config.alarm_flat_margin * self.chance
-        self.flat_steps = config.alarm_flat_steps and max(
-            config.alarm_flat_steps, math.ceil(config.alarm_flat_epochs * steps_per_epoch)
-        )
-        self.flat_run = 0  # consecutive steps whose mean loss sat within the margin of chance
+        flat_steps = max(config.alarm_flat_steps, math.ceil(config.alarm_flat_epochs * steps_per_epoch))
+        self.long = deque(maxlen=flat_steps) if config.alarm_flat_steps else None
+        self.long_sum = 0.0
         self.fired: set[str] = set()
 
     def observe(self, step: int, loss: float) -> str | None:
         """`step` counts from 1; the warning names the step, the loss, the likely cause and the fix."""
-        self.window.append(loss)
-        if len(self.window) < self.window.maxlen:
+        self.recent.append(loss)
+        mean = sum(self.recent) / len(self.recent)
+        if step > self.after_steps and len(self.recent) == self.recent.maxlen and mean > self.diverge_above:
+            return self._fire("diverging", step, f"mean of the last {len(self.recent)} steps is {mean:.2f}")
+        if self.long is None:
             return None
-        mean = sum(self.window) / len(self.window)
-        self.flat_run = self.flat_run + 1 if abs(mean - self.chance) <= self.flat_margin else 0
-        if step > self.after_steps and mean > self.diverge_above:
-            what = f"is {mean:.2f}, well above chance (ln {math.exp(self.chance):.0f} = {self.chance:.2f})"
-            return self._fire("diverging", step, what)
-        if self.flat_steps and self.flat_run >= self.flat_steps:
-            what = f"has stayed within {self.flat_margin:.2f} of chance ({self.chance:.2f}) for {self.flat_run} steps"
-            return self._fire("flat", step, what)
+        if len(self.long) == self.long.maxlen:
+            self.long_sum -= self.long[0]
+        self.long.append(loss)
+        self.long_sum += loss
+        flat = self.long_sum / len(self.long)
+        if len(self.long) == self.long.maxlen and abs(flat - self.chance) <= self.flat_margin:
+            return self._fire("flat", step, f"mean of the last {len(self.long)} steps is {flat:.2f}")
         return None
 
     def _fire(self, kind: str, step: int, what: str) -> str | None:
         if kind in self.fired:
             return None
         self.fired.add(kind)
-        mean_of = f"mean of {len(self.window)} steps"
-        return f"warning: step {step}: the training loss ({mean_of}) {what}: {kind}. {FIXES[kind]}"
+        chance = f"ln {math.exp(self.chance):.0f} = {self.chance:.2f}"
+        where = "well above chance" if kind == "diverging" else f"within {self.flat_margin:.2f} of chance"
+        return f"warning: step {step}: training loss {kind} ({what}, {where}, {chance}). {FIXES[kind]}"

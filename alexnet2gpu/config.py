@@ -203,19 +203,19 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     log_every: int = 10
-    # The stuck-loss alarm (alexnet2gpu.alarm) judges the mean loss of the last `alarm_window` steps.
-    alarm_window: int = 10  # one batch's loss is too noisy to judge
+    # The stuck-loss alarm (alexnet2gpu.alarm) judges mean losses, never one noisy batch.
+    alarm_window: int = 10  # diverging: the mean of the last 10 steps
     alarm_after_steps: int = 20  # the first steps may overshoot and come back: "diverging" waits for them
-    # diverging: mean above 1.5 ln(classes). A run that learns starts at about ln(classes) and only
-    # goes down; the paper's init on Fashion-MNIST averaged 14 (6 ln 10) over its first 5 steps.
+    # diverging: that mean above 1.5 ln(classes). A run that learns starts at about ln(classes) and
+    # goes down; the paper's init on Fashion-MNIST averaged 15 (6.6 ln 10) over its first 5 steps.
     alarm_diverge_factor: float = 1.5
-    # flat: mean within 2% of ln(classes) (0.05 for 10 classes, 0.14 for 1000) for alarm_flat_epochs
-    # of an epoch in a row, and at least alarm_flat_steps. A net stuck at chance outputs the uniform
-    # distribution, whose loss is ln(classes) exactly. Runs that learn: Caffe's init on Fashion-MNIST
-    # leaves the band after about 25 steps (experiments/RESULTS.md); Caffe's ImageNet runs that
-    # worked left 6.9 after about 1,000 steps of 256, and its maintainers advised a restart when none
-    # had after 5,000 (BVLC/caffe issue 401). Half an epoch is 234 steps of 128 on Fashion-MNIST,
-    # 5,005 on ImageNet. alarm_flat_steps=0 turns it off.
+    # flat: the mean loss of the last alarm_flat_epochs of an epoch (at least alarm_flat_steps steps)
+    # within 2% of ln(classes): 0.05 for 10 classes, 0.14 for 1000. A net stuck at chance outputs
+    # about the uniform distribution, whose loss is ln(classes). Runs that learn: Caffe's init on
+    # Fashion-MNIST leaves chance after about 25 steps (experiments/RESULTS.md); Caffe's ImageNet
+    # runs that worked left 6.9 after about 1,000 steps of 256, and its maintainers advised a restart
+    # when none had after 5,000 (BVLC/caffe issues 401, 59). Half an epoch is 234 steps of 128 on
+    # Fashion-MNIST, 5,005 on ImageNet. alarm_flat_steps=0 turns it off.
     alarm_flat_margin: float = 0.02
     alarm_flat_epochs: float = 0.5
     alarm_flat_steps: int = 100
