@@ -66,6 +66,10 @@ class RunLog:
                     writer = csv.DictWriter(f, fieldnames=fields)
                     writer.writeheader()
                     writer.writerows(r for r in rows if int(r[key]) <= step)
+        events = self.dir / "events.log"
+        if events.exists():
+            lines = events.read_text().splitlines(keepends=True)
+            events.write_text("".join(line for line in lines if int(line.split("\t", 1)[0]) <= step))
 
     def close(self) -> None:
         if self.writer:

@@ -10,7 +10,7 @@ import torch
 import alexnet2gpu.engine as engine
 from alexnet2gpu.alarm import LossAlarm
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.logs import read_csv
+from alexnet2gpu.logs import RunLog, read_csv
 
 CHANCE = math.log(10)
 CPU = (torch.device("cpu"), torch.device("cpu"))
@@ -61,6 +61,14 @@ def test_the_thresholds_scale_with_the_classes() -> None:
     assert alarm.observe(2, 6.95) is None
     assert "flat" in alarm.observe(3, 6.85)  # the mean of 6.95 and 6.85 is within 2% of 6.91
     assert "diverging" in alarm.observe(4, 11.0)  # above 1.5 ln 1000 = 10.4
+
+
+def test_notes_go_to_events_log_and_a_resume_forgets_those_after_its_step(tmp_path: Path) -> None:
+    log = RunLog(tmp_path, tensorboard=False)
+    log.note(3, "warning: a")
+    log.note(9, "warning: b")
+    log.truncate_after(5)
+    assert (tmp_path / "events.log").read_text() == "3\twarning: a\n"
 
 
 # ---------------------------------------------------------------------------------------------
