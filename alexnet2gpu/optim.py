@@ -1,4 +1,4 @@
-"""The paper's SGD (P 5) and its learning-rate schedule."""
+"""The paper's SGD (P 5), the bias rule's parameter groups and the learning-rate schedule."""
 
 from __future__ import annotations
 
