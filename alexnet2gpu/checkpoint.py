@@ -103,6 +103,8 @@ def read_configs(checkpoint: dict, path: str | Path) -> tuple[AlexNetConfig, Dat
             f"{path}: its config lacks the {', '.join(missing)} part{'s' if len(missing) > 1 else ''} "
             "that this version needs to rebuild the network; use a checkpoint that `train` wrote"
         )
+    if "bias_rule" not in parts["train"]:  # written before the field: one rule for every parameter
+        parts = {**parts, "train": {**parts["train"], "bias_rule": "paper"}}
     try:
         return tuple(_from_dict(cls, parts[name]) for name, cls in CONFIGS.items())
     except (TypeError, ValueError) as error:
@@ -164,7 +166,9 @@ def check_compatible(checkpoint: dict, config: AlexNetConfig, path: str | Path) 
 # and its augmentation, the seed) and must stay as the checkpoint has it.
 MAY_CHANGE = {
     "data": {"data", "workers", "strict"},
-    "train": {"epochs", "max_steps", "val_subset", "amp", "channels_last", "compile", "log_every"},
+    "train": {"epochs", "max_steps", "val_subset", "amp", "channels_last", "compile", "log_every"}
+    | {"alarm_window", "alarm_after_steps", "alarm_diverge_factor", "alarm_flat_margin", "alarm_flat_epochs"}
+    | {"alarm_flat_steps"},
 }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from alexnet2gpu.checkpoint import CheckpointError
 from alexnet2gpu.config import (
+    BIAS_RULES,
     DATASETS,
     INITS,
     SUBSAMPLINGS,
@@ -81,8 +82,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--init",
         default=None,
         choices=INITS,
-        help="paper: N(0, 0.01) (P 5); he: for short runs; torch: PyTorch's default (default: the net's own, "
-        "torch for --net seed, else paper)",
+        help="paper: N(0, 0.01), biases 1 (P 5); caffe: bvlc_alexnet's 0.1 biases; he: He et al. 2015; "
+        "torch: PyTorch's default (default: the net's own, torch for --net seed, else caffe)",
     )
 
 
@@ -105,6 +106,12 @@ def add_train(sub) -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", "--weight-decay", type=float, default=5e-4, dest="weight_decay")
     p.add_argument("--optimizer", default="paper", choices=["paper", "sgd"], help="paper: P 5's update rule")
+    p.add_argument(
+        "--bias-rule",
+        default=TrainConfig.bias_rule,
+        choices=BIAS_RULES,
+        help="paper: one lr and decay for all (P 5); convnet: biases at 2x lr, no decay (cuda-convnet, CF)",
+    )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (not in the paper; short runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/alexnet", metavar="RUN_DIR")
@@ -217,6 +224,7 @@ def train_config(args) -> TrainConfig:
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         optimizer=args.optimizer,
+        bias_rule=args.bias_rule,
         warmup_steps=args.warmup_steps,
         seed=args.seed,
         max_steps=args.max_steps,

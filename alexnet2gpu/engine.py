@@ -29,10 +29,11 @@ from torch import nn
 from tqdm import tqdm
 
 from alexnet2gpu import checkpoint as ckpt
+from alexnet2gpu.alarm import LossAlarm
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.datasets import DatasetError, InMemory, batches, build_dataset, num_batches
 from alexnet2gpu.logs import RunLog
-from alexnet2gpu.optim import make_optimizer, make_scheduler
+from alexnet2gpu.optim import make_optimizer, make_scheduler, set_lr
 from alexnet2gpu.placement import Placement, build_model
 from alexnet2gpu.rundir import RunDir
 from alexnet2gpu.stats import DataStats, load_or_fit
@@ -206,6 +207,7 @@ class Run:
     last: Path
     say: object
     progress: bool
+    alarm: LossAlarm
     stop: StopRequest = field(default_factory=StopRequest)
     saved_step: int | None = None  # the step of the checkpoint this run last wrote or resumed
 
@@ -282,6 +284,7 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
         last=Path(out) / "last.pt",
         say=say,
         progress=progress and writer,
+        alarm=LossAlarm(model_config.num_classes, config, num_batches(train_set, config.batch_size)),
         saved_step=state.step if checkpoint is not None else None,
     )
     return run, train_set, val_set
@@ -348,11 +351,14 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, totals: Tot
             f"on rank {', '.join(map(str, bad))}; stopped without saving; {_last_words(run)}"
         )
     if state.step < config.warmup_steps:
-        for group in run.optimizer.param_groups:
-            group["lr"] = config.lr * (state.step + 1) / config.warmup_steps
+        set_lr(run.optimizer, config.lr * (state.step + 1) / config.warmup_steps)
     run.optimizer.step()
     state.step, state.batch = state.step + 1, state.batch + 1
     sums = every[:, :3].sum(0) / placement.copies
+    warning = run.alarm.observe(state.step, sums[0].item() / sums[2].item())  # the global loss: same on every rank
+    if warning and run.log is not None:
+        run.say(warning)
+        run.log.note(state.step, warning)
     loss, wrong, images = sums.tolist()
     totals.loss, totals.wrong, totals.images = totals.loss + loss, totals.wrong + wrong, totals.images + images
     if every[:, 3].any():

@@ -81,27 +81,38 @@ BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
 
-def torch_default_init(module: nn.Module) -> None:
-    """PyTorch's own init, drawn again layer by layer in the model's order: weights kaiming_uniform
-    with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases from the same range."""
-    for layer in module.modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            layer.reset_parameters()
+def _paper(name: str, layer: nn.Module) -> None:
+    layer.weight.normal_(0.0, 0.01)
+    layer.bias.fill_(1.0 if name in BIAS_ONE else 0.0)
+
+
+def _caffe(name: str, layer: nn.Module) -> None:
+    """CF bvlc_alexnet: biases of 1 "gave flat loss", so 0.1 where P has 1; fc6, fc7 N(0, 0.005)."""
+    layer.weight.normal_(0.0, 0.005 if name in ("fc6", "fc7") else 0.01)
+    layer.bias.fill_(0.1 if name in BIAS_ONE else 0.0)
+
+
+def _he(name: str, layer: nn.Module) -> None:
+    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    layer.bias.zero_()
+
+
+def _torch(name: str, layer: nn.Module) -> None:
+    """PyTorch's own init (the seed's network sets none): weights kaiming_uniform with a=sqrt(5),
+    i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases from the same range."""
+    layer.reset_parameters()
+
+
+# One function per AlexNetConfig.init: (layer name as in P, the layer) -> None, in place.
+INIT_SCHEMES = {"paper": _paper, "caffe": _caffe, "he": _he, "torch": _torch}
 
 
 @torch.no_grad()
 def init_weights(module: nn.Module, scheme: str = "paper") -> None:
     """Initialise every conv and linear layer below `module`, drawing from each device's default
-    generator (so `torch.manual_seed` makes it reproducible). "paper" is P 5; "he" is He et al.
-    2015's N(0, 2 / fan_in) with zero biases."""
-    if scheme == "torch":  # PyTorch's default, the seed's network's
-        torch_default_init(module)
-        return
+    generator (so `torch.manual_seed` makes it reproducible). "paper" is P 5; "caffe" is CF
+    bvlc_alexnet's; "he" is He et al. 2015's N(0, 2 / fan_in) with zero biases; "torch" is PyTorch's default."""
+    init = INIT_SCHEMES[scheme]
     for name, layer in module.named_modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            if scheme == "he":
-                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                layer.bias.zero_()
-                continue
-            layer.weight.normal_(0.0, 0.01)
-            layer.bias.fill_(1.0 if name.split(".")[-1] in BIAS_ONE else 0.0)
+            init(name.split(".")[-1], layer)

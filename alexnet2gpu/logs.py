@@ -2,6 +2,7 @@
 
 RUN_DIR/train.csv   step, epoch, lr, loss, top1_err, img_per_s   (every log_every steps)
 RUN_DIR/val.csv     epoch, step, lr, train_loss, loss, top1_err, top5_err
+RUN_DIR/events.log  step<TAB>message: warnings of the run (the stuck-loss alarm)
 RUN_DIR/tb/         the same, for `tensorboard --logdir RUN_DIR`
 """
 
@@ -46,6 +47,13 @@ class RunLog:
                 self.writer.add_scalar(f"val/{key}", row[key], row["step"])
             self.writer.flush()
 
+    def note(self, step: int, message: str) -> None:
+        """A line for people to read later: RUN_DIR/events.log and TensorBoard's text tab."""
+        with (self.dir / "events.log").open("a") as f:
+            f.write(f"{step}\t{message}\n")
+        if self.writer:
+            self.writer.add_text("events", message, step)
+
     def truncate_after(self, step: int) -> None:
         """On resume, forget rows written after the checkpoint's step (they will be redone)."""
         for name, key in (("train.csv", "step"), ("val.csv", "step")):
@@ -58,6 +66,10 @@ class RunLog:
                     writer = csv.DictWriter(f, fieldnames=fields)
                     writer.writeheader()
                     writer.writerows(r for r in rows if int(r[key]) <= step)
+        events = self.dir / "events.log"
+        if events.exists():
+            lines = events.read_text().splitlines(keepends=True)
+            events.write_text("".join(line for line in lines if int(line.split("\t", 1)[0]) <= step))
 
     def close(self) -> None:
         if self.writer:

@@ -1,4 +1,4 @@
-"""The paper's SGD (P 5) and its learning-rate schedule."""
+"""The paper's SGD (P 5), the bias rule's parameter groups and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -37,16 +37,48 @@ class PaperSGD(torch.optim.Optimizer):
         return loss
 
 
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """The optimiser's parameter groups under `config.bias_rule`.
+
+    "paper": one group of every parameter in `model.parameters()` order (the layout tower-process
+    runs and older checkpoints use). "convnet": the weights first, then the biases (1-D parameters)
+    at `lr_mult` 2 with no weight decay (cuda-convnet epsB = 2 epsW, wc on weights; CF lr_mult 2,
+    decay_mult 0). Each group keeps its `lr_mult` and `decay_mult`, so the lr schedule keeps the ratio.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.bias_rule == "paper":
+        return [dict(params=params, name="all", lr_mult=1.0, decay_mult=1.0)]
+    weights = [p for p in params if p.ndim > 1]
+    biases = [p for p in params if p.ndim <= 1]
+    return [
+        dict(params=weights, name="weights", lr_mult=1.0, decay_mult=1.0),
+        dict(params=biases, name="biases", lr_mult=2.0, decay_mult=0.0),
+    ]
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+    groups = param_groups(model, config)
+    for group in groups:
+        group.update(lr=config.lr * group["lr_mult"], weight_decay=config.weight_decay * group["decay_mult"])
     if config.optimizer == "paper":
-        return PaperSGD(params, config.lr, config.momentum, config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return PaperSGD(groups, config.lr, config.momentum, config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the base learning rate: each group gets `lr` times its `lr_mult` (1 where it has none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
-    """lr / 10 when the validation error stops improving, at most `lr_drops` times."""
-    floor = config.lr * 0.1**config.lr_drops  # the lr after the last allowed drop
+    """lr / 10 when the validation error stops improving, at most `lr_drops` times, in every group."""
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.1, patience=config.lr_patience, min_lr=floor
+        optimizer, mode="min", factor=0.1, patience=config.lr_patience, min_lr=_floors(optimizer, config)
     )
+
+
+def _floors(optimizer: torch.optim.Optimizer, config: TrainConfig) -> list[float]:
+    """Each group's lr after the last allowed drop: a shared floor would hold the bias group back."""
+    floor = config.lr * 0.1**config.lr_drops
+    return [floor * group.get("lr_mult", 1.0) for group in optimizer.param_groups]

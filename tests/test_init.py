@@ -1,4 +1,4 @@
-"""The paper's initialisation (P 5), reproducible from a seed."""
+"""The initialisations: the paper's (P 5), Caffe's bvlc_alexnet (CF) and He et al.'s, reproducible from a seed."""
 
 from __future__ import annotations
 
@@ -7,22 +7,35 @@ import torch
 
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig, AlexNetFused
 
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")  # P 5
 
-def build(seed: int) -> AlexNet2GPU:
+
+def build(seed: int, init: str = "paper") -> AlexNet2GPU:
     torch.manual_seed(seed)
-    return AlexNet2GPU(AlexNetConfig(num_classes=10), devices=("cpu", "cpu"))
+    return AlexNet2GPU(AlexNetConfig(num_classes=10, init=init), devices=("cpu", "cpu"))
+
+
+def check_layer(layer: torch.nn.Module, std: float, bias: float, name: str) -> None:
+    w = layer.weight
+    assert abs(w.mean().item()) < 3 * std / w.numel() ** 0.5 + 1e-4, name
+    assert w.std().item() == pytest.approx(std, rel=0.05 if w.numel() > 10_000 else 0.3), name
+    assert torch.all(layer.bias == bias), name
 
 
 def test_weights_are_normal_with_std_001_and_biases_as_the_paper() -> None:
     model = build(0)
     for tower in (model.tower_a, model.tower_b):
-        for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"):
-            layer = getattr(tower, name)
-            w = layer.weight
-            assert abs(w.mean().item()) < 3 * 0.01 / w.numel() ** 0.5 + 1e-4, name
-            assert w.std().item() == pytest.approx(0.01, rel=0.05 if w.numel() > 10_000 else 0.3), name
-            bias = 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
-            assert torch.all(layer.bias == bias), name
+        for name in LAYERS:
+            check_layer(getattr(tower, name), 0.01, 1.0 if name in BIAS_ONE else 0.0, name)
+
+
+def test_caffe_init_is_bvlc_alexnets() -> None:
+    model = build(0, "caffe")  # CF: N(0, 0.01), fc6 and fc7 N(0, 0.005); biases 0.1 where P has 1
+    for tower in (model.tower_a, model.tower_b):
+        for name in LAYERS:
+            std = 0.005 if name in ("fc6", "fc7") else 0.01
+            check_layer(getattr(tower, name), std, 0.1 if name in BIAS_ONE else 0.0, name)
 
 
 def test_same_seed_same_weights_other_seed_other_weights() -> None:
@@ -33,14 +46,15 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
 
 def test_fused_model_has_the_same_init() -> None:
     torch.manual_seed(0)
-    fused = AlexNetFused(AlexNetConfig(num_classes=10))
+    fused = AlexNetFused(AlexNetConfig(num_classes=10, init="paper"))
     assert fused.conv2.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert torch.all(fused.conv4.bias == 1.0) and torch.all(fused.conv3.bias == 0.0)
 
 
-def test_he_init_keeps_unit_scale_and_zero_biases() -> None:
-    torch.manual_seed(0)
-    model = AlexNet2GPU(AlexNetConfig(num_classes=10, init="he"), devices=("cpu", "cpu"))
-    fc6 = model.tower_a.fc6
-    assert fc6.weight.std().item() == pytest.approx((2 / fc6.in_features) ** 0.5, rel=0.02)
-    assert all(torch.all(p == 0) for name, p in model.named_parameters() if name.endswith("bias"))
+def test_he_init_is_normal_with_std_sqrt_2_over_fan_in_and_zero_biases() -> None:
+    model = build(0, "he")
+    for tower in (model.tower_a, model.tower_b):
+        for name in LAYERS:
+            layer = getattr(tower, name)
+            fan_in = layer.weight[0].numel()  # in_channels (of the tower's inputs) x kernel area
+            check_layer(layer, (2 / fan_in) ** 0.5, 0.0, name)

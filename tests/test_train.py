@@ -277,6 +277,7 @@ def test_cli_flags_reach_the_run_configs(tmp_path: Path, capsys) -> None:
     model_flags = ["--init", "he", "--no-lrn", "--pooling", "non-overlapping", "--activation", "tanh"]
     model_flags += ["--dropout", "0.25", "--input-size", "227"]
     train_flags = ["-b", "4", "--max-steps", "1", "--lr", "0.02", "--optimizer", "sgd", "--warmup-steps", "5"]
+    train_flags += ["--bias-rule", "paper"]
     data_flags = ["--dataset", "fake", "--preset", "seed", "--subset", "4", "--no-pca-noise", "--flip", "off"]
     rest = ["--devices", "cpu", "--val-subset", "4", "--out", str(tmp_path), "--no-tensorboard"]
     main(["train", *model_flags, *train_flags, *data_flags, *rest])
@@ -293,4 +294,5 @@ def test_cli_flags_reach_the_run_configs(tmp_path: Path, capsys) -> None:
     assert (saved["data"]["pca_noise"], saved["data"]["flip"], saved["data"]["crop_size"]) == (False, False, 227)
     train = saved["train"]
     assert (train["lr"], train["optimizer"], train["warmup_steps"], train["max_steps"]) == (0.02, "sgd", 5, 1)
+    assert train["bias_rule"] == "paper"
     assert '"step": 1' in capsys.readouterr().out

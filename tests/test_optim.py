@@ -1,0 +1,108 @@
+"""The bias rule: P 5's one rule for all, or cuda-convnet's biases at 2x lr without weight decay,
+in both optimisers, through the lr schedule and across resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import alexnet2gpu.engine as engine
+from alexnet2gpu import checkpoint as ckpt
+from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.optim import make_optimizer, make_scheduler, set_lr
+
+LR, WD, MOMENTUM = 0.1, 0.01, 0.9
+CPU = (torch.device("cpu"), torch.device("cpu"))
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+
+
+def config(optimizer: str, rule: str, **overrides) -> TrainConfig:
+    return TrainConfig(lr=LR, weight_decay=WD, momentum=MOMENTUM, optimizer=optimizer, bias_rule=rule, **overrides)
+
+
+@pytest.mark.parametrize("optimizer", ["paper", "sgd"])
+@pytest.mark.parametrize("rule", ["paper", "convnet"])
+def test_one_step_by_hand(optimizer: str, rule: str) -> None:
+    model = tiny()
+    opt = make_optimizer(model, config(optimizer, rule))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = grads[name].clone()
+    opt.step()
+    for name, p in model.named_parameters():
+        bias = name.endswith(".bias")
+        lr = 2 * LR if bias and rule == "convnet" else LR  # cuda-convnet epsB = 2 epsW
+        wd = 0.0 if bias and rule == "convnet" else WD  # wc on weights only
+        # P 5 from zero velocity: v = -wd lr w - lr g; torch's SGD: w - lr (g + wd w), the same step
+        expected = before[name] - wd * lr * before[name] - lr * grads[name]
+        assert torch.allclose(p.detach(), expected, atol=1e-7), name
+
+
+def test_convnet_groups_put_the_weights_first_and_keep_the_ratio_under_set_lr() -> None:
+    model = tiny()
+    opt = make_optimizer(model, config("paper", "convnet"))
+    weights, biases = opt.param_groups
+    assert all(p.ndim == 2 for p in weights["params"]) and all(p.ndim == 1 for p in biases["params"])
+    assert (weights["lr"], biases["lr"], weights["weight_decay"], biases["weight_decay"]) == (LR, 2 * LR, WD, 0.0)
+    set_lr(opt, 0.03)  # the warm-up's way to set the lr
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.03, 0.06])
+    paper = make_optimizer(model, config("paper", "paper"))
+    assert len(paper.param_groups) == 1 and len(paper.param_groups[0]["params"]) == 4
+
+
+def test_each_lr_drop_keeps_the_bias_group_at_twice_the_weights() -> None:
+    opt = make_optimizer(tiny(), config("paper", "convnet", lr_patience=0))
+    scheduler = make_scheduler(opt, config("paper", "convnet", lr_patience=0))
+    history = []
+    for _ in range(7):
+        scheduler.step(0.5)  # the validation error never improves
+        history.append([g["lr"] for g in opt.param_groups])
+    # three drops in all; the bias group's own floor lets its last drop through
+    assert history[-1] == pytest.approx([LR * 1e-3, 2 * LR * 1e-3])
+    assert history[2] == pytest.approx([LR * 1e-2, 2 * LR * 1e-2])
+
+
+def test_a_run_resumes_with_its_groups(tmp_path: Path) -> None:
+    model = AlexNetConfig(num_classes=10, init="caffe")
+    data = DataConfig(dataset="fake", preset="seed", subset=16)
+    kwargs = dict(epochs=3, batch_size=8, val_subset=8, seed=3, log_every=1, bias_rule="convnet", warmup_steps=2)
+    out = tmp_path / "run"
+    engine.train(model, data, TrainConfig(max_steps=1, **kwargs), CPU, out, progress=False, tensorboard=False)
+    saved = ckpt.load(out / "last.pt")["optimizer"]["param_groups"]
+    assert [(g["name"], g["lr_mult"], g["weight_decay"]) for g in saved] == [
+        ("weights", 1.0, 5e-4),
+        ("biases", 2.0, 0.0),
+    ]
+    assert [g["lr"] for g in saved] == pytest.approx([0.005, 0.01])  # step 1 of a 2-step warm-up
+    engine.train(
+        model,
+        data,
+        TrainConfig(max_steps=3, **kwargs),
+        CPU,
+        out,
+        resume=out / "last.pt",
+        progress=False,
+        tensorboard=False,
+    )
+    again = ckpt.load(out / "last.pt")["optimizer"]["param_groups"]
+    assert [g["lr"] for g in again] == pytest.approx([0.01, 0.02])
+
+
+def test_a_resume_under_another_bias_rule_is_refused(tmp_path: Path) -> None:
+    model = AlexNetConfig(num_classes=10, init="caffe")
+    data = DataConfig(dataset="fake", preset="seed", subset=16)
+    kwargs = dict(epochs=3, batch_size=8, val_subset=8, seed=3, log_every=1, max_steps=1)
+    out = tmp_path / "run"
+    engine.train(model, data, TrainConfig(bias_rule="paper", **kwargs), CPU, out, progress=False, tensorboard=False)
+    with pytest.raises(ckpt.CheckpointError, match=r"bias_rule='paper' \(asked: 'convnet'\), which cannot change"):
+        engine.train(
+            model, data, TrainConfig(bias_rule="convnet", **kwargs), CPU, out, resume=out / "last.pt", progress=False
+        )
