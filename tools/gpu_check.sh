@@ -47,7 +47,7 @@ step "Fashion-MNIST training on cuda:0 (the seed's recipe, 2 epochs)"
 start=$(date +%s)
 timeout 200 $PY -m alexnet2gpu train --dataset fashion-mnist --data "$DATA_DIR" --preset seed --init he \
   --devices cuda:0 --batch-size 60 --lr 0.001 --epochs 2 --amp bf16 --channels-last --workers 0 \
-  --out "$OUT/fashion" --no-tensorboard 2> "$OUT/train.log" | tail -1 | tee "$OUT/train.json" || status=1
+  --out "$OUT/fashion" --overwrite --no-tensorboard 2> "$OUT/train.log" | tail -1 | tee "$OUT/train.json" || status=1
 echo "train wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/train.json"
 
 step "summary"
