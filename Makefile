@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 # Training runs: `make train-1gpu DATASET=imagenet DATA=/data/imagenet EPOCHS=90 OUT=runs/imagenet`
+# OUT holding a run is refused: continue it with ARGS="--resume $(OUT)/last.pt", or start over with ARGS=--overwrite.
 DATASET ?= fashion-mnist
 DATA ?=
 EPOCHS ?= 90
@@ -77,7 +78,7 @@ plot: setup
 # (the default recipe, the paper's pipeline with Caffe's init, takes an hour an epoch on 2 cores).
 demo: setup
 	$(RUN) -m alexnet2gpu train --dataset fashion-mnist --preset seed --init he --devices cpu \
-	  --subset 3000 --epochs 1 --batch-size 32 --val-subset 1000 --out runs/demo
+	  --subset 3000 --epochs 1 --batch-size 32 --val-subset 1000 --out runs/demo --overwrite
 	$(RUN) -m alexnet2gpu evaluate --checkpoint runs/demo/last.pt --val-subset 1000 --devices cpu
 	$(PY) -m alexnet2gpu plot runs/demo
 
