@@ -210,6 +210,7 @@ class Run:
     alarm: LossAlarm
     stop: StopRequest = field(default_factory=StopRequest)
     saved_step: int | None = None  # the step of the checkpoint this run last wrote or resumed
+    timed: bool = False  # the CPU's pace was said
 
     @property
     def config(self) -> TrainConfig:
@@ -374,7 +375,8 @@ def _last_words(run: Run) -> str:
 
 def log_step(run: Run, totals: Totals, steps_per_epoch: int, bar: tqdm) -> None:
     state, config = run.state, run.config
-    if state.batch == 3 and run.placement.device.type == "cpu" and run.progress:
+    if state.batch == 3 and run.placement.device.type == "cpu" and run.progress and not run.timed:
+        run.timed = True  # said once a run: the first epoch's pace
         per_step = (time.perf_counter() - totals.since) / 3
         run.say(
             f"CPU: {per_step:.1f} s/step, about {_hms(per_step * steps_per_epoch)} per epoch of {steps_per_epoch} steps"
