@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -266,6 +267,8 @@ def cmd_train(args, given: set[str]) -> None:
 
     if args.resume:
         model, data, config = resumed_configs(args, given)
+        if "out" not in given:  # a resumed run goes on in its own directory
+            args.out = str(Path(args.resume).parent)
     else:
         data = data_config(args, crop_size=args.input_size)
         model = model_config(args, *describe(data.dataset, data.data))  # classes and channels, images unread
@@ -439,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a run that stopped on a signal has saved: more signals change nothing now
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.exit(130)
     except Exception as error:  # a TrainingError, or anything unexpected: one line, exit 1
         from alexnet2gpu.engine import TrainingError

@@ -421,10 +421,11 @@ def batches(
 
 
 def _ignore_interrupts(_: int) -> None:
-    """Ctrl-C reaches the whole process group; the main process stops the run at a step boundary,
-    and a worker killed by the same signal would end it with a traceback instead."""
+    """Ctrl-C, and the SIGTERM of a job scheduler (systemd, Slurm, Kubernetes), reach the whole
+    process group; the main process stops the run at a step boundary, and a worker killed by the
+    same signal would end it with a traceback instead. The loader ends its workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def num_batches(dataset: Dataset, batch_size: int, drop_last: bool = False) -> int:

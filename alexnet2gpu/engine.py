@@ -156,12 +156,17 @@ class RunState:
 
 @dataclass
 class Totals:
-    """Sums over the global batches of an epoch so far (every replica's rows)."""
+    """Sums over the global batches of an epoch so far (every replica's rows), saved with the
+    checkpoint so that a resumed epoch logs the same running means; the timing is this process's."""
 
     loss: float = 0.0
     wrong: float = 0.0
     images: float = 0.0
     since: float = field(default_factory=time.perf_counter)
+    timed_images: float = 0.0  # images since `since`, for the rate
+
+    def to_list(self) -> list[float]:
+        return [self.loss, self.wrong, self.images]
 
 
 class StopRequest:
@@ -211,6 +216,7 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     saved_step: int | None = None  # the step of the checkpoint this run last wrote or resumed
     timed: bool = False  # the CPU's pace was said
+    totals: Totals = field(default_factory=Totals)  # the current epoch's
 
     @property
     def config(self) -> TrainConfig:
@@ -222,9 +228,17 @@ class Run:
 
 
 def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig, config: TrainConfig, resume):
-    """A run's training and validation sets, the checkpoint it resumes (refused if it holds another
-    network or other options) and, for the paper's pipeline, the training statistics (the
-    checkpoint's, else fitted). The checkpoint is read and the statistics fitted once, on rank 0."""
+    """The checkpoint a run resumes (refused, before any data is read, if it holds another network or
+    other options), its training and validation sets and, for the paper's pipeline, the training
+    statistics (the checkpoint's, else fitted). Checkpoint and statistics are read once, on rank 0."""
+
+    def read() -> dict | None:
+        checkpoint = ckpt.load(resume) if resume else None
+        if checkpoint is not None:
+            ckpt.check_resume(checkpoint, {"model": model_config, "data": data, "train": config}, resume)
+        return checkpoint
+
+    checkpoint = placement.on_rank0(read)
     sets = dict(stage_size=data.stage_size, strict=data.strict, gpu_decode=data.gpu_decode)
     train_set = build_dataset(data.dataset, "train", data.data, **sets)
     val_set = build_dataset(data.dataset, "val", data.data, **sets)
@@ -236,19 +250,15 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
             "add images or lower -b"
         )
 
-    def read() -> tuple[dict | None, DataStats | None]:
-        checkpoint = ckpt.load(resume) if resume else None
-        if checkpoint is not None:
-            ckpt.check_resume(checkpoint, {"model": model_config, "data": data, "train": config}, resume)
+    def statistics() -> DataStats | None:
         if data.preset != "paper":
-            return checkpoint, None
+            return None
         if checkpoint is not None and checkpoint.get("stats"):
-            return checkpoint, DataStats.from_dict(checkpoint["stats"])
+            return DataStats.from_dict(checkpoint["stats"])
         fit = dict(name=data.dataset, data=data.data, stage_size=data.stage_size, limit=data.fit_images)
-        return checkpoint, load_or_fit(train_set, **fit)
+        return load_or_fit(train_set, **fit)
 
-    checkpoint, stats = placement.on_rank0(read)
-    return train_set, val_set, checkpoint, stats
+    return train_set, val_set, checkpoint, placement.on_rank0(statistics)
 
 
 def start(placement, model_config, data, config, out, *, resume, progress, tensorboard) -> tuple[Run, object, object]:
@@ -258,13 +268,14 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
     module = placement.build(model_config)
     optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, config)
-    state = RunState()
+    state, totals = RunState(), Totals()
     if checkpoint is not None:
         placement.load_model_state(checkpoint["model"], str(resume))
         placement.load_optimizer_state(optimizer, checkpoint["optimizer"], str(resume))
         scheduler.load_state_dict(checkpoint["scheduler"])
         ckpt.set_rng_state(checkpoint["rng"])
         state = RunState(checkpoint["step"], checkpoint["epoch"], checkpoint["batch"], checkpoint["best_val_top1"])
+        totals = Totals(*checkpoint.get("epoch_totals", [0.0, 0.0, 0.0]))  # older checkpoints: from here on
     writer = placement.writer
     log = RunLog(out, tensorboard=tensorboard) if writer else None
     say = tqdm.write if (progress and writer) else (lambda *_: None)
@@ -287,6 +298,7 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
         progress=progress and writer,
         alarm=LossAlarm(model_config.num_classes, config, num_batches(train_set, config.batch_size)),
         saved_step=state.step if checkpoint is not None else None,
+        totals=totals,
     )
     return run, train_set, val_set
 
@@ -309,6 +321,7 @@ def save(run: Run) -> None:
             "epoch": state.epoch,
             "batch": state.batch,
             "best_val_top1": state.best_val_top1,
+            "epoch_totals": run.totals.to_list(),
             "config": {name: c.to_dict() for name, c in run.configs.items()},
             "stats": run.stats.to_dict() if run.stats is not None else None,
         }
@@ -362,6 +375,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, totals: Tot
         run.log.note(state.step, warning)
     loss, wrong, images = sums.tolist()
     totals.loss, totals.wrong, totals.images = totals.loss + loss, totals.wrong + wrong, totals.images + images
+    totals.timed_images += images
     if every[:, 3].any():
         run.stop.signals = max(run.stop.signals, 1)  # any process asked: every process stops here
 
@@ -383,7 +397,7 @@ def log_step(run: Run, totals: Totals, steps_per_epoch: int, bar: tqdm) -> None:
         )
     if not (state.step % config.log_every == 0 or state.batch == steps_per_epoch or _done(state, config)):
         return
-    rate = totals.images / (time.perf_counter() - totals.since)
+    rate = totals.timed_images / (time.perf_counter() - totals.since)
     lr, loss = run.optimizer.param_groups[0]["lr"], totals.loss / totals.images
     bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:g}")
     if run.log is not None:
@@ -404,7 +418,10 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
     desc = f"epoch {state.epoch + 1}/{config.epochs}"
     bar = tqdm(total=steps, initial=state.batch, desc=desc, unit="step", disable=not run.progress, dynamic_ncols=True)
     run.runner.train()
-    totals = Totals()
+    if state.batch == 0:
+        run.totals = Totals()
+    totals = run.totals
+    totals.since, totals.timed_images = time.perf_counter(), 0.0
     stream = batches(
         train_set,
         config.batch_size,
@@ -491,19 +508,20 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
     if placement.device.type == "cpu":
         run.say("no CUDA device: training on the CPU (slow; make train-2gpu / train-1gpu use GPUs when present)")
     state, val = run.state, {}
-    try:
-        with run.stop:
+    with run.stop:  # until the run's last word: a signal during the save or after it is only counted
+        try:
             while state.epoch < config.epochs and not _done(state, config) and not run.stop:
                 totals = train_one_epoch(run, train_set)
                 if totals is not None:
                     val = end_epoch(run, val_set, totals)
             if run.saved_step != state.step or run.stop:
                 save(run)
-    finally:
-        if run.log is not None:
-            run.log.close()
+        finally:
+            if run.log is not None:
+                run.log.close()
+        if run.stop:
+            run.say(f"stopped at step {state.step}; saved {run.last}: continue with --resume {run.last}")
     if run.stop:
-        run.say(f"stopped at step {state.step}; saved {run.last}: continue with --resume {run.last}")
         raise KeyboardInterrupt
     return {"step": state.step, "epoch": state.epoch, "val": val, "checkpoint": str(run.last)}
 

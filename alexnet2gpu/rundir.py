@@ -44,9 +44,9 @@ class RunDir:
             ) from None
         self._lock()
         try:
-            self._check_fresh()
             for stale in self.path.glob(".*.tmp"):  # a save cut by SIGKILL or a power cut
                 stale.unlink(missing_ok=True)
+            self._check_fresh()
         except BaseException:
             self._unlock()
             raise
@@ -56,7 +56,12 @@ class RunDir:
         self._unlock()
 
     def _lock(self) -> None:
-        self.lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held open for the whole run
+        try:
+            self.lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held open for the whole run
+        except OSError as error:
+            raise RunDirError(
+                f"cannot write in run directory {self.path}: {error.strerror}; choose another --out"
+            ) from None
         try:
             fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -82,6 +87,8 @@ class RunDir:
     def _check_fresh(self) -> None:
         """Refuse to start a new run over a saved one; with `overwrite`, remove the old run first."""
         last = self.path / "last.pt"
+        if last.exists() and not last.is_file():
+            raise RunDirError(f"{last} is not a file: move it out of the run directory, or choose another --out")
         if self.resume is not None and last.exists() and Path(self.resume).resolve() == last.resolve():
             return
         if last.exists() and not self.overwrite:

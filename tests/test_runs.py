@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,69 @@ def test_a_training_set_without_one_batch_is_refused(tmp_path: Path, monkeypatch
     monkeypatch.setattr(engine, "build_dataset", lambda *args, **kwargs: empty)
     with pytest.raises(DatasetError, match="empty: 0 training images make no batch of 8; add images or lower -b"):
         run(tmp_path, max_steps=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# found by trying it as a hostile user would
+
+
+def test_logged_numbers_of_a_resumed_epoch_are_the_uninterrupted_runs(tmp_path: Path, monkeypatch) -> None:
+    straight, split, stopped = tmp_path / "straight", tmp_path / "split", tmp_path / "stopped"
+    run(straight, max_steps=4)
+    run(split, max_steps=3)  # stops inside epoch 2: the epoch's running sums go into the checkpoint
+    run(split, max_steps=4, resume=split / "last.pt")
+    signal_inside_the_step(monkeypatch, "pipeline", on_step=2)  # the last step of epoch 1: no validation yet
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped, max_steps=4)
+    monkeypatch.undo()
+    run(stopped, max_steps=4, resume=stopped / "last.pt")
+    for name in ("train.csv", "val.csv"):
+        want = [{k: v for k, v in row.items() if k != "img_per_s"} for row in read_csv(straight / name)]
+        for other in (split, stopped):
+            assert [{k: v for k, v in row.items() if k != "img_per_s"} for row in read_csv(other / name)] == want
+
+
+def test_a_resume_without_out_goes_on_in_the_checkpoints_directory(tmp_path: Path) -> None:
+    flags = ["--dataset", "fake", "--preset", "seed", "--init", "he", "--net", "one-gpu", "--devices", "cpu"]
+    flags += ["-b", "4", "--subset", "8", "--val-subset", "4", "--no-tensorboard"]
+    assert cli("train", *flags, "--max-steps", "1", "--out", "somewhere/run", cwd=tmp_path).returncode == 0
+    result = cli("train", "--resume", "somewhere/run/last.pt", "--max-steps", "2", "--devices", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ckpt.load(tmp_path / "somewhere" / "run" / "last.pt")["step"] == 2
+    assert not (tmp_path / "runs").exists()  # not the default --out
+    # the data set is part of the run: refused before any data is read (mnist would try a download)
+    line = one_line(cli("train", "--resume", "somewhere/run/last.pt", "--dataset", "mnist", cwd=tmp_path), "dataset=")
+    assert "cannot change on resume" in line
+
+
+def test_a_last_pt_that_is_not_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "run" / "last.pt").mkdir(parents=True)
+    flags = ["--dataset", "fake", "--preset", "seed", "--net", "one-gpu", "--devices", "cpu", "--overwrite"]
+    one_line(cli("train", *flags, "--out", str(tmp_path / "run"), cwd=tmp_path), "is not a file")
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label, cls in enumerate(("a", "b")):
+            (tmp_path / "img" / split / cls).mkdir(parents=True)
+            for i in range(8):
+                pixels = torch.full((48, 64, 3), 40 + 150 * label + i, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "img" / split / cls / f"{i}.jpg")
+    flags = ["--dataset", "imagenet", "--data", str(tmp_path / "img"), "--preset", "seed", "--net", "one-gpu"]
+    flags += ["--init", "he", "-b", "4", "-j", "2", "-p", "1", "--max-steps", "400", "--devices", "cpu"]
+    command = [sys.executable, "-m", "alexnet2gpu", "train", *flags, "--no-tensorboard", "--out", "run"]
+    process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    csv = tmp_path / "run" / "train.csv"
+    for _ in range(600):  # until the run has logged a step (at most a minute)
+        if csv.exists() and len(csv.read_text().splitlines()) > 1:
+            break
+        process.poll() is None or pytest.fail("the run ended before it was signalled")
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGTERM)  # what systemd, Slurm and Kubernetes send: the workers get it too
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, out
+    assert "stopped at step" in out
+    assert ckpt.load(tmp_path / "run" / "last.pt")["step"] >= 1
+    assert not list((tmp_path / "run").glob(".*.tmp"))
