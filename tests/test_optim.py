@@ -3,6 +3,8 @@ in both optimisers, through the lr schedule and across resumes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,17 @@ def test_a_resume_under_another_bias_rule_is_refused(tmp_path: Path) -> None:
         engine.train(
             model, data, TrainConfig(bias_rule="convnet", **kwargs), CPU, out, resume=out / "last.pt", progress=False
         )
+
+
+def test_a_checkpoint_from_before_the_bias_rule_resumes_as_one_rule(tmp_path: Path) -> None:
+    flags = ["--dataset", "fake", "--preset", "seed", "--init", "he", "--net", "one-gpu", "--devices", "cpu"]
+    flags += ["-b", "4", "--subset", "8", "--val-subset", "4", "--no-tensorboard", "--bias-rule", "paper"]
+    cli = [sys.executable, "-m", "alexnet2gpu", "train"]
+    assert subprocess.run([*cli, *flags, "--max-steps", "1", "--out", "run"], cwd=tmp_path).returncode == 0
+    old = ckpt.load(tmp_path / "run" / "last.pt")
+    del old["config"]["train"]["bias_rule"]  # as written before the field existed
+    torch.save(old, tmp_path / "run" / "last.pt")
+    resumed = subprocess.run([*cli, "--resume", "run/last.pt", "--max-steps", "2"], cwd=tmp_path, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr
+    saved = ckpt.load(tmp_path / "run" / "last.pt")
+    assert saved["step"] == 2 and saved["config"]["train"]["bias_rule"] == "paper"
