@@ -421,11 +421,13 @@ def batches(
 
 
 def _ignore_interrupts(_: int) -> None:
-    """Ctrl-C, and the SIGTERM of a job scheduler (systemd, Slurm, Kubernetes), reach the whole
-    process group; the main process stops the run at a step boundary, and a worker killed by the
-    same signal would end it with a traceback instead. The loader ends its workers itself."""
+    """Ctrl-C reaches the whole process group; the main process stops the run at a step boundary,
+    and a worker killed by the same signal would end it with a traceback instead. SIGTERM keeps its
+    default: the loader and multiprocessing end their workers with it (a worker that ignored it
+    would keep the program from exiting); a SIGTERM to the whole group (a job scheduler's) ends the
+    workers, and the training loop, which got it too, takes their end as its stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def num_batches(dataset: Dataset, batch_size: int, drop_last: bool = False) -> int:

@@ -186,13 +186,18 @@ class StopRequest:
 
     def _ask(self, signum, frame) -> None:
         self.signals += 1
+        if self.signals == 1 and hasattr(signal, "SIGCHLD"):
+            # A SIGTERM to the whole process group also ends the data loader's workers, and the
+            # loader's SIGCHLD handler would raise inside this step; their end is noticed at the
+            # next batch instead, where the loop stops anyway (restored on exit).
+            self.previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
 
     def __bool__(self) -> bool:
         return self.signals > 0
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 @dataclass
@@ -411,6 +416,21 @@ def log_step(run: Run, totals: Totals, steps_per_epoch: int, bar: tqdm) -> None:
         )
 
 
+def _until_stopped(stream, stop: StopRequest):
+    """The batches of `stream`; if the loader's workers die after a stop was asked (a SIGTERM to the
+    whole process group reaches them too), the stream just ends there, at a step boundary."""
+    iterator = iter(stream)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError:
+            if stop:
+                return
+            raise
+
+
 def train_one_epoch(run: Run, train_set) -> Totals | None:
     """The rest of the current epoch; its totals if it ran to its end, None if it stopped early."""
     config, data, placement, state = run.config, run.data, run.placement, run.state
@@ -434,7 +454,7 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
         shard=(placement.replica, placement.replicas),
         keep_empty=True,
     )
-    for images, labels in stream:
+    for images, labels in _until_stopped(stream, run.stop):
         if _done(state, config) or run.stop:
             break
         if not placement.gather(torch.tensor([float(len(labels))], dtype=torch.float64)).all():
@@ -449,19 +469,24 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
     return totals if ran_out and not run.stop else None
 
 
-def end_epoch(run: Run, val_set, totals: Totals) -> dict:
+def end_epoch(run: Run, val_set, totals: Totals) -> dict | None:
     """Validate, log, take the schedule's decision (the same on every process), save."""
     state, config = run.state, run.config
-    val = evaluate(
-        run.runner,
-        val_set,
-        run.val_pipe,
-        batch_size=config.batch_size,
-        amp=config.amp,
-        workers=run.data.workers,
-        progress=run.progress,
-        placement=run.placement,
-    )
+    try:
+        val = evaluate(
+            run.runner,
+            val_set,
+            run.val_pipe,
+            batch_size=config.batch_size,
+            amp=config.amp,
+            workers=run.data.workers,
+            progress=run.progress,
+            placement=run.placement,
+        )
+    except RuntimeError:
+        if not run.stop:
+            raise
+        return None  # the loader's workers were stopped with the run: the resumed run validates
     lr, train_loss = run.optimizer.param_groups[0]["lr"], totals.loss / max(totals.images, 1)
     if run.log is not None:
         row = dict(epoch=state.epoch + 1, step=state.step, lr=lr, train_loss=train_loss, loss=val["loss"])
@@ -513,7 +538,7 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
             while state.epoch < config.epochs and not _done(state, config) and not run.stop:
                 totals = train_one_epoch(run, train_set)
                 if totals is not None:
-                    val = end_epoch(run, val_set, totals)
+                    val = end_epoch(run, val_set, totals) or val
             if run.saved_step != state.step or run.stop:
                 save(run)
         finally:
