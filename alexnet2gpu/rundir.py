@@ -32,11 +32,13 @@ class RunDir:
     def __init__(self, path: str | Path, *, resume: str | Path | None = None, overwrite: bool = False) -> None:
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self.lock_file = None
+        self.created = False  # this claim made the directory: removed again if the run wrote nothing
 
     def __enter__(self) -> RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} is a file; name a directory for the run (it is created if missing)")
         try:
+            self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise RunDirError(
@@ -48,12 +50,15 @@ class RunDir:
                 stale.unlink(missing_ok=True)
             self._check_fresh()
         except BaseException:
-            self._unlock()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
         self._unlock()
+        if self.created and [p.name for p in self.path.iterdir()] == [".lock"]:
+            # a start that failed (a missing or refused checkpoint, no data) leaves no empty run behind
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def _lock(self) -> None:
         try:

@@ -253,6 +253,17 @@ def test_resume_refuses_wrong_shaped_weights_in_one_line(tmp_path: Path, capsys)
         r"1 missing \(tower_b.fc8.bias\); 1 unexpected \(surplus.weight\); \d+ of another shape",
         alone=False,  # "towers on cpu and cpu ..." comes first
     )
+    assert not (tmp_path / "run").exists()  # a start refused before any step leaves no empty run behind
+
+
+def test_a_resume_that_fails_keeps_the_directory_it_did_not_create(tmp_path: Path, capsys) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    fails(capsys, [*TRAIN_FAKE, "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "none.pt")], "none.pt")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    fails(capsys, [*TRAIN_FAKE, "--out", str(tmp_path / "empty"), "--resume", str(tmp_path / "none.pt")], "none.pt")
+    assert (tmp_path / "empty").is_dir()  # made by the user, not by the run
 
 
 @pytest.mark.parametrize(

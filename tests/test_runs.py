@@ -72,6 +72,7 @@ def test_a_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:
 def test_two_processes_never_train_into_one_directory(tmp_path: Path) -> None:
     flags = ["--dataset", "fake", "--preset", "seed", "--net", "one-gpu", "--init", "he", "--devices", "cpu"]
     flags += ["-b", "4", "--subset", "4", "--val-subset", "4", "--max-steps", "1", "--no-tensorboard"]
+    (tmp_path / "run").mkdir()  # a directory the claim did not create stays, even with nothing in it
     with RunDir(tmp_path / "run"):  # another process's run holds the directory
         line = one_line(cli("train", *flags, "--out", str(tmp_path / "run"), cwd=tmp_path), "in use by process")
         assert str(os.getpid()) in line
