@@ -32,13 +32,13 @@ class RunDir:
     def __init__(self, path: str | Path, *, resume: str | Path | None = None, overwrite: bool = False) -> None:
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self.lock_file = None
-        self.created = False  # this claim made the directory: removed again if the run wrote nothing
+        self.created: list[Path] = []  # folders this claim made, innermost first: removed if the run wrote nothing
 
     def __enter__(self) -> RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} is a file; name a directory for the run (it is created if missing)")
         try:
-            self.created = not self.path.exists()
+            self.created = [p for p in (self.path, *self.path.parents) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise RunDirError(
@@ -55,10 +55,17 @@ class RunDir:
         return self
 
     def __exit__(self, *exc) -> None:
+        # A start that failed (a missing or refused checkpoint, no data) leaves no empty run behind. The
+        # lock file goes while still held, so a process starting meanwhile makes its own and keeps it.
+        wrote_nothing = self.lock_file is not None and [p.name for p in self.path.iterdir()] == [".lock"]
+        if self.created and wrote_nothing:
+            (self.path / ".lock").unlink(missing_ok=True)
         self._unlock()
-        if self.created and [p.name for p in self.path.iterdir()] == [".lock"]:
-            # a start that failed (a missing or refused checkpoint, no data) leaves no empty run behind
-            shutil.rmtree(self.path, ignore_errors=True)
+        for folder in self.created if wrote_nothing else []:
+            try:
+                folder.rmdir()  # only while empty: nothing another process put there is removed
+            except OSError:
+                break
 
     def _lock(self) -> None:
         try:

@@ -249,11 +249,11 @@ def test_resume_refuses_wrong_shaped_weights_in_one_line(tmp_path: Path, capsys)
     path = write_checkpoint(tmp_path / "last.pt", PAPER_FAKE, FAKE, weights=weights)
     fails(
         capsys,
-        [*TRAIN_FAKE, "--out", str(tmp_path / "run"), "--resume", str(path)],
+        [*TRAIN_FAKE, "--out", str(tmp_path / "runs" / "new" / "run"), "--resume", str(path)],
         r"1 missing \(tower_b.fc8.bias\); 1 unexpected \(surplus.weight\); \d+ of another shape",
         alone=False,  # "towers on cpu and cpu ..." comes first
     )
-    assert not (tmp_path / "run").exists()  # a start refused before any step leaves no empty run behind
+    assert not (tmp_path / "runs").exists()  # a start refused before any step leaves no empty run behind
 
 
 def test_a_resume_that_fails_keeps_the_directory_it_did_not_create(tmp_path: Path, capsys) -> None:
