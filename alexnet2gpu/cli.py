@@ -25,6 +25,7 @@ from alexnet2gpu.config import (
     DataConfig,
     StageConfig,
     TrainConfig,
+    default_batch_size,
 )
 from alexnet2gpu.datasets import DatasetError
 from alexnet2gpu.devices import DeviceError, resolve_devices
@@ -102,7 +103,13 @@ def add_train(sub) -> None:
         help="devices: both towers in this process; tower-processes: one tower per rank (under torchrun)",
     )
     p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=None,
+        help="default 128 (P 5); 60 for mnist and fashion-mnist (the seed's)",
+    )
     p.add_argument("--lr", "--learning-rate", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", "--weight-decay", type=float, default=5e-4, dest="weight_decay")
@@ -220,7 +227,7 @@ def model_config(args, num_classes: int, channels: int) -> AlexNetConfig:
 def train_config(args) -> TrainConfig:
     return TrainConfig(
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size if args.batch_size is not None else default_batch_size(args.dataset),
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,

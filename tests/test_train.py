@@ -296,3 +296,19 @@ def test_cli_flags_reach_the_run_configs(tmp_path: Path, capsys) -> None:
     assert (train["lr"], train["optimizer"], train["warmup_steps"], train["max_steps"]) == (0.02, "sgd", 5, 1)
     assert train["bias_rule"] == "paper"
     assert '"step": 1' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "batch"),
+    [
+        (["--dataset", "fashion-mnist"], 60),  # the seed's batch for the 28x28 sets
+        (["--dataset", "mnist"], 60),
+        (["--dataset", "imagenet"], 128),  # P 5's
+        ([], 128),
+        (["--dataset", "fashion-mnist", "-b", "128"], 128),
+    ],
+)
+def test_the_default_batch_is_the_seeds_for_28x28_sets_and_p5s_for_the_rest(flags: list[str], batch: int) -> None:
+    from alexnet2gpu.cli import build_parser, train_config
+
+    assert train_config(build_parser().parse_args(["train", *flags])).batch_size == batch
