@@ -232,7 +232,7 @@ class DataConfig:
 # take the batch of 60 of the seed's MNIST run (`--preset seed`). Their 60,000 images make an epoch
 # of 469 steps of 128, too few updates for the first epoch to get far: one epoch of Fashion-MNIST
 # with the paper's pipeline and this recipe reached 83.6% test accuracy at batch 128 and 85.9% at
-# batch 60 (experiments/RESULTS.md, "One epoch of all 60,000 images").
+# batch 60 (experiments/RESULTS.md, "One epoch: the batch, and flips").
 SEED_BATCH = 60
 
 

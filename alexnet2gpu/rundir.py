@@ -57,8 +57,8 @@ class RunDir:
     def __exit__(self, *exc) -> None:
         # A start that failed (a missing or refused checkpoint, no data) leaves no empty run behind. The
         # lock file goes while still held, so a process starting meanwhile makes its own and keeps it.
-        wrote_nothing = self.lock_file is not None and [p.name for p in self.path.iterdir()] == [".lock"]
-        if self.created and wrote_nothing:
+        wrote_nothing = bool(self.created) and self.lock_file is not None and self._holds_only_the_lock()
+        if wrote_nothing:
             (self.path / ".lock").unlink(missing_ok=True)
         self._unlock()
         for folder in self.created if wrote_nothing else []:
@@ -66,6 +66,12 @@ class RunDir:
                 folder.rmdir()  # only while empty: nothing another process put there is removed
             except OSError:
                 break
+
+    def _holds_only_the_lock(self) -> bool:
+        try:
+            return [p.name for p in self.path.iterdir()] == [".lock"]
+        except OSError:  # the folder went away during the run: nothing to tidy, and no error to add
+            return False
 
     def _lock(self) -> None:
         try:
