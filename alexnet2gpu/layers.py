@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -22,8 +24,12 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        x = x.reshape(n * self.groups, c // self.groups, h, w)  # (N*G, C/G, H, W): one group per row
         lrn = nn.functional.local_response_norm if self.reference else local_response_norm  # the same maths
+        if self.groups > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # a reshape would copy channels-last maps back to NCHW: each group's channel slice instead
+            parts = [lrn(part, self.size, self.alpha, self.beta, self.k) for part in x.chunk(self.groups, dim=1)]
+            return torch.cat(parts, dim=1).contiguous(memory_format=torch.channels_last)
+        x = x.reshape(n * self.groups, c // self.groups, h, w)  # (N*G, C/G, H, W): one group per row
         return lrn(x, self.size, self.alpha, self.beta, self.k).reshape(n, c, h, w)
 
     def extra_repr(self) -> str:
@@ -33,31 +39,45 @@ class LocalResponseNorm(nn.Module):
 class Dropout(nn.Module):
     """P 4.2: zero each unit with probability p in training (inverted: survivors scaled by 1/(1-p)).
 
-    By default the masks come from the global generator. With `masks = (generator, start, total)`
-    set, the mask of a whole batch of `total` rows is drawn from `generator` and this module takes
-    rows `start` onwards: a process feeding part of a global batch (`alexnet2gpu.distributed`) then
-    applies exactly the masks that one process feeding the whole batch would.
+    Without a mask, the mask comes from the global generator. Training passes `mask`, a 0/1 tensor
+    of x's shape drawn before the forward (`dropout_masks`): a compiled model then stays one graph
+    (a generator inside it breaks the graph at every mask), and a process feeding part of a global
+    batch applies exactly the masks one process feeding the whole batch would.
     """
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.masks: tuple[torch.Generator, int, int] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if self.masks is None:
+        if mask is None:
             return nn.functional.dropout(x, self.p, training=True)
-        generator, start, total = self.masks
-        rows = max(total, start + x.shape[0])
-        keep = torch.empty((rows, *x.shape[1:]), device=x.device, dtype=x.dtype).bernoulli_(
-            1 - self.p, generator=generator
-        )
-        return x * keep[start : start + x.shape[0]] / (1 - self.p)  # (N, features)
+        return x * mask.to(x.dtype) / (1 - self.p)  # (N, features)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def dropout_generator(seed: int, step: int, tower: int, device: torch.device) -> torch.Generator:
+    """Tower `tower`'s dropout masks of `step`: a function of (seed, step, tower) alone."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 8 + tower)
+
+
+def dropout_masks(
+    p: float, features: tuple[int, int], generator: torch.Generator, rows: slice, total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tower's fc6 and fc7 keep-masks (0/1) for rows `rows` of a global batch of `total`: drawn
+    for the whole batch (fc6's, then fc7's) on the generator's device, so that the rows a process
+    takes do not depend on how the batch is split."""
+    total = max(total, rows.stop)
+    dtype = torch.get_default_dtype()  # float32 unless a test sets float64
+    draw = [
+        torch.empty((total, f), device=generator.device, dtype=dtype).bernoulli_(1 - p, generator=generator)
+        for f in features
+    ]
+    return draw[0][rows], draw[1][rows]  # (n, fc6 features), (n, fc7 features)
 
 
 def join(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -81,38 +101,47 @@ BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 
 
-def _paper(name: str, layer: nn.Module) -> None:
-    layer.weight.normal_(0.0, 0.01)
-    layer.bias.fill_(1.0 if name in BIAS_ONE else 0.0)
+def _paper(name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    weight.normal_(0.0, 0.01)
+    bias.fill_(1.0 if name in BIAS_ONE else 0.0)
 
 
-def _caffe(name: str, layer: nn.Module) -> None:
+def _caffe(name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """CF bvlc_alexnet: biases of 1 "gave flat loss", so 0.1 where P has 1; fc6, fc7 N(0, 0.005)."""
-    layer.weight.normal_(0.0, 0.005 if name in ("fc6", "fc7") else 0.01)
-    layer.bias.fill_(0.1 if name in BIAS_ONE else 0.0)
+    weight.normal_(0.0, 0.005 if name in ("fc6", "fc7") else 0.01)
+    bias.fill_(0.1 if name in BIAS_ONE else 0.0)
 
 
-def _he(name: str, layer: nn.Module) -> None:
-    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-    layer.bias.zero_()
+def _he(name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    nn.init.kaiming_normal_(weight, nonlinearity="relu")
+    bias.zero_()
 
 
-def _torch(name: str, layer: nn.Module) -> None:
-    """PyTorch's own init (the seed's network sets none): weights kaiming_uniform with a=sqrt(5),
-    i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases from the same range."""
-    layer.reset_parameters()
+def _torch(name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """PyTorch's own init (the seed's network sets none), as nn.Conv2d / nn.Linear.reset_parameters:
+    weights kaiming_uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases from the same range."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    fan_in = weight[0].numel()
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    nn.init.uniform_(bias, -bound, bound)
 
 
-# One function per AlexNetConfig.init: (layer name as in P, the layer) -> None, in place.
+# One function per AlexNetConfig.init: (layer name as in P, weight, bias) -> None, in place on CPU tensors.
 INIT_SCHEMES = {"paper": _paper, "caffe": _caffe, "he": _he, "torch": _torch}
 
 
 @torch.no_grad()
 def init_weights(module: nn.Module, scheme: str = "paper") -> None:
-    """Initialise every conv and linear layer below `module`, drawing from each device's default
-    generator (so `torch.manual_seed` makes it reproducible). "paper" is P 5; "caffe" is CF
-    bvlc_alexnet's; "he" is He et al. 2015's N(0, 2 / fan_in) with zero biases; "torch" is PyTorch's default."""
+    """Initialise every conv and linear layer below `module`, in module order, drawing every value on
+    the CPU from its default generator (so `torch.manual_seed` makes it reproducible) and copying it to
+    the layer's device: the weights are a function of the seed alone, the same on every device. (Drawn
+    on the devices, two GPUs seeded alike by `torch.manual_seed` would give both towers the same.)
+    "paper" is P 5; "caffe" is CF bvlc_alexnet's; "he" is He et al. 2015's N(0, 2 / fan_in) with zero
+    biases; "torch" is PyTorch's default."""
     init = INIT_SCHEMES[scheme]
     for name, layer in module.named_modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            init(name.split(".")[-1], layer)
+            weight, bias = torch.empty(layer.weight.shape), torch.empty(layer.bias.shape)  # on the CPU
+            init(name.split(".")[-1], weight, bias)
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)

@@ -26,9 +26,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexnet2gpu.config import AlexNetConfig
-from alexnet2gpu.layers import LAYERS, Dropout, LocalResponseNorm, activation, exchange, init_weights, join
+from alexnet2gpu.layers import (
+    LAYERS,
+    Dropout,
+    LocalResponseNorm,
+    activation,
+    dropout_masks,
+    exchange,
+    init_weights,
+    join,
+)
 
 Device = torch.device | str
+Masks = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_input(x: torch.Tensor, config: AlexNetConfig) -> None:
@@ -89,15 +99,22 @@ class Tower(nn.Module):
         x = self.act(self.conv4(x))  # (N, 192, 13, 13)
         return self.pool5(self.act(self.conv5(x))).flatten(1)  # (N, 128, 6, 6) -> (N, 4608)
 
-    def fc(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """fc6 or fc7 of this tower, fed by both towers: ReLU, then dropout (P 4.2)."""
-        return self.drop(self.act(layer(x)))
+    def fc(self, layer: nn.Linear, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fc6 or fc7 of this tower, fed by both towers: ReLU, then dropout (P 4.2) with `mask`."""
+        return self.drop(self.act(layer(x)), mask)
+
+    def dropout_masks(self, generator: torch.Generator, rows: slice, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This tower's fc6 and fc7 masks for rows `rows` of a global batch of `total` (`layers.dropout_masks`)."""
+        features = (self.fc6.out_features, self.fc7.out_features)
+        return dropout_masks(self.drop.p, features, generator, rows, total)
 
 
 class AlexNet2GPU(nn.Module):
     """The two-tower network: tower A on `devices[0]`, tower B on `devices[1]`.
 
-    Parameters are created on their device, so the model also builds on fake or meta devices.
+    Parameters are created on their device, so the model also builds on fake devices. The initial
+    weights are drawn on the CPU and copied there: a function of the seed alone, the same in every
+    placement (drawn on the devices, two GPUs seeded alike would give tower B a copy of tower A's).
     `devices=("cpu", "cpu")` or `("cuda:0", "cuda:0")` puts both towers on one device.
     """
 
@@ -108,26 +125,29 @@ class AlexNet2GPU(nn.Module):
             raise ValueError("AlexNet2GPU needs AlexNetConfig.towers=2; build a one-tower net with AlexNetFused")
         if len(devices) != 2:
             raise ValueError(f"AlexNet2GPU takes two devices, one per tower; got {list(devices)}")
-        self.tower_a = Tower(self.config, 0, torch.device(devices[0]))
-        self.tower_b = Tower(self.config, 1, torch.device(devices[1]))
-        init_weights(self, self.config.init)
+        with torch.random.fork_rng(devices=[]):  # the layers' own init draws leave the CPU generator as it was
+            self.tower_a = Tower(self.config, 0, torch.device(devices[0]))
+            self.tower_b = Tower(self.config, 1, torch.device(devices[1]))
+        init_weights(self, self.config.init)  # drawn on the CPU, copied to each tower's device
 
     @property
     def devices(self) -> tuple[torch.device, torch.device]:
         return self.tower_a.conv1.weight.device, self.tower_b.conv1.weight.device
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, num_classes) on tower A's device."""
+    def forward(self, x: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
+        """Logits (N, num_classes) on tower A's device. `masks`: each tower's fc6 and fc7 dropout
+        masks ((A's fc6, A's fc7), (B's fc6, B's fc7)), on its device; drawn here when None."""
         check_input(x, self.config)
         ta, tb = self.tower_a, self.tower_b
+        (ma6, ma7), (mb6, mb7) = masks or ((None, None), (None, None))
         dev_a, dev_b = self.devices
         x_a = x.to(dev_a)
         x_b = x_a if dev_b == dev_a else x.to(dev_b)  # the batch goes to each device once
         a, b = ta.own_maps(x_a), tb.own_maps(x_b)
         a, b = exchange(a, b)  # conv3 reads both towers: (N, 256, 13, 13) on each device
         a, b = exchange(ta.upper_maps(a), tb.upper_maps(b))  # fc6 reads both: (N, 9216)
-        a, b = exchange(ta.fc(ta.fc6, a), tb.fc(tb.fc6, b))  # fc7 reads both: (N, 4096)
-        a, b = ta.fc(ta.fc7, a), tb.fc(tb.fc7, b)  # (N, 2048) per tower
+        a, b = exchange(ta.fc(ta.fc6, a, ma6), tb.fc(tb.fc6, b, mb6))  # fc7 reads both: (N, 4096)
+        a, b = ta.fc(ta.fc7, a, ma7), tb.fc(tb.fc7, b, mb7)  # (N, 2048) per tower
         if tb.fc8 is None:  # one fc8 on tower A (C2): only tower B's half moves
             return ta.fc8(join(a, b, dev_a))
         a, b = exchange(a, b)  # fc8 reads both: (N, 4096)
@@ -152,23 +172,27 @@ class AlexNetFused(nn.Module):
         c1, c2, c3, c4, c5 = c.conv_channels
         f6, f7 = c.fc_features
         pool5 = c.map_sizes[-1]  # 6 (P), 5 unpadded
-        self.conv1 = nn.Conv2d(c.in_channels, c1, 11, stride=4, device=device)
-        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=g, device=device)
-        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, device=device)
-        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=g, device=device)
-        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=g, device=device)
-        self.fc6 = nn.Linear(c5 * pool5 * pool5, f6, device=device)
-        self.fc7 = nn.Linear(f6, f7, device=device)
-        self.fc_hidden = nn.Linear(f7, c.fc_hidden, device=device) if c.fc_hidden else None  # the seed's
-        self.fc8 = nn.Linear(c.fc_hidden or f7, c.num_classes, device=device)
+        with torch.random.fork_rng(devices=[]):  # the layers' own init draws leave the CPU generator as it was
+            self.conv1 = nn.Conv2d(c.in_channels, c1, 11, stride=4, device=device)
+            self.conv2 = nn.Conv2d(c1, c2, 5, padding=2, groups=g, device=device)
+            self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, device=device)
+            self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=g, device=device)
+            self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=g, device=device)
+            self.fc6 = nn.Linear(c5 * pool5 * pool5, f6, device=device)
+            self.fc7 = nn.Linear(f6, f7, device=device)
+            self.fc_hidden = nn.Linear(f7, c.fc_hidden, device=device) if c.fc_hidden else None  # the seed's
+            self.fc8 = nn.Linear(c.fc_hidden or f7, c.num_classes, device=device)
         self.lrn1, self.lrn2 = _lrn(c, g), _lrn(c, g)  # per group: the towers' LRN windows
         self.pool1, self.pool2, self.pool5 = _pool(c), _pool(c), _pool(c)
         self.act = activation(c.activation)
-        self.drop = nn.Dropout(c.dropout)
-        init_weights(self, self.config.init)
+        self.drop = Dropout(c.dropout)
+        init_weights(self, self.config.init)  # drawn on the CPU, as the towers'
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (N, num_classes). `masks`: fc6's and fc7's dropout masks (N, 4096), tower A's
+        features first; drawn here when None."""
         check_input(x, self.config)
+        m6, m7 = masks or (None, None)
         pad = self.config.conv1_pad
         x = F.pad(x.to(self.conv1.weight.device), (0, pad, 0, pad))
         x = self.pool1(self.lrn1(self.act(self.conv1(x))))  # (N, 96, 27, 27)
@@ -176,8 +200,8 @@ class AlexNetFused(nn.Module):
         x = self.act(self.conv3(x))  # (N, 384, 13, 13)
         x = self.act(self.conv4(x))  # (N, 384, 13, 13)
         x = self.pool5(self.act(self.conv5(x))).flatten(1)  # (N, 256, 6, 6) -> (N, 9216)
-        x = self.drop(self.act(self.fc6(x)))  # (N, 4096)
-        x = self.drop(self.act(self.fc7(x)))  # (N, 4096)
+        x = self.drop(self.act(self.fc6(x)), m6)  # (N, 4096)
+        x = self.drop(self.act(self.fc7(x)), m7)  # (N, 4096)
         if self.fc_hidden is not None:  # the seed's extra layer: ReLU, no dropout
             x = self.act(self.fc_hidden(x))  # (N, 1000)
         return self.fc8(x)  # (N, num_classes)
