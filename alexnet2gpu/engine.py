@@ -83,11 +83,12 @@ def autocast(model: nn.Module, amp: str) -> contextlib.ExitStack:
     return stack
 
 
-def topk_errors(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
-    """Counts of images whose label is not among the top-k scores, for each k."""
+def topk_errors(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """(len(ks),) counts of images whose label is not among the top-k scores, on the scores' device
+    (reading them is left to the caller: a read waits for the device)."""
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, k)
     hit = top == labels[:, None]
-    return [float((~hit[:, :k].any(1)).sum()) for k in ks]
+    return torch.stack([(~hit[:, :k].any(1)).sum() for k in ks])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,23 +116,27 @@ def evaluate(
     n = len(dataset)
     mine = part(dataset, n * placement.replica // placement.replicas, n * (placement.replica + 1) // placement.replicas)
     chunk = max(1, batch_size // 10) if ten_crop else batch_size
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, top-1 errors, top-5 errors, images, non-finite
+    device = input_device(model)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 errors, top-5 errors, non-finite
+    images = 0
     bar = tqdm(total=len(mine), desc="evaluating", unit="img", leave=False, disable=not progress)
-    for images, labels in batches(mine, chunk, shuffle=False, workers=workers):
-        labels = labels.to(input_device(model))
+    for batch, labels in batches(mine, chunk, shuffle=False, workers=workers):
+        labels = labels.to(device, non_blocking=True)
         with autocast(model, amp):
             if ten_crop:
-                crops = pipeline.ten_crops(images)  # (n, 10, C, 224, 224)
+                crops = pipeline.ten_crops(batch)  # (n, 10, C, 224, 224)
                 probs = F.softmax(model(crops.flatten(0, 1)).float(), dim=1)  # (n * 10, classes)
                 probs = probs.view(len(labels), 10, -1).mean(1)  # (n, classes)
             else:
-                probs = F.softmax(model(pipeline(images)).float(), dim=1)
-        loss = float(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum"))
-        bad = float((~torch.isfinite(probs)).any(1).sum())  # a softmax of finite logits never is NaN
-        sums += torch.tensor([loss, *topk_errors(probs, labels), len(labels), bad], dtype=torch.float64)
+                probs = F.softmax(model(pipeline(batch)).float(), dim=1)
+        loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+        bad = (~torch.isfinite(probs)).any(1).sum()  # a softmax of finite logits never is NaN
+        sums += torch.cat([loss[None], topk_errors(probs, labels), bad[None]]).double()  # stays on the device
+        images += len(labels)
         bar.update(len(labels))
     bar.close()
-    loss, top1, top5, images, bad = placement.sum_replicas(sums).tolist()  # every replica sees the same
+    sums = torch.cat([sums.cpu(), torch.tensor([images], dtype=torch.float64)])  # the one wait on the device
+    loss, top1, top5, bad, images = placement.sum_replicas(sums).tolist()  # every replica sees the same
     if not images:
         raise EvaluationError(f"no images to evaluate in {getattr(dataset, 'name', 'the validation set')}")
     if bad:
@@ -218,7 +223,9 @@ class Run:
     say: object
     progress: bool
     alarm: LossAlarm
-    stop: StopRequest = field(default_factory=StopRequest)
+    stop: StopRequest = field(default_factory=StopRequest)  # this process's signals
+    stopping: bool = False  # every process agreed to stop (a signal reached one of them)
+    pending: list = field(default_factory=list)  # (step, rows, device sums) of the steps not read yet
     saved_step: int | None = None  # the step of the checkpoint this run last wrote or resumed
     timed: bool = False  # the CPU's pace was said
     totals: Totals = field(default_factory=Totals)  # the current epoch's
@@ -269,8 +276,10 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
 def start(placement, model_config, data, config, out, *, resume, progress, tensorboard) -> tuple[Run, object, object]:
     """Build the model and optimiser (from the checkpoint when resuming) and the run's logs."""
     train_set, val_set, checkpoint, stats = prepare(placement, model_config, data, config, resume)
-    torch.manual_seed(config.seed)  # the initial weights: the same in every placement
+    torch.manual_seed(config.seed)  # the initial weights (drawn on the CPU): the same in every placement
     module = placement.build(model_config)
+    if placement.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one input shape: cuDNN times its algorithms once
     optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, config)
     state, totals = RunState(), Totals()
@@ -295,8 +304,8 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
         state=state,
         configs={"model": model_config, "data": data, "train": config},
         stats=stats,
-        train_pipe=Pipeline(data, stats, placement.device, train=True),
-        val_pipe=Pipeline(data, stats, placement.device, train=False),
+        train_pipe=Pipeline(data, stats, placement.device, train=True, channels_last=config.channels_last),
+        val_pipe=Pipeline(data, stats, placement.device, train=False, channels_last=config.channels_last),
         log=log,
         last=Path(out) / "last.pt",
         say=say,
@@ -311,7 +320,8 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
 def save(run: Run) -> None:
     """Write last.pt in the single-process layout (every process takes part; the writer writes).
     Weights that are not all finite are never saved: the run stops, naming the last checkpoint."""
-    finite = all(bool(torch.isfinite(p).all()) for p in run.placement.module.parameters())
+    read_steps(run, run.totals)
+    finite = bool(torch.stack([torch.isfinite(p).all() for p in run.placement.module.parameters()]).all())
     if not run.placement.gather(torch.tensor([float(finite)], dtype=torch.float64)).all():
         raise TrainingError(f"the weights are not finite at step {run.state.step}; not saved; {_last_words(run)}")
     model, optimizer = run.placement.model_state(), run.placement.optimizer_state(run.optimizer)
@@ -344,45 +354,57 @@ def _hms(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, totals: Totals) -> None:
-    """One step on this process's rows of a global batch; every process agrees on the loss first."""
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """One step on this process's rows of a global batch. Nothing here waits for the device: the
+    step's loss and error count stay there until `read_steps` reads them, at a logging step."""
     config, placement, state = run.config, run.placement, run.state
     total = config.batch_size if placement.replicas > 1 else len(labels)  # rows of the global batch
     start = placement.shard(total).start
     torch.manual_seed(step_seed(config.seed, state.step))  # dropout masks of a one-tower net
-    placement.dropout(config.seed, state.step, start, total)
+    masks = placement.dropout_masks(config.seed, state.step, slice(start, start + len(labels)), total)
     x = run.train_pipe(images, torch.Generator().manual_seed(step_seed(config.seed, state.step)), (start, total))
-    if config.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     y = labels.to(placement.device, non_blocking=True)
     with autocast(run.runner, config.amp):
-        logits = run.runner(x)
+        logits = run.runner(x, masks)
     loss = F.cross_entropy(logits.float(), y)
     run.optimizer.zero_grad(set_to_none=True)
     (loss * placement.loss_scale).backward()
     wrong = topk_errors(logits.detach().float(), y, (1,))[0]
-    mine = torch.tensor([loss.item() * len(y), wrong, len(y), float(bool(run.stop))], dtype=torch.float64)
-    every = placement.gather(mine)  # (world, 4)
-    bad = [rank for rank in range(len(every)) if not math.isfinite(every[rank, 0])]
-    if bad:
-        raise TrainingError(
-            f"loss is {every[bad[0], 0].item() / max(every[bad[0], 2].item(), 1):g} at step {state.step + 1} "
-            f"on rank {', '.join(map(str, bad))}; stopped without saving; {_last_words(run)}"
-        )
+    run.pending.append((state.step + 1, len(y), torch.stack([loss.detach().double() * len(y), wrong.double()])))
     if state.step < config.warmup_steps:
         set_lr(run.optimizer, config.lr * (state.step + 1) / config.warmup_steps)
     run.optimizer.step()
     state.step, state.batch = state.step + 1, state.batch + 1
-    sums = every[:, :3].sum(0) / placement.copies
-    warning = run.alarm.observe(state.step, sums[0].item() / sums[2].item())  # the global loss: same on every rank
-    if warning and run.log is not None:
-        run.say(warning)
-        run.log.note(state.step, warning)
-    loss, wrong, images = sums.tolist()
-    totals.loss, totals.wrong, totals.images = totals.loss + loss, totals.wrong + wrong, totals.images + images
-    totals.timed_images += images
-    if every[:, 3].any():
-        run.stop.signals = max(run.stop.signals, 1)  # any process asked: every process stops here
+
+
+def read_steps(run: Run, totals: Totals) -> None:
+    """The losses and error counts of the steps since the last read, copied from the device at once
+    (the one wait on it in training) and agreed over processes: a non-finite loss stops the run,
+    naming its step; the alarm hears every step's global loss; the epoch's totals grow."""
+    if not run.pending:
+        return
+    placement, steps = run.placement, [step for step, _, _ in run.pending]
+    rows = torch.tensor([[n] for _, n, _ in run.pending], dtype=torch.float64)  # (k, 1)
+    sums = torch.stack([value for _, _, value in run.pending]).cpu()  # (k, 2): loss * rows, top-1 errors
+    run.pending.clear()
+    every = placement.gather(torch.cat([sums, rows], 1).flatten()).view(-1, len(steps), 3)  # (world, k, 3)
+    bad = ~torch.isfinite(every[:, :, 0])
+    if bad.any():
+        first = int(bad.any(0).nonzero()[0, 0])  # the first step with a non-finite loss on some rank
+        ranks = bad[:, first].nonzero().flatten().tolist()
+        loss = float(every[ranks[0], first, 0] / max(float(every[ranks[0], first, 2]), 1.0))
+        late = "" if first == len(steps) - 1 else f" (read at step {steps[-1]}: losses are read every -p steps)"
+        raise TrainingError(
+            f"loss is {loss:g} at step {steps[first]} on rank {', '.join(map(str, ranks))}; stopped without saving; "
+            f"{_last_words(run)}{late}"
+        )
+    for step, (loss, wrong, images) in zip(steps, (every.sum(0) / placement.copies).tolist(), strict=True):
+        warning = run.alarm.observe(step, loss / images)  # the global loss: the same on every rank
+        if warning and run.log is not None:
+            run.say(warning)
+            run.log.note(step, warning)
+        totals.loss, totals.wrong, totals.images = totals.loss + loss, totals.wrong + wrong, totals.images + images
+        totals.timed_images += images
 
 
 def _last_words(run: Run) -> str:
@@ -402,6 +424,7 @@ def log_step(run: Run, totals: Totals, steps_per_epoch: int, bar: tqdm) -> None:
         )
     if not (state.step % config.log_every == 0 or state.batch == steps_per_epoch or _done(state, config)):
         return
+    read_steps(run, totals)
     rate = totals.timed_images / (time.perf_counter() - totals.since)
     lr, loss = run.optimizer.param_groups[0]["lr"], totals.loss / totals.images
     bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:g}")
@@ -455,18 +478,23 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
         keep_empty=True,
     )
     for images, labels in _until_stopped(stream, run.stop):
-        if _done(state, config) or run.stop:
+        if _done(state, config):
             break
-        if not placement.gather(torch.tensor([float(len(labels))], dtype=torch.float64)).all():
+        rows, run.stopping = placement.agree(len(labels), bool(run.stop))  # on the host: no wait on the device
+        if run.stopping:
+            break
+        if not rows:
             state.batch += 1  # every image of a share was unreadable: no step anywhere, the batch counted
             bar.update(1)
             continue
-        train_step(run, images, labels, totals)
+        train_step(run, images, labels)
         bar.update(1)
         log_step(run, totals, steps, bar)
     bar.close()
+    read_steps(run, totals)
+    run.stopping = run.stopping or placement.agree(1, bool(run.stop))[1]  # a signal during the last step
     ran_out = state.batch >= steps
-    return totals if ran_out and not run.stop else None
+    return totals if ran_out and not run.stopping else None
 
 
 def end_epoch(run: Run, val_set, totals: Totals) -> dict | None:
@@ -486,6 +514,7 @@ def end_epoch(run: Run, val_set, totals: Totals) -> dict | None:
     except RuntimeError:
         if not run.stop:
             raise
+        run.stopping = True
         return None  # the loader's workers were stopped with the run: the resumed run validates
     lr, train_loss = run.optimizer.param_groups[0]["lr"], totals.loss / max(totals.images, 1)
     if run.log is not None:
@@ -535,18 +564,21 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
     state, val = run.state, {}
     with run.stop:  # until the run's last word: a signal during the save or after it is only counted
         try:
-            while state.epoch < config.epochs and not _done(state, config) and not run.stop:
+            while state.epoch < config.epochs and not _done(state, config):
+                run.stopping = run.stopping or placement.agree(1, bool(run.stop))[1]
+                if run.stopping:
+                    break
                 totals = train_one_epoch(run, train_set)
                 if totals is not None:
                     val = end_epoch(run, val_set, totals) or val
-            if run.saved_step != state.step or run.stop:
+            if run.saved_step != state.step or run.stopping:
                 save(run)
         finally:
             if run.log is not None:
                 run.log.close()
-        if run.stop:
+        if run.stopping:
             run.say(f"stopped at step {state.step}; saved {run.last}: continue with --resume {run.last}")
-    if run.stop:
+    if run.stopping:
         raise KeyboardInterrupt
     return {"step": state.step, "epoch": state.epoch, "val": val, "checkpoint": str(run.last)}
 

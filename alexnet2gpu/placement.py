@@ -7,9 +7,10 @@ asks a placement for:
 
 - the model: what the optimiser updates (`module`) and what the batch goes through (`runner`);
 - the rows of each global batch this process feeds (`shard`) and the loss scaling (`loss_scale`);
-- the dropout masks of a step (`dropout`), drawn per tower for the whole global batch, so that they
-  do not depend on how the batch is split over processes;
-- numbers agreed over processes (`gather`, `sum_replicas`, `broadcast`);
+- the dropout masks of a step (`dropout_masks`), drawn per tower for the whole global batch, so that
+  they do not depend on how the batch is split over processes;
+- numbers agreed over processes: on the host at every step (`agree`: rows to train on, a stop asked),
+  and at logging steps and epoch ends (`gather`, `sum_replicas`, `broadcast`);
 - checkpoint state in the single-process layout (`model_state`, `optimizer_state`) and back.
 """
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from alexnet2gpu.checkpoint import CheckpointError, load_weights
 from alexnet2gpu.config import AlexNetConfig
+from alexnet2gpu.layers import dropout_generator
 from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
 
 TOWERS = ("tower_a", "tower_b")
@@ -30,11 +32,6 @@ def build_model(config: AlexNetConfig, devices: tuple[torch.device, torch.device
     if config.towers == 2:
         return AlexNet2GPU(config, devices)
     return AlexNetFused(config, device=devices[0])
-
-
-def dropout_generator(seed: int, step: int, tower: int, device: torch.device) -> torch.Generator:
-    """Tower `tower`'s dropout masks of `step`: a function of (seed, step, tower) alone."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 8 + tower)
 
 
 class Placement:
@@ -77,11 +74,21 @@ class Placement:
         """The rows of a global batch of `n` that this process feeds."""
         return slice(0, n)
 
-    def dropout(self, seed: int, step: int, start: int, total: int) -> None:
-        """This step's masks: per tower for the global batch, this process taking rows from `start`."""
-        if isinstance(self.module, AlexNet2GPU):
-            for index, tower in enumerate((self.module.tower_a, self.module.tower_b)):
-                tower.drop.masks = (dropout_generator(seed, step, index, tower.fc6.weight.device), start, total)
+    def dropout_masks(self, seed: int, step: int, rows: slice, total: int):
+        """This step's masks, per tower for the global batch of `total`, this process taking `rows`:
+        the model's `masks` argument (None for the one-tower net, which draws its own)."""
+        if not isinstance(self.module, AlexNet2GPU):
+            return None
+        towers = (self.module.tower_a, self.module.tower_b)
+        return tuple(
+            tower.dropout_masks(dropout_generator(seed, step, index, tower.fc6.weight.device), rows, total)
+            for index, tower in enumerate(towers)
+        )
+
+    def agree(self, rows: int, stop: bool) -> tuple[bool, bool]:
+        """(every process has rows to train on, some process asks to stop), agreed on the host at every
+        step: plain Python here, no tensor and no wait on the device."""
+        return rows > 0, stop
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """(world, k): every process's `values` (k floats), the same on every process."""

@@ -6,7 +6,9 @@ uint8 images (N, C, h, w) as stored -> float network inputs (N, C, 224, 224):
     -> PCA colour noise (train);  centre crop or ten crops (evaluation)
 
 Random draws (offsets, flips, alphas) are small and come from a CPU generator seeded per step,
-so the same seed gives the same augmentation on any device and after a resume.
+so the same seed gives the same augmentation on any device and after a resume; they reach the
+device in one pinned, non-blocking copy, so the host never waits for the device here. Inputs leave
+in NCHW memory, or channels-last with `channels_last` (the model's format: no conversion per conv).
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ def crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, flip
     """Per-image crops (N, C, size, size) at (top[i], left[i]), mirrored where flip[i], in one gather."""
     n = x.shape[0]
     steps = torch.arange(size, device=x.device)
-    rows = top.to(x.device)[:, None] + steps  # (N, size)
-    cols = left.to(x.device)[:, None] + steps  # (N, size)
+    rows = top[:, None] + steps  # (N, size); top, left and flip on x's device
+    cols = left[:, None] + steps  # (N, size)
     if flip is not None:
-        cols = torch.where(flip.to(x.device)[:, None], cols.flip(1), cols)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=x.device)[:, None, None]
     out = x[batch, :, rows[:, :, None], cols[:, None, :]]  # (N, size, size, C)
     return out.permute(0, 3, 1, 2)  # (N, C, size, size), channels-last in memory
@@ -55,7 +57,7 @@ def resized_crop(
     without making the 256x256 image: the crop of a resize is two small matrix products per image,
     rows (size, h) @ x (h, w) @ cols (w, size)."""
     h, w = x.shape[-2:]
-    steps = torch.arange(size)
+    steps = torch.arange(size, device=x.device)
     rows = resize_matrix(h, stage, x.device)[top[:, None] + steps]  # (N, size, h)
     col_index = left[:, None] + steps  # (N, size)
     if flip is not None:
@@ -94,11 +96,27 @@ def pca_noise(
 class Pipeline:
     """Stored uint8 batches -> network inputs, on `device`. `train` picks augmentation."""
 
-    def __init__(self, config: DataConfig, stats: DataStats | None, device: torch.device | str, train: bool) -> None:
+    def __init__(
+        self,
+        config: DataConfig,
+        stats: DataStats | None,
+        device: torch.device | str,
+        train: bool,
+        *,
+        channels_last: bool = False,
+    ) -> None:
         if config.preset == "paper" and stats is None:
             raise ValueError("the paper's pipeline needs the training set's statistics (mean image, PCA)")
         self.config, self.stats, self.device, self.train = config, stats, torch.device(device), train
         self.mean = stats.mean.to(self.device) if stats is not None else None
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on the device without waiting: pinned, then copied asynchronously (the
+        caching host allocator keeps the pinned buffer until the copy is done)."""
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) uint8 -> float at the stored size: mean image subtracted (P 2)."""
@@ -128,29 +146,37 @@ class Pipeline:
         the batch augments its rows exactly as one process feeding all of it would."""
         config, size = self.config, self.config.crop_size
         if config.preset == "seed":
-            return self.stage(images)
+            return self.stage(images).contiguous(memory_format=self.memory_format)
         if not self.train:
-            return center_crop(self.stage(images), size)
+            return center_crop(self.stage(images), size).contiguous(memory_format=self.memory_format)
         start, total = rows or (0, images.shape[0])
         n, span = images.shape[0], config.stage_size - size + 1
         total, mine = max(total, start + n), slice(start, start + n)
         generator = generator or torch.Generator().manual_seed(0)
-        top = torch.randint(span, (total,), generator=generator)[mine]
-        left = torch.randint(span, (total,), generator=generator)[mine]
-        flip = (torch.rand(total, generator=generator) < 0.5)[mine] if config.flips else None
+        params = [
+            torch.randint(span, (total,), generator=generator),
+            torch.randint(span, (total,), generator=generator),
+        ]
+        params.append(torch.rand(total, generator=generator) < 0.5 if config.flips else torch.zeros(total))
+        params = [p.float()[:, None] for p in params]  # offsets below 2^24: exact in float32
+        if config.pca_noise:
+            params.append(
+                pca_noise(total, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
+            )
+        params = self.to_device(torch.cat(params, 1)[mine])  # (N, 3 + C): top, left, flip, PCA noise
+        top, left, flip = params[:, 0].long(), params[:, 1].long(), params[:, 2].bool() if config.flips else None
         x = self.normalise(images)
         if x.shape[-1] == config.stage_size and x.shape[-2] == config.stage_size:
             x = crop(x, top, left, size, flip)
         else:
             x = resized_crop(x, config.stage_size, top, left, size, flip)
+        x = x.contiguous(memory_format=self.memory_format)
         if config.pca_noise:
-            noise = pca_noise(total, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
-            noise = noise[mine]  # (N, C)
-            x.add_(noise.to(self.device)[:, :, None, None])  # in place: x is this call's own tensor
+            x.add_(params[:, 3:, None, None])  # (N, C, 1, 1), in place: x is this call's own tensor
         return x
 
     def ten_crops(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) uint8 -> (N, 10, C, 224, 224): the paper's test-time patches."""
         if self.config.preset == "seed":
             raise ValueError("ten-crop needs the paper's pipeline (--preset paper): the seed's has no crops")
-        return ten_crop(self.stage(images), self.config.crop_size)
+        return ten_crop(self.stage(images), self.config.crop_size)  # the caller flattens, then copies
