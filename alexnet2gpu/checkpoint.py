@@ -28,12 +28,16 @@ class CheckpointError(RuntimeError):
 def save(checkpoint: dict, path: str | Path) -> Path:
     """Write to a temporary file beside `path`, then rename: a crash leaves the old file whole.
 
+    Every tensor is written from a CPU copy, so that the file loads on a machine with fewer GPUs or
+    none (`torch.load(path, weights_only=True)`, no map_location needed).
+
     A disk too small for the checkpoint is refused before writing (torch.save's own error for a
     full disk is an opaque "unexpected pos"); a write that fails anyway removes its partial file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    checkpoint = to_cpu(checkpoint)
     need = tensor_bytes(checkpoint)
     free = shutil.disk_usage(path.parent).free
     if need > free:
@@ -54,6 +58,17 @@ def save(checkpoint: dict, path: str | Path) -> Path:
             f"{_mb(free)} free on its disk, about {_mb(need)} needed; any previous checkpoint there is unchanged"
         ) from None
     return path
+
+
+def to_cpu(obj):
+    """`obj` with every tensor inside nested dicts, lists and tuples as a CPU copy (CPU tensors as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {key: to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(value) for value in obj)
+    return obj
 
 
 def tensor_bytes(obj) -> int:
@@ -194,6 +209,8 @@ def check_resume(checkpoint: dict, configs: dict, path: str | Path) -> None:
 
 
 def rng_state() -> dict:
+    """The global generators' states, for the record: a run's draws do not depend on them, since every
+    step reseeds from (seed, step) and every epoch's order comes from (seed, epoch)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -201,6 +218,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the CPU state and those of the saved CUDA devices that this machine has: a checkpoint
+    written with 8 GPUs visible resumes on 2, on 1 or on none (`set_rng_state_all` would raise)."""
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

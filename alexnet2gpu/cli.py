@@ -102,6 +102,13 @@ def add_train(sub) -> None:
         choices=["devices", "tower-processes"],
         help="devices: both towers in this process; tower-processes: one tower per rank (under torchrun)",
     )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=10.0,
+        metavar="MINUTES",
+        help="tower processes: end the run, naming the rank, when one does not answer for this long (default 10)",
+    )
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument(
         "-b",
@@ -284,11 +291,13 @@ def cmd_train(args, given: set[str]) -> None:
     if args.parallel == "tower-processes":
         from alexnet2gpu.distributed import train_tower_processes
 
+        require("--dist-timeout", args.dist_timeout, args.dist_timeout > 0, "a positive number of minutes")
+
         if args.devices:
             raise ValueError(
                 "--devices does not apply to --parallel tower-processes: each rank takes the GPU of its LOCAL_RANK"
             )
-        result = train_tower_processes(model, data, config, args.out, **options)
+        result = train_tower_processes(model, data, config, args.out, **options, timeout=args.dist_timeout)
         if result["rank"] == 0:
             print(json.dumps({k: result[k] for k in ("step", "epoch", "val", "checkpoint")}))
         return

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -32,19 +33,20 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
-from alexnet2gpu.checkpoint import load_weights
+from alexnet2gpu.checkpoint import load_weights, to_cpu
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.engine import fit
+from alexnet2gpu.engine import TrainingError, fit
+from alexnet2gpu.layers import dropout_generator
 from alexnet2gpu.model import AlexNet2GPU, Tower, check_input
 from alexnet2gpu.placement import (
     Placement,
-    dropout_generator,
     load_named_optimizer_state,
     merge_named_states,
     named_optimizer_state,
 )
 
 TOWERS = ("tower_a", "tower_b")
+DEFAULT_TIMEOUT = 10.0  # minutes a collective waits for a silent rank (gloo's and NCCL's own default: 30)
 # all_gather_single_autograd replaces all_gather_tensor_autograd in newer torch; both are differentiable
 _all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
@@ -64,14 +66,16 @@ class TowerProcess(nn.Module):
         both = _all_gather(x.contiguous(), gather_dim=0, group=self.group)  # (2N, ...): A's rows, then B's
         return torch.cat(both.chunk(2), dim=1)  # (N, 2C, ...)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, num_classes), the same on both ranks of the pair."""
+    def forward(self, x: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (N, num_classes), the same on both ranks of the pair. `masks`: this tower's fc6 and
+        fc7 dropout masks (`Tower.dropout_masks`); drawn here when None."""
         check_input(x, self.config)
         t = self.tower
+        m6, m7 = masks or (None, None)
         a = self.gather(t.own_maps(x))  # conv3 reads both towers: (N, 256, 13, 13)
         a = self.gather(t.upper_maps(a))  # fc6: (N, 9216)
-        a = self.gather(t.fc(t.fc6, a))  # fc7: (N, 4096)
-        a = self.gather(t.fc(t.fc7, a))  # fc8: (N, 4096)
+        a = self.gather(t.fc(t.fc6, a, m6))  # fc7: (N, 4096)
+        a = self.gather(t.fc(t.fc7, a, m7))  # fc8: (N, 4096)
         return self.gather(t.fc8(a))  # (N, 500 + 500)
 
     def load_from_towers(self, state: dict[str, torch.Tensor]) -> None:
@@ -108,34 +112,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_rank(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+def _run_rank(rank: int, fn: Callable, world_size: int, port: int, timeout: float, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.update(LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # forked from a process whose thread pool must not be reused
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout))
     try:
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 
 
-def launch(fn: Callable, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, *args) in `world_size` forked processes on gloo; raises if one fails."""
-    mp.start_processes(_run_rank, args=(fn, world_size, free_port(), args), nprocs=world_size, start_method="fork")
+def launch(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Run fn(rank, world_size, *args) in `world_size` forked processes on gloo (collectives time out
+    after `timeout` minutes); raises if one fails."""
+    port = free_port()
+    mp.start_processes(_run_rank, args=(fn, world_size, port, timeout, args), nprocs=world_size, start_method="fork")
+
+
+def silent_ranks(world: int, rank: int, wait: float) -> list[int] | None:
+    """After a collective timed out: the ranks that do not answer a roll call on the rendezvous store
+    within `wait` seconds (a rank stopped or hung answers nothing); None when the store is gone too.
+    Every rank that timed out calls it, at about the same time, since they waited on the same collective."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=wait))
+        store.set(f"alexnet2gpu/roll-call/{rank}", "here")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(world) if not store.check([f"alexnet2gpu/roll-call/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the store's host may be the silent one
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
 # the placement the training loop runs on: `python -m alexnet2gpu train --parallel tower-processes`
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
 
 
 class TowerRanks(Placement):
@@ -144,12 +158,16 @@ class TowerRanks(Placement):
     copies = 2  # both ranks of a pair hold the same loss and error counts
     loss_scale = 0.5  # see replicated_loss
 
-    def __init__(self, mesh, device: torch.device) -> None:
+    def __init__(self, mesh, device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> None:
         super().__init__((device, device))
+        self.timeout = timeout
         self.mesh = mesh
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.tower, self.replica = mesh.get_local_rank("tower"), mesh.get_local_rank("dp")
         self.replicas = self.world // 2
+        # host numbers (row counts, stop flags, logged sums) travel on gloo: an NCCL collective would
+        # put them on the device and read them back, a wait on the device at every step
+        self.host = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     def build(self, config: AlexNetConfig) -> nn.Module:
         """This rank's tower of the single-process model's initial weights (every rank draws them all)."""
@@ -173,15 +191,36 @@ class TowerRanks(Placement):
         part = n // self.replicas
         return slice(self.replica * part, (self.replica + 1) * part)
 
-    def dropout(self, seed: int, step: int, start: int, total: int) -> None:
+    def dropout_masks(self, seed: int, step: int, rows: slice, total: int):
         tower = self.module.tower
-        tower.drop.masks = (dropout_generator(seed, step, self.tower, tower.fc6.weight.device), start, total)
+        return tower.dropout_masks(dropout_generator(seed, step, self.tower, tower.fc6.weight.device), rows, total)
+
+    def agree(self, rows: int, stop: bool) -> tuple[bool, bool]:
+        every = self.gather(torch.tensor([float(rows), float(stop)], dtype=torch.float64))  # (world, 2)
+        return bool(every[:, 0].all()), bool(every[:, 1].any())
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
-        values = values.to(self.devices[0])
+        """(world, k): every rank's host `values`, over the host (gloo) group: no device involved. A rank
+        that does not answer within the collective timeout ends the run, named."""
         every = [torch.zeros_like(values) for _ in range(self.world)]
-        dist.all_gather(every, values)
-        return torch.stack(every).cpu()
+        try:
+            dist.all_gather(every, values, group=self.host)
+        except RuntimeError as error:
+            if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+                raise
+            silent = silent_ranks(self.world, self.rank, wait=min(30.0, self.timeout * 60))
+            who = (
+                f"rank {', '.join(map(str, silent))} did not answer"
+                if silent
+                else "the rank holding the rendezvous store did not answer (rank 0 with a fixed MASTER_ADDR)"
+                if silent is None
+                else "every rank answered the roll call afterwards (a slow rank, or a network fault)"
+            )
+            raise TrainingError(
+                f"rank {self.rank}: a collective timed out ({self.timeout:g} min, --dist-timeout): {who}; "
+                "a stopped (kill -STOP) or hung process, or a lost node; resume from the last checkpoint"
+            ) from None
+        return torch.stack(every)
 
     def sum_replicas(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.devices[0])
@@ -205,7 +244,7 @@ class TowerRanks(Placement):
         return parts
 
     def model_state(self) -> dict[str, torch.Tensor] | None:
-        parts = self._pair_to_rank0(_to_cpu(self.module.tower.state_dict()))
+        parts = self._pair_to_rank0(to_cpu(self.module.tower.state_dict()))
         if self.rank != 0:
             return None
         return {f"{TOWERS[t]}.{k}": v for t in range(2) for k, v in parts[t].items()}
@@ -217,7 +256,7 @@ class TowerRanks(Placement):
         )
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
-        parts = self._pair_to_rank0(_to_cpu(named_optimizer_state(optimizer, self.names())))
+        parts = self._pair_to_rank0(to_cpu(named_optimizer_state(optimizer, self.names())))
         return merge_named_states(parts) if self.rank == 0 else None
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict, path: str) -> None:
@@ -234,9 +273,12 @@ def train_tower_processes(
     progress: bool = True,
     tensorboard: bool = True,
     overwrite: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> dict:
     """One rank of a tower-process run (torchrun, or `launch`, starts 2 x D of them): the same loop
-    and recipe as `engine.train`, on the `TowerRanks` placement."""
+    and recipe as `engine.train`, on the `TowerRanks` placement. A collective that waits more than
+    `timeout` minutes for a rank ends the run, naming the rank. The process group this function
+    starts, it also ends (`destroy_process_group`), on every exit."""
     if not dist.is_initialized() and "RANK" not in os.environ:
         raise ValueError(
             "--parallel tower-processes runs one tower per process: start it with "
@@ -244,15 +286,22 @@ def train_tower_processes(
         )
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
-    world = dist.get_world_size()
-    mesh = mesh_for(world, "cuda" if cuda else "cpu")
-    if config.batch_size % (world // 2):
-        raise ValueError(f"--batch-size {config.batch_size} must split evenly over {world // 2} tower pairs")
-    placement = TowerRanks(mesh, torch.device(f"cuda:{local}") if cuda else torch.device("cpu"))
-    options = dict(resume=resume, progress=progress, tensorboard=tensorboard, overwrite=overwrite)
-    result = fit(placement, model_config, data, config, out, **options)
-    return {**result, "rank": placement.rank}
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    started = not dist.is_initialized()
+    if started:
+        if cuda:  # NCCL by the book: this rank's GPU set, and named to the process group
+            torch.cuda.set_device(device)
+        backend, device_id = ("nccl", device) if cuda else ("gloo", None)
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout), device_id=device_id)
+    try:
+        world = dist.get_world_size()
+        mesh = mesh_for(world, "cuda" if cuda else "cpu")
+        if config.batch_size % (world // 2):
+            raise ValueError(f"--batch-size {config.batch_size} must split evenly over {world // 2} tower pairs")
+        placement = TowerRanks(mesh, device, timeout)
+        options = dict(resume=resume, progress=progress, tensorboard=tensorboard, overwrite=overwrite)
+        result = fit(placement, model_config, data, config, out, **options)
+        return {**result, "rank": placement.rank}
+    finally:
+        if started:
+            dist.destroy_process_group()
