@@ -23,8 +23,8 @@ from alexnet2gpu.config import DataConfig, TrainConfig
 from alexnet2gpu.datasets import batches
 from alexnet2gpu.distributed import TowerProcess, launch, mesh_for, replicated_loss, train_tower_processes, wrap
 from alexnet2gpu.engine import train
+from alexnet2gpu.layers import dropout_generator
 from alexnet2gpu.logs import read_csv
-from alexnet2gpu.placement import dropout_generator
 
 CONFIG = AlexNetConfig(num_classes=10)  # the paper's init: logits and gradients of order 1 and below
 SEED, STEP = 7, 3
@@ -46,12 +46,8 @@ def worker(rank: int, world: int, tmp: str, mistake: str) -> None:
     n = setup["x"].shape[0] // replicas
     rows = slice(replica * n, (replica + 1) * n)
     masks = 0 if mistake == "shared-dropout" else tower  # one generator for both towers, as a global seed
-    module.tower.drop.masks = (
-        dropout_generator(SEED, STEP, masks, torch.device("cpu")),
-        rows.start,
-        setup["x"].shape[0],
-    )
-    logits = model(setup["x"][rows])
+    masks = module.tower.dropout_masks(dropout_generator(SEED, STEP, masks, torch.device("cpu")), rows, len(setup["x"]))
+    logits = model(setup["x"][rows], masks)
     loss = F.cross_entropy(logits, setup["y"][rows]) if mistake == "loss-not-divided" else None
     (loss if loss is not None else replicated_loss(logits, setup["y"][rows])).backward()
     grads = {name: p.grad for name, p in module.tower.named_parameters()}
@@ -71,9 +67,11 @@ def compare(tmp: Path, world: int, mistake: str = "none") -> float:
     )
     torch.save({"state": reference.state_dict(), "x": x, "y": y}, tmp / "setup.pt")
     launch(worker, world, str(tmp), mistake)
-    for index, tower in enumerate((reference.tower_a, reference.tower_b)):
-        tower.drop.masks = (dropout_generator(SEED, STEP, index, torch.device("cpu")), 0, len(y))
-    logits = reference.train()(x)
+    masks = tuple(
+        tower.dropout_masks(dropout_generator(SEED, STEP, index, torch.device("cpu")), slice(0, len(y)), len(y))
+        for index, tower in enumerate((reference.tower_a, reference.tower_b))
+    )
+    logits = reference.train()(x, masks)
     F.cross_entropy(logits, y).backward()
     worst = 0.0
     for rank in range(world):
