@@ -36,14 +36,16 @@ SAY_WHY_NO_CUDA = $(PY) -c 'from alexnet2gpu.devices import why_no_cuda; why = w
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
 ifeq ($(strip $(TORCH_PIN)),)
+# (a Python without ensurepip makes a venv without pip: pip then comes from that Python's packages)
+	$(PYTHON) -m venv $(VENV) || $(PYTHON) -m venv --without-pip $(VENV)
 	$(PYTHON) -c 'import site; print("\n".join([*site.getsitepackages(), site.getusersitepackages()]))' \
 	  > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine-site-packages.pth"
 	$(PY) -m pip install --quiet --retries 1 --timeout 15 -e '.[dev]' \
 	  || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e . \
 	  || echo "setup: alexnet2gpu is not installed in $(VENV); commands run from this folder import it from here"
 else
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[dev]'
