@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch 2.14.1 / torchvision 0.29.1 are the newest releases the project is tested with; a GPU
-# machine with torch 2.11 to 2.14 already installed can pass TORCH_PIN= to keep its own.
+# torch 2.14.1 / torchvision 0.29.1 are the newest releases the project is tested with. Their default
+# wheels are built for CUDA 13, which needs an NVIDIA driver of 580 or newer; on an older driver torch
+# sees no GPU (make train-1gpu says so): take the CUDA 12 build instead,
+#   make clean && make setup TORCH_PIN="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126"
+# TORCH_PIN= keeps the torch of the Python that makes the venv (PYTHON, torch 2.11 to 2.14): the venv
+# sees that Python's packages, and setup then works without a package registry (GPU machines here).
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 # Training runs: `make train-1gpu DATASET=imagenet DATA=/data/imagenet EPOCHS=90 OUT=runs/imagenet`
@@ -23,17 +27,29 @@ ALLOC_ENV_keep := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=42949
 ALLOC_ENV_tcmalloc = $(if $(TCMALLOC_LIB),LD_PRELOAD=$(TCMALLOC_LIB),$(error ALLOC=tcmalloc: no libtcmalloc found; apt-get install libtcmalloc-minimal4))
 RUN = $(if $(ALLOC),$(ALLOC_ENV_$(ALLOC))) $(PY)
 TRAIN := $(RUN) -m alexnet2gpu train --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT)
-CUDA_COUNT = $(shell $(PY) -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+CUDA_COUNT = $(or $(shell $(PY) -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"),0)
+# One line on why torch sees no GPU where nvidia-smi lists some (alexnet2gpu.devices.why_no_cuda); nothing otherwise.
+SAY_WHY_NO_CUDA = $(PY) -c 'from alexnet2gpu.devices import why_no_cuda; why = why_no_cuda(); why and print("warning:", why)'
 
 .PHONY: setup test lint clean train-2gpu train-1gpu train-dist evaluate plot demo gpu-check bench stage
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
+ifeq ($(strip $(TORCH_PIN)),)
+# (a Python without ensurepip makes a venv without pip: pip then comes from that Python's packages)
+	$(PYTHON) -m venv $(VENV) || $(PYTHON) -m venv --without-pip $(VENV)
+	$(PYTHON) -c 'import site; print("\n".join([*site.getsitepackages(), site.getusersitepackages()]))' \
+	  > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine-site-packages.pth"
+	$(PY) -m pip install --quiet --retries 1 --timeout 15 -e '.[dev]' \
+	  || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e . \
+	  || echo "setup: alexnet2gpu is not installed in $(VENV); commands run from this folder import it from here"
+else
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(if $(TORCH_PIN),$(PY) -m pip install --quiet $(TORCH_PIN))
+	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[dev]'
+endif
 	touch $@
 
 lint: setup
@@ -48,6 +64,7 @@ clean:
 
 train-2gpu: setup
 	@if [ "$(CUDA_COUNT)" -lt 2 ]; then \
+	  $(SAY_WHY_NO_CUDA); \
 	  echo "train-2gpu needs two CUDA GPUs; this machine has $(CUDA_COUNT). Use 'make train-1gpu' (both towers on one device)."; \
 	  exit 1; fi
 	$(TRAIN) --devices cuda:0,cuda:1 $(ARGS)
@@ -56,6 +73,7 @@ train-1gpu: setup
 	@if [ "$(CUDA_COUNT)" -ge 1 ]; then \
 	  $(TRAIN) --devices cuda:0 $(ARGS); \
 	else \
+	  $(SAY_WHY_NO_CUDA); \
 	  echo "No CUDA GPU: both towers on the CPU. This is slow; the first steps print the time an epoch will take."; \
 	  $(TRAIN) --devices cpu $(ARGS); fi
 
@@ -82,9 +100,12 @@ demo: setup
 	$(RUN) -m alexnet2gpu evaluate --checkpoint runs/demo/last.pt --val-subset 1000 --devices cpu
 	$(PY) -m alexnet2gpu plot runs/demo
 
-# One script for a one-GPU machine (GPU tests, bench on cuda, a short training run); see the script.
-gpu-check:
-	bash tools/gpu_check.sh
+# One script for a GPU machine (GPU tests, bench on cuda, short training runs; with two GPUs, 1 GPU vs
+# 2 GPUs vs torchrun): a table of PASS/FAIL/SKIP, non-zero exit on a FAIL; see the script. Outputs in
+# gpu-check/ (or OUT=... given on the command line). Without registry access: make setup TORCH_PIN= first.
+GPU_CHECK_OUT = $(if $(filter command line,$(origin OUT)),$(OUT),gpu-check)
+gpu-check: setup
+	PY=$(PY) OUT=$(GPU_CHECK_OUT) bash tools/gpu_check.sh
 
 # ImageNet decoded once to 256x256 JPEG shards (hours for a million images; resumable):
 #   make stage DATA=/data/imagenet OUT=/data/imagenet-staged [ARGS="-j 16 --quality 95"]

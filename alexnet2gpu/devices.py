@@ -5,13 +5,53 @@ Used by the command line only: the model builds on whatever devices it is given,
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Sequence
 
 import torch
 
+# torch's CUDA 12 build of the pinned version, for a driver too old for the default CUDA 13 wheel
+CUDA12_PIN = "torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126"
+
 
 class DeviceError(ValueError):
     """A requested device does not exist on this machine."""
+
+
+def _nvidia_smi(*args: str, timeout: float) -> str:
+    """nvidia-smi's output, or "" when it is not on PATH, fails or hangs (a wedged driver can)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ""
+    try:
+        done = subprocess.run([smi, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def why_no_cuda(timeout: float = 5.0) -> str | None:
+    """One line when torch sees no CUDA device although nvidia-smi lists GPUs, else None.
+
+    The usual cause: the pinned torch wheel is built for CUDA 13, and an older driver makes
+    `torch.cuda.is_available()` False, so a run would quietly take the CPU. The line names torch's
+    version and CUDA build, the driver, and the two fixes.
+    """
+    if torch.cuda.is_available():
+        return None
+    gpus = [line for line in _nvidia_smi("-L", timeout=timeout).splitlines() if line.startswith("GPU")]
+    if not gpus:
+        return None
+    drivers = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader", timeout=timeout).split()
+    driver = drivers[0] if drivers else "unknown"
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+    return (
+        f"nvidia-smi lists {len(gpus)} GPU(s) (driver {driver}) but torch {torch.__version__}, built for {build}, "
+        f"sees none (a driver older than torch's CUDA build does this): install torch's CUDA 12 build with "
+        f'`make clean && make setup TORCH_PIN="{CUDA12_PIN}"`, or keep this machine\'s own torch with '
+        f"`make clean && make setup TORCH_PIN=`"
+    )
 
 
 def available_devices() -> list[str]:
