@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from image_trees import awkward_images, leftovers, unreadable_images
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from alexnet2gpu import stats as stats_module
 from alexnet2gpu.config import DataConfig
 from alexnet2gpu.datasets import (
     DatasetError,
@@ -75,6 +77,24 @@ def test_fitted_mean_image_is_the_per_pixel_mean() -> None:
     cov = torch.cov(pixels, correction=0)
     vec, val = stats.eigvec.double(), stats.eigval.double()
     assert torch.allclose(vec @ torch.diag(val) @ vec.T, cov, atol=1e-6)
+    assert stats.provenance["images"] == 37
+
+
+def test_stats_fit_on_images_decoded_on_the_gpu_returns_cpu_tensors(monkeypatch) -> None:
+    """With --gpu-decode, `batches` yields images already on CUDA (StagedImages.decode_batch): the
+    sums live on the images' device and the statistics come back on the CPU, where they are cached.
+    Imitated on fake cuda:0, where a CPU sum plus a CUDA batch is the device mismatch it was."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+
+        def on_the_gpu(dataset, batch_size, **_):
+            for start in range(0, len(dataset), batch_size):
+                n = min(batch_size, len(dataset) - start)
+                yield torch.zeros(n, 3, 9, 9, dtype=torch.uint8, device="cuda:0"), torch.zeros(n, dtype=torch.long)
+
+        monkeypatch.setattr(stats_module, "batches", on_the_gpu)
+        stats = fit_stats(range(37), batch_size=8)
+    for tensor, shape in [(stats.mean, (3, 9, 9)), (stats.eigvec, (3, 3)), (stats.eigval, (3,))]:
+        assert tensor.device == torch.device("cpu") and tensor.dtype == torch.float32 and tensor.shape == shape
     assert stats.provenance["images"] == 37
 
 
