@@ -14,13 +14,15 @@ import multiprocessing
 import os
 import signal
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from alexnet2gpu.images import IMAGE_EXTENSIONS, UnreadableImage, is_ignored, is_image_name, stage_image
+from alexnet2gpu.prefetch import prefetch
 
 log = logging.getLogger(__name__)
 
@@ -409,15 +411,31 @@ def batches(
         persistent_workers=False,
         worker_init_fn=_ignore_interrupts if workers else None,
     )
-    decode = getattr(dataset.dataset if isinstance(dataset, Subset) else dataset, "decode_batch", None)
+    source = dataset.dataset if isinstance(dataset, Subset) else dataset
+    stream = loader
+    if getattr(source, "decode_device", None) is not None:  # encoded batches, decoded here (on the GPU)
+        stream = prefetch(loader, partial(_decode, source.decode_batch), device=_resolved(source.decode_device))
     try:
-        for images, labels in loader:
-            if isinstance(images, list):  # encoded: decoded here, on the GPU
-                images, labels = decode(images, labels)
+        for images, labels in stream:
             if len(labels) or keep_empty:
                 yield images, labels
     except DatasetError as error:
         raise (_one_line(error) if workers else error) from None
+    finally:
+        if stream is not loader:  # a consumer that stopped early: the decode thread ends now, not at collection
+            stream.close()
+
+
+def _decode(decode: Callable, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = batch
+    return decode(images, labels) if isinstance(images, list) else (images, labels)
+
+
+def _resolved(device: torch.device) -> torch.device:
+    """CUDA without an index is this thread's current device; the decode thread's would be device 0."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _ignore_interrupts(_: int) -> None:

@@ -43,7 +43,8 @@ class DataStats:
 @torch.no_grad()
 def fit_stats(dataset: Dataset, *, limit: int | None = None, batch_size: int = 256, workers: int = 0) -> DataStats:
     """Mean image and RGB covariance eigen-decomposition over the first `limit` images of a fixed
-    shuffle (all of them when None), accumulated in float64."""
+    shuffle (all of them when None), accumulated in float64 on the images' device (CUDA when they
+    were decoded there, --gpu-decode) and returned on the CPU, where they are cached."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     total = pixels = 0
     sum_image = sum_c = sum_cc = None
@@ -54,11 +55,11 @@ def fit_stats(dataset: Dataset, *, limit: int | None = None, batch_size: int = 2
     ):
         images = images[: n - total].double()  # (B, C, H, W) on 0-255
         if sum_image is None:
-            c = images.shape[1]
-            sum_image, sum_c, sum_cc = torch.zeros(images.shape[1:], dtype=torch.float64), torch.zeros(c), 0
+            c, where = images.shape[1], dict(dtype=torch.float64, device=images.device)
+            sum_image, sum_c, sum_cc = torch.zeros(images.shape[1:], **where), torch.zeros(c, **where), 0
         sum_image += images.sum(0)
         flat = images.transpose(0, 1).reshape(images.shape[1], -1) / 255  # (C, B*H*W) in [0, 1]
-        sum_c = sum_c + flat.sum(1).double()
+        sum_c = sum_c + flat.sum(1)
         sum_cc = sum_cc + flat @ flat.T  # (C, C)
         pixels += flat.shape[1]
         total += images.shape[0]
@@ -66,6 +67,7 @@ def fit_stats(dataset: Dataset, *, limit: int | None = None, batch_size: int = 2
             break
     if not total:
         raise ValueError("cannot fit statistics on an empty dataset")
+    sum_image, sum_c, sum_cc = sum_image.cpu(), sum_c.cpu(), sum_cc.cpu()
     mu = sum_c / pixels
     cov = sum_cc / pixels - torch.outer(mu, mu)
     eigval, eigvec = torch.linalg.eigh(cov)  # ascending

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import gzip
 import logging
+import multiprocessing
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from image_trees import awkward_images, leftovers, unreadable_images
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from alexnet2gpu import stats as stats_module
 from alexnet2gpu.config import DataConfig
 from alexnet2gpu.datasets import (
     DatasetError,
     InMemory,
+    SkippingDataset,
     batches,
     build_dataset,
     epoch_order,
@@ -75,6 +80,24 @@ def test_fitted_mean_image_is_the_per_pixel_mean() -> None:
     cov = torch.cov(pixels, correction=0)
     vec, val = stats.eigvec.double(), stats.eigval.double()
     assert torch.allclose(vec @ torch.diag(val) @ vec.T, cov, atol=1e-6)
+    assert stats.provenance["images"] == 37
+
+
+def test_stats_fit_on_images_decoded_on_the_gpu_returns_cpu_tensors(monkeypatch) -> None:
+    """With --gpu-decode, `batches` yields images already on CUDA (StagedImages.decode_batch): the
+    sums live on the images' device and the statistics come back on the CPU, where they are cached.
+    Imitated on fake cuda:0, where a CPU sum plus a CUDA batch is the device mismatch it was."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+
+        def on_the_gpu(dataset, batch_size, **_):
+            for start in range(0, len(dataset), batch_size):
+                n = min(batch_size, len(dataset) - start)
+                yield torch.zeros(n, 3, 9, 9, dtype=torch.uint8, device="cuda:0"), torch.zeros(n, dtype=torch.long)
+
+        monkeypatch.setattr(stats_module, "batches", on_the_gpu)
+        stats = fit_stats(range(37), batch_size=8)
+    for tensor, shape in [(stats.mean, (3, 9, 9)), (stats.eigvec, (3, 3)), (stats.eigval, (3,))]:
+        assert tensor.device == torch.device("cpu") and tensor.dtype == torch.float32 and tensor.shape == shape
     assert stats.provenance["images"] == 37
 
 
@@ -336,6 +359,58 @@ def test_strict_error_from_a_worker_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as caught:
         list(batches(strict, 2, shuffle=False, workers=1))
     assert "\n" not in str(caught.value) and str(caught.value).startswith("unreadable image ")
+
+
+class Encoded(SkippingDataset):
+    """StagedImages under --gpu-decode, imitated on the CPU: the workers hand over each image's bytes
+    (its row first), and `decode_batch` decodes a whole batch in the main process."""
+
+    def __init__(self, n: int, bad: int | None = None) -> None:
+        super().__init__(strict=True)
+        self.images = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        self.decode_device, self.bad, self.threads = torch.device("cpu"), bad, set()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.cat([torch.tensor([i], dtype=torch.uint8), self.images[i].flatten()]), i % 5
+
+    def decode_batch(self, encoded: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.threads.add(threading.current_thread().name)
+        if self.bad in [int(e[0]) for e in encoded]:
+            raise DatasetError(f"unreadable image row {self.bad}: no JPEG header (drop --strict to skip such images)")
+        return torch.stack([e[1:].view(3, 4, 4) for e in encoded]), labels
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_decoded_in_the_background_are_the_epochs_batches_in_order(workers: int) -> None:
+    dataset = Encoded(70)
+    order = epoch_order(70, seed=1, epoch=2, shuffle=True)
+    expected = [(dataset.images[rows], torch.tensor([int(i) % 5 for i in rows])) for rows in order.split(8)]
+    got = list(batches(dataset, 8, shuffle=True, seed=1, epoch=2, workers=workers))
+    assert len(got) == len(expected) == 9
+    assert all(torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(got, expected, strict=True))
+    resumed = list(batches(dataset, 8, shuffle=True, seed=1, epoch=2, start=5, workers=workers))
+    assert all(torch.equal(x, ex) for (x, _), (ex, _) in zip(resumed, expected[5:], strict=True))
+    assert len(resumed) == 4
+    assert dataset.threads and all(name.startswith("prefetch") for name in dataset.threads)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_background_decode_error_and_an_early_stop_leave_no_thread(workers: int) -> None:
+    seen = []
+    with pytest.raises(DatasetError) as caught:
+        for _, labels in batches(Encoded(64, bad=21), 4, shuffle=False, workers=workers):
+            seen.append(len(labels))
+    assert str(caught.value) == "unreadable image row 21: no JPEG header (drop --strict to skip such images)"
+    assert seen == [4] * 5  # the batches before row 21's
+    assert not [t for t in threading.enumerate() if t.name.startswith("prefetch")]
+    before = set(multiprocessing.active_children())  # the failed loader's, kept alive by `caught`'s traceback
+    for _ in batches(Encoded(64), 4, shuffle=False, workers=workers):
+        break  # a consumer that stops at once, with DataLoader workers still loading ahead
+    assert not [t for t in threading.enumerate() if t.name.startswith("prefetch")]
+    assert not set(multiprocessing.active_children()) - before  # and the loader's workers ended with it
 
 
 def test_resume_stays_exact_when_a_whole_batch_is_skipped(tmp_path: Path) -> None:

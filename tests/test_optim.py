@@ -14,7 +14,7 @@ from torch import nn
 import alexnet2gpu.engine as engine
 from alexnet2gpu import checkpoint as ckpt
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.optim import make_optimizer, make_scheduler, set_lr
+from alexnet2gpu.optim import PaperSGD, make_optimizer, make_scheduler, set_lr
 
 LR, WD, MOMENTUM = 0.1, 0.01, 0.9
 CPU = (torch.device("cpu"), torch.device("cpu"))
@@ -122,3 +122,70 @@ def test_a_checkpoint_from_before_the_bias_rule_resumes_as_one_rule(tmp_path: Pa
     assert resumed.returncode == 0, resumed.stderr
     saved = ckpt.load(tmp_path / "run" / "last.pt")
     assert saved["step"] == 2 and saved["config"]["train"]["bias_rule"] == "paper"
+
+
+# ---------------------------------------------------------------------------------------------
+# the foreach step is the per-parameter loop, bit for bit
+
+
+class LoopSGD(torch.optim.Optimizer):
+    """PaperSGD's step as it was written first, four small kernels per parameter: the reference."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p)
+                v = state["velocity"]
+                v.mul_(momentum).add_(p, alpha=-decay * lr).add_(p.grad, alpha=-lr)
+                p.add_(v)
+
+
+def mixed_params(seed: int) -> list[nn.Parameter]:
+    """Shapes of a conv net's weights and biases, in float32 and float64 mixed within a group."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 3, 5, 5), (8,), (16, 8, 3, 3), (16,), (10, 64), (10,), (7,), (3, 3, 3)]
+    dtypes = [torch.float32, torch.float64] * 4
+    return [nn.Parameter(torch.randn(s, generator=g, dtype=d)) for s, d in zip(shapes, dtypes, strict=True)]
+
+
+def test_the_foreach_step_is_bit_equal_to_the_loop() -> None:
+    ours, reference = mixed_params(0), mixed_params(0)
+
+    def groups(params):  # two groups with their own lr and decay, each mixing dtypes
+        return [
+            dict(params=params[:5], lr=0.03, weight_decay=5e-4),
+            dict(params=params[5:], lr=0.07, weight_decay=0.0, momentum=0.5),
+        ]
+
+    opt, ref = PaperSGD(groups(ours), lr=0.01, momentum=0.9), LoopSGD(groups(reference), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        without = {step % 8, 6}  # some parameters get no gradient, which ones changes from step to step
+        for k, (p, q) in enumerate(zip(ours, reference, strict=True)):
+            grad = None if k in without else torch.randn(p.shape, generator=g, dtype=p.dtype)
+            p.grad, q.grad = grad, None if grad is None else grad.clone()
+        if step == 3:  # an lr drop between steps
+            for o in (opt, ref):
+                o.param_groups[0]["lr"] /= 10
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, reference, strict=True):
+            assert p.dtype == q.dtype and torch.equal(p, q)
+            assert (p in opt.state) == (q in ref.state)
+            if p in opt.state:
+                assert torch.equal(opt.state[p]["velocity"], ref.state[q]["velocity"])
+    assert 6 not in [k for k, p in enumerate(ours) if p in opt.state]  # never had a gradient: no velocity
+    # the checkpoint layout is the loop's: the same keys, one "velocity" per stepped parameter
+    saved, expected = opt.state_dict(), ref.state_dict()
+    assert saved["state"].keys() == expected["state"].keys()
+    assert all(list(s) == ["velocity"] for s in saved["state"].values())
+    assert saved["param_groups"] == expected["param_groups"]

@@ -104,13 +104,15 @@ def signal_inside_the_step(monkeypatch, where: str, on_step: int) -> None:
     def kill() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
-    if where.startswith("optimizer"):  # inside PaperSGD.step's loop over parameters
-        after = {"optimizer-first": 1, "optimizer-middle": 16, "optimizer-last": 32}[where]
-        real = torch.Tensor.add_
+    if where.startswith("optimizer"):  # inside PaperSGD.step, between its foreach kernels
+        # three _foreach_add_ per group (velocity += -decay lr w, velocity += -lr g, w += velocity), two
+        # groups: after the first velocity term, after the first group's weights, after the last weights
+        after = {"optimizer-first": 1, "optimizer-middle": 3, "optimizer-last": 6}[where]
+        real = torch._foreach_add_
 
-        def add_(tensor, *args, **kwargs):
-            out = real(tensor, *args, **kwargs)
-            if calls.get("stepping") and isinstance(tensor, torch.nn.Parameter):
+        def add_(tensors, *args, **kwargs):
+            out = real(tensors, *args, **kwargs)
+            if calls.get("stepping"):
                 calls["params"] = calls.get("params", 0) + 1
                 if calls["params"] == after:
                     kill()
@@ -127,7 +129,7 @@ def signal_inside_the_step(monkeypatch, where: str, on_step: int) -> None:
                 calls["stepping"] = False
 
         monkeypatch.setattr(PaperSGD, "step", step)
-        monkeypatch.setattr(torch.Tensor, "add_", add_)
+        monkeypatch.setattr(torch, "_foreach_add_", add_)
         return
     real_call = engine.Pipeline.__call__
 
