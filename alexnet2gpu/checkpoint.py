@@ -167,6 +167,7 @@ def check_compatible(checkpoint: dict, config: AlexNetConfig, path: str | Path) 
 MAY_CHANGE = {
     "data": {"data", "workers", "strict"},
     "train": {"epochs", "max_steps", "val_subset", "amp", "channels_last", "compile", "log_every"}
+    | {"devices", "tensorboard"}
     | {"alarm_window", "alarm_after_steps", "alarm_diverge_factor", "alarm_flat_margin", "alarm_flat_epochs"}
     | {"alarm_flat_steps"},
 }

@@ -384,3 +384,24 @@ def test_a_last_log_line_cut_by_a_crash_is_dropped_on_resume_saying_so(tmp_path:
     for name in ("train.csv", "val.csv"):
         want = [{k: v for k, v in row.items() if k != "img_per_s"} for row in read_csv(straight / name)]
         assert [{k: v for k, v in row.items() if k != "img_per_s"} for row in read_csv(cut / name)] == want
+
+
+def test_resume_keeps_no_tensorboard_and_devices_unless_given(tmp_path: Path, monkeypatch, capsys) -> None:
+    import alexnet2gpu.cli as cli_module
+
+    asked = []
+    real = cli_module.resolve_devices
+    monkeypatch.setattr(cli_module, "resolve_devices", lambda spec=None: asked.append(spec) or real(spec))
+    flags = ["--dataset", "fake", "--preset", "seed", "--init", "he", "--net", "one-gpu", "-b", "4", "--subset", "8"]
+    flags += ["--val-subset", "4", "--out", str(tmp_path / "run")]
+    last = str(tmp_path / "run" / "last.pt")
+    cli_module.main(["train", *flags, "--max-steps", "1", "--devices", "cpu,cpu", "--no-tensorboard"])
+    cli_module.main(["train", "--resume", last, "--max-steps", "2"])  # no flags: the run's own
+    assert asked == ["cpu,cpu", "cpu,cpu"]
+    assert not (tmp_path / "run" / "tb").exists()
+    saved = ckpt.load(last)["config"]["train"]
+    assert (saved["devices"], saved["tensorboard"]) == ("cpu,cpu", False)
+    cli_module.main(["train", "--resume", last, "--max-steps", "3", "--tensorboard", "--devices", "cpu"])
+    assert asked[-1] == "cpu" and (tmp_path / "run" / "tb").is_dir()
+    saved = ckpt.load(last)["config"]["train"]
+    assert (saved["devices"], saved["tensorboard"]) == ("cpu", True)
