@@ -346,3 +346,38 @@ def test_plot_of_a_checkpoint_without_conv1_is_one_line(tmp_path: Path, capsys) 
 )
 def test_usage_errors_are_one_line_on_every_command(capsys, argv: list[str], pattern: str) -> None:
     fails(capsys, argv, pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 20: found by a hostile try
+
+
+@pytest.fixture
+def looped_tree(tmp_path: Path, request) -> Path:
+    """A small ImageNet tree with a symbolic link to itself (`ln -s loop loop`) where a class folder
+    (train/) or an image (in a class folder of each split) belongs."""
+    from image_trees import photo_tree
+
+    root = photo_tree(tmp_path / "imagenet", per_class=2)
+    for folder in [root / "train"] if request.param == "class" else [root / "train" / "ant", root / "val" / "ant"]:
+        (folder / "loop.jpg").symlink_to("loop.jpg")
+    return root
+
+
+@pytest.mark.parametrize("looped_tree", ["class", "image"], indirect=True)
+@pytest.mark.parametrize("command", ["train", "evaluate", "stage", "fit-stats"])
+def test_a_symbolic_link_loop_in_an_imagenet_folder_is_one_line(
+    tmp_path: Path, capsys, monkeypatch, looped_tree: Path, command: str
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = ["--data", str(looped_tree)]
+    tiny = AlexNetConfig(num_classes=3, init="he", conv_channels=(4, 4, 4, 4, 4), fc_features=(8, 8))
+    checkpoint = write_checkpoint(tmp_path / "c.pt", tiny, DataConfig(dataset="imagenet", preset="seed"))
+    argv = {
+        "train": ["train", "--dataset", "imagenet", *data, "--preset", "seed", "--devices", "cpu", "-j", "0"]
+        + ["--no-tensorboard", "--out", str(tmp_path / "run")],
+        "evaluate": ["evaluate", "--checkpoint", str(checkpoint), *data, "--devices", "cpu", "-j", "0"],
+        "stage": ["stage", *data, "--out", str(tmp_path / "staged"), "-j", "0"],
+        "fit-stats": ["fit-stats", "--dataset", "imagenet", *data, "-j", "0"],
+    }[command]
+    fails(capsys, argv, r"loop\.jpg is a symbolic link that loops; remove it or move it out", alone=command != "train")
