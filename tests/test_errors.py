@@ -381,3 +381,25 @@ def test_a_symbolic_link_loop_in_an_imagenet_folder_is_one_line(
         "fit-stats": ["fit-stats", "--dataset", "imagenet", *data, "-j", "0"],
     }[command]
     fails(capsys, argv, r"loop\.jpg is a symbolic link that loops; remove it or move it out", alone=command != "train")
+
+
+def test_a_cache_folder_that_cannot_be_written_leaves_the_run_going_without_it(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """As root, permission bits do not stop a write: a cache path under a file does."""
+    from image_trees import photo_tree
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file" / "cache"))
+    warning = f"warning: cannot cache the data statistics in {tmp_path / 'a-file' / 'cache' / 'alexnet2gpu'}"
+    main(["fit-stats", "--dataset", "imagenet", "--data", str(photo_tree(tmp_path / "imagenet", per_class=2))])
+    out, err = capsys.readouterr()
+    assert '"images": 6' in out and err.count(warning) == 1 and "Traceback" not in err, err
+    flags = ["--dataset", "fake", "--init", "he", "--net", "one-gpu", "--devices", "cpu", "--no-tensorboard"]
+    main(
+        ["train", *flags, "-b", "4", "--subset", "8", "--val-subset", "4", "--max-steps", "1"]
+        + ["--out", str(tmp_path / "run")]
+    )
+    err = capsys.readouterr().err
+    assert err.count(warning) == 1 and "Traceback" not in err, err
+    assert ckpt.load(tmp_path / "run" / "last.pt")["stats"] is not None  # fitted all the same
