@@ -403,3 +403,34 @@ def test_a_cache_folder_that_cannot_be_written_leaves_the_run_going_without_it(
     err = capsys.readouterr().err
     assert err.count(warning) == 1 and "Traceback" not in err, err
     assert ckpt.load(tmp_path / "run" / "last.pt")["stats"] is not None  # fitted all the same
+
+
+@pytest.mark.parametrize("command", ["evaluate", "resume"])
+def test_a_zero_byte_checkpoint_is_one_line(tmp_path: Path, capsys, command: str) -> None:
+    (tmp_path / "last.pt").write_bytes(b"")
+    empty = str(tmp_path / "last.pt")
+    argv = ["evaluate", "--checkpoint", empty] if command == "evaluate" else ["train", "--resume", empty]
+    fails(capsys, argv + ["--devices", "cpu"], r"checkpoint .*last\.pt is empty \(0 bytes\)")
+
+
+def test_a_failed_checkpoint_write_reports_the_space_free_before_it(tmp_path: Path, monkeypatch) -> None:
+    """The issue's case: the write filled the disk, and the space was measured after it (0.0 MiB)."""
+    import shutil
+
+    free = iter([1000 * 2**20, 0, 0, 0])
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 0, next(free)))
+
+    def full_disk(obj, path) -> None:
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.save({"model": {"w": torch.zeros(2**20)}}, tmp_path / "last.pt")
+    message = str(error.value)
+    assert "; 1,000.0 MiB was free on its disk before the write, about 4.0 MiB needed" in message, message
+    assert "; 0.0 MiB" not in message, message
+    assert "RuntimeError: [enforce fail" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert (tmp_path / "last.pt").read_bytes() == b"the previous checkpoint"
