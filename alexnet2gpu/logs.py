@@ -90,11 +90,11 @@ def read_lines(path: Path) -> list[str]:
 
 def _read_lines(path: Path) -> tuple[list[str], bool]:
     """The whole lines of a log, and whether its last line was torn. A write cut by a crash leaves a
-    last line without its newline (or, in a CSV log, without all its cells): it is dropped, with one
-    warning line naming the file."""
+    last line without its newline (the row's last character): it is dropped, with one warning line
+    naming the file. A short row that ends in its newline was written so: an error where it is read."""
     pieces = path.read_bytes().decode(errors="surrogateescape").split("\n")  # bytes kept as written (csv's \r\n)
     lines = [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
-    torn = bool(lines) and (not lines[-1].endswith("\n") or _short_row(path, lines))
+    torn = bool(lines) and not lines[-1].endswith("\n")
     if torn:
         print(
             f"warning: {path}: its last line was cut off mid-write (a crash?) and is dropped: "
@@ -103,14 +103,6 @@ def _read_lines(path: Path) -> tuple[list[str], bool]:
         )
         lines.pop()
     return lines, torn
-
-
-def _short_row(path: Path, lines: list[str]) -> bool:
-    """A CSV row below the header with fewer cells than the header, or an empty cell."""
-    if path.suffix != ".csv" or len(lines) < 2:
-        return False
-    cells = _cells(lines[-1])
-    return len(cells) < len(_cells(lines[0])) or "" in cells
 
 
 def _cells(line: str) -> list[str]:
