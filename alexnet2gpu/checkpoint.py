@@ -52,10 +52,11 @@ def save(checkpoint: dict, path: str | Path) -> Path:
         tmp.unlink(missing_ok=True)
         if not isinstance(error, (OSError, RuntimeError)):
             raise
-        free = shutil.disk_usage(path.parent).free
+        # `free` as measured before the write: measured now, the space the failed write took may not be
+        # back yet (its file can stay open through the traceback), and a full disk would read 0
         raise CheckpointError(
-            f"cannot write {path} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
-            f"{_mb(free)} free on its disk, about {_mb(need)} needed; any previous checkpoint there is unchanged"
+            f"cannot write {path} ({_reason(error)}); {_mb(free)} was free on its disk before the write, about "
+            f"{_mb(need)} needed; any previous checkpoint there is unchanged"
         ) from None
     return path
 
@@ -86,16 +87,27 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def _reason(error: BaseException) -> str:
+    """An exception as "Type: first line of its message", or its type alone when it has no message
+    (torch.load of an empty file raises an EOFError without one)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:120]}" if lines else type(error).__name__
+
+
 def load(path: str | Path, *, mmap: bool = False) -> dict:
     """A checkpoint, checked for the keys every checkpoint has; `mmap` reads tensors only when used."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; a training run writes RUN_DIR/last.pt")
+    if path.stat().st_size == 0:  # torch.load's error for it has no text (or, with mmap, is about mmap)
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes), not a checkpoint: resume from another one or start a new run"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any failure to unpickle means the file is unusable
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+            f"cannot read checkpoint {path} ({_reason(error)}); "
             "it may be truncated or not a checkpoint: resume from another one or start a new run"
         ) from None
     missing = [key for key in KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
@@ -182,6 +194,7 @@ def check_compatible(checkpoint: dict, config: AlexNetConfig, path: str | Path) 
 MAY_CHANGE = {
     "data": {"data", "workers", "strict"},
     "train": {"epochs", "max_steps", "val_subset", "amp", "channels_last", "compile", "log_every"}
+    | {"devices", "tensorboard"}
     | {"alarm_window", "alarm_after_steps", "alarm_diverge_factor", "alarm_flat_margin", "alarm_flat_epochs"}
     | {"alarm_flat_steps"},
 }

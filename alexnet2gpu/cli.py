@@ -28,7 +28,7 @@ from alexnet2gpu.config import (
     default_batch_size,
 )
 from alexnet2gpu.datasets import DatasetError
-from alexnet2gpu.devices import DeviceError, resolve_devices
+from alexnet2gpu.devices import DeviceError, resolve_devices, why_no_cuda
 from alexnet2gpu.rundir import RunDirError
 
 USER_ERRORS = (DatasetError, DeviceError, CheckpointError, RunDirError, ValueError, FileNotFoundError)
@@ -138,7 +138,12 @@ def add_train(sub) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("-p", "--print-freq", type=int, default=10, dest="log_every", help="log every N steps")
-    p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TensorBoard events in RUN_DIR/tb (a resume keeps the run's choice unless given)",
+    )
 
 
 def add_evaluate(sub) -> None:
@@ -248,6 +253,8 @@ def train_config(args) -> TrainConfig:
         channels_last=args.channels_last,
         compile=args.compile,
         log_every=args.log_every,
+        devices=args.devices,
+        tensorboard=args.tensorboard,
     )
 
 
@@ -287,13 +294,13 @@ def cmd_train(args, given: set[str]) -> None:
         data = data_config(args, crop_size=args.input_size)
         model = model_config(args, *describe(data.dataset, data.data))  # classes and channels, images unread
         config = train_config(args)
-    options = dict(resume=args.resume, tensorboard=not args.no_tensorboard, overwrite=args.overwrite)
+    options = dict(resume=args.resume, tensorboard=config.tensorboard, overwrite=args.overwrite)
     if args.parallel == "tower-processes":
         from alexnet2gpu.distributed import train_tower_processes
 
         require("--dist-timeout", args.dist_timeout, args.dist_timeout > 0, "a positive number of minutes")
 
-        if args.devices:
+        if "devices" in given and args.devices:
             raise ValueError(
                 "--devices does not apply to --parallel tower-processes: each rank takes the GPU of its LOCAL_RANK"
             )
@@ -301,7 +308,15 @@ def cmd_train(args, given: set[str]) -> None:
         if result["rank"] == 0:
             print(json.dumps({k: result[k] for k in ("step", "epoch", "val", "checkpoint")}))
         return
-    devices = resolve_devices(args.devices)
+    try:
+        devices = resolve_devices(config.devices)
+    except DeviceError as error:
+        if "devices" in given or not args.resume:
+            raise
+        raise DeviceError(f"{args.resume} was trained with --devices {config.devices}: {error}") from None
+    why = why_no_cuda() if devices[0].type == "cpu" and config.devices is None else None
+    if why:  # the GPUs are there but this torch cannot use them: say so rather than quietly take the CPU
+        print(f"warning: {why}", file=sys.stderr)
     print(f"towers on {devices[0]} and {devices[1]}; {model.num_classes} classes; run dir {args.out}", file=sys.stderr)
     result = train(model, data, config, devices, args.out, **options)
     print(json.dumps({k: result[k] for k in ("step", "epoch", "val", "checkpoint")}))

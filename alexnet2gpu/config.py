@@ -271,6 +271,11 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     log_every: int = 10
+    # Where and how the CLI runs it, kept so that a resume without the flags runs as the run did:
+    # `--devices` as given (None: the default placement) and `--no-tensorboard`. engine.train takes
+    # its devices and tensorboard as arguments and does not read these.
+    devices: str | None = None
+    tensorboard: bool = True
     # The stuck-loss alarm (alexnet2gpu.alarm) judges mean losses, never one noisy batch.
     alarm_window: int = 10  # diverging: the mean of the last 10 steps
     alarm_after_steps: int = 20  # the first steps may overshoot and come back: "diverging" waits for them

@@ -8,6 +8,7 @@ memory (`InMemory`) are batched by indexing, with no per-image work at all.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import multiprocessing
@@ -206,7 +207,30 @@ class SkippingDataset(Dataset):
 
 def class_names(train: Path) -> list[str]:
     """The class folders of `train`, sorted; hidden folders and tool leftovers are no classes."""
-    return sorted(d.name for d in os.scandir(train) if d.is_dir() and not is_ignored(d.name))
+    return sorted(d.name for d in _entries(train) if _is_dir(d))
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of a dataset folder that are not tool leftovers, or one line on why it cannot be read."""
+    try:
+        with os.scandir(folder) as entries:
+            return [entry for entry in entries if not is_ignored(entry.name)]
+    except OSError as error:
+        raise DatasetError(
+            f"cannot list {folder}: {error.strerror}; fix it or move it out of the dataset folder"
+        ) from None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder (following symbolic links), or one line naming an entry that cannot be
+    followed: a symbolic link that loops (`ln -s loop loop`), or one through an unreadable folder."""
+    try:
+        return entry.is_dir()
+    except OSError as error:
+        what = (
+            "is a symbolic link that loops" if error.errno == errno.ELOOP else f"cannot be followed: {error.strerror}"
+        )
+        raise DatasetError(f"{entry.path} {what}; remove it or move it out of the dataset folder") from None
 
 
 def list_images(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
@@ -218,9 +242,9 @@ def list_images(root: Path, classes: list[str]) -> list[tuple[Path, int]]:
         folder = root / cls
         if not folder.is_dir():
             raise DatasetError(f"{root}: class folder {cls!r} (from train/) is missing; every split needs it")
-        entries = sorted((e for e in os.scandir(folder) if not is_ignored(e.name)), key=lambda e: e.name)
+        entries = sorted(_entries(folder), key=lambda e: e.name)
         for entry in entries:
-            if entry.is_dir():
+            if _is_dir(entry):
                 raise DatasetError(
                     f"{folder / entry.name} is a folder inside a class folder; the layout is <split>/<class>/<image>: "
                     "move it out of the dataset folder"

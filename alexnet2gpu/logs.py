@@ -9,6 +9,8 @@ RUN_DIR/tb/         the same, for `tensorboard --logdir RUN_DIR`
 from __future__ import annotations
 
 import csv
+import os
+import sys
 from pathlib import Path
 
 TRAIN_FIELDS = ("step", "epoch", "lr", "loss", "top1_err", "img_per_s")
@@ -55,21 +57,21 @@ class RunLog:
             self.writer.add_text("events", message, step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, forget rows written after the checkpoint's step (they will be redone)."""
-        for name, key in (("train.csv", "step"), ("val.csv", "step")):
+        """On resume, forget rows written after the checkpoint's step (they will be redone).
+
+        Each log is rewritten atomically (`rewrite`): a crash or SIGKILL during the resume leaves the
+        old file whole. A last line cut off by a crash mid-write is dropped, saying so once."""
+        for name in ("train.csv", "val.csv", "events.log"):
             path = self.dir / name
-            if path.exists():
-                with path.open(newline="") as f:
-                    rows = list(csv.DictReader(f))
-                fields = TRAIN_FIELDS if name == "train.csv" else VAL_FIELDS
-                with path.open("w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=fields)
-                    writer.writeheader()
-                    writer.writerows(r for r in rows if int(r[key]) <= step)
-        events = self.dir / "events.log"
-        if events.exists():
-            lines = events.read_text().splitlines(keepends=True)
-            events.write_text("".join(line for line in lines if int(line.split("\t", 1)[0]) <= step))
+            if not path.exists():
+                continue
+            lines, torn = _read_lines(path)
+            if not lines:  # empty, or a header cut mid-write: no row to keep; the next row writes a header
+                path.unlink()
+                continue
+            kept = _csv_up_to(path, lines, step) if path.suffix == ".csv" else _events_up_to(path, lines, step)
+            if torn or kept != lines:
+                rewrite(path, kept)
 
     def close(self) -> None:
         if self.writer:
@@ -77,5 +79,95 @@ class RunLog:
 
 
 def read_csv(path: str | Path) -> list[dict[str, float]]:
-    with Path(path).open(newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    """A CSV log's rows as numbers; a last line cut off by a crash mid-write is left out, saying so."""
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(read_lines(Path(path)))]
+
+
+def read_lines(path: Path) -> list[str]:
+    """The whole lines of a log (see `_read_lines`)."""
+    return _read_lines(path)[0]
+
+
+def _read_lines(path: Path) -> tuple[list[str], bool]:
+    """The whole lines of a log, and whether its last line was torn. A write cut by a crash leaves a
+    last line without its newline (the row's last character): it is dropped, with one warning line
+    naming the file. A short row that ends in its newline was written so: an error where it is read."""
+    pieces = path.read_bytes().decode(errors="surrogateescape").split("\n")  # bytes kept as written (csv's \r\n)
+    lines = [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+    torn = bool(lines) and not lines[-1].endswith("\n")
+    if torn:
+        print(
+            f"warning: {path}: its last line was cut off mid-write (a crash?) and is dropped: "
+            f"{lines[-1].strip()[:60]!r}",
+            file=sys.stderr,
+        )
+        lines.pop()
+    return lines, torn
+
+
+def _cells(line: str) -> list[str]:
+    return next(csv.reader([line]), [])
+
+
+def _csv_up_to(path: Path, lines: list[str], step: int) -> list[str]:
+    """The header and the rows of a CSV log up to `step`."""
+    header = _cells(lines[0])
+    if "step" not in header:
+        raise ValueError(
+            f"{path} lacks a step column: is it a log that `train` wrote? move it out of the run directory"
+        )
+    column = header.index("step")
+    return lines[:1] + [line for n, line in enumerate(lines[1:], 2) if _step(path, n, _cells(line)[column:]) <= step]
+
+
+def _events_up_to(path: Path, lines: list[str], step: int) -> list[str]:
+    """The notes of events.log up to `step`; a line without a step continues the note before it."""
+    kept, keep = [], True
+    for n, line in enumerate(lines, 1):
+        head, tab, _ = line.partition("\t")
+        if tab or n == 1:
+            keep = _step(path, n, [head]) <= step
+        if keep:
+            kept.append(line)
+    return kept
+
+
+def _step(path: Path, n: int, cells: list[str]) -> int:
+    """The step in the first of `cells` (line `n` of a log), or one line naming the file and the line."""
+    try:
+        return int(cells[0])
+    except (IndexError, ValueError):
+        raise ValueError(
+            f"{path}, line {n}: no step number where one belongs; repair or remove that line, then resume again"
+        ) from None
+
+
+def rewrite(path: Path, lines: list[str]) -> None:
+    """Replace `path` with `lines` atomically: written to a temporary file beside it, synced, then renamed
+    over it, so that a crash at any point leaves either the old file or the new one, whole. (RunDir
+    removes a temporary file that a SIGKILL left.)"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write("".join(lines).encode(errors="surrogateescape"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (the directory entry), where the file system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

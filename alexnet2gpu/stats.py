@@ -8,9 +8,11 @@ subtracting it before the resize to 256 equals subtracting the mean of the resiz
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,17 +103,35 @@ def load_or_fit(
     cache_dir: str | Path | None = None,
     workers: int = 0,
 ) -> DataStats:
-    """The cached statistics of this training set, fitted (and cached) on first use."""
+    """The cached statistics of this training set, fitted (and cached) on first use. A cache folder
+    that cannot be written (read-only, or under a file) does not stop the run: the statistics are
+    fitted without it, saying so once."""
     path = cache_path(cache_dir or default_cache_dir(), name, data, stage_size, limit, len(dataset))
     if path.is_file():
         try:
             return DataStats.from_dict(torch.load(path, weights_only=True))
         except Exception:  # noqa: BLE001 - a broken cache is refitted, never trusted
-            path.unlink()
+            with contextlib.suppress(OSError):  # a read-only cache: refitted, and not cached (below)
+                path.unlink()
     stats = fit_stats(dataset, limit=limit, workers=workers)
     stats.provenance.update(dataset=name, data=os.path.abspath(data) if data else None, stage_size=stage_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(stats.to_dict(), tmp)
-    tmp.replace(path)
+    _cache(stats, path)
     return stats
+
+
+def _cache(stats: DataStats, path: Path) -> None:
+    """Write the statistics to `path` atomically, or warn (once, naming the folder) that they are not cached."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(stats.to_dict(), tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        print(
+            f"warning: cannot cache the data statistics in {path.parent} ({reason}); going on without a cache "
+            "(they are fitted again next time): set XDG_CACHE_HOME to a writable folder",
+            file=sys.stderr,
+        )

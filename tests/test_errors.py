@@ -346,3 +346,91 @@ def test_plot_of_a_checkpoint_without_conv1_is_one_line(tmp_path: Path, capsys) 
 )
 def test_usage_errors_are_one_line_on_every_command(capsys, argv: list[str], pattern: str) -> None:
     fails(capsys, argv, pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 20: found by a hostile try
+
+
+@pytest.fixture
+def looped_tree(tmp_path: Path, request) -> Path:
+    """A small ImageNet tree with a symbolic link to itself (`ln -s loop loop`) where a class folder
+    (train/) or an image (in a class folder of each split) belongs."""
+    from image_trees import photo_tree
+
+    root = photo_tree(tmp_path / "imagenet", per_class=2)
+    for folder in [root / "train"] if request.param == "class" else [root / "train" / "ant", root / "val" / "ant"]:
+        (folder / "loop.jpg").symlink_to("loop.jpg")
+    return root
+
+
+@pytest.mark.parametrize("looped_tree", ["class", "image"], indirect=True)
+@pytest.mark.parametrize("command", ["train", "evaluate", "stage", "fit-stats"])
+def test_a_symbolic_link_loop_in_an_imagenet_folder_is_one_line(
+    tmp_path: Path, capsys, monkeypatch, looped_tree: Path, command: str
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = ["--data", str(looped_tree)]
+    tiny = AlexNetConfig(num_classes=3, init="he", conv_channels=(4, 4, 4, 4, 4), fc_features=(8, 8))
+    checkpoint = write_checkpoint(tmp_path / "c.pt", tiny, DataConfig(dataset="imagenet", preset="seed"))
+    argv = {
+        "train": ["train", "--dataset", "imagenet", *data, "--preset", "seed", "--devices", "cpu", "-j", "0"]
+        + ["--no-tensorboard", "--out", str(tmp_path / "run")],
+        "evaluate": ["evaluate", "--checkpoint", str(checkpoint), *data, "--devices", "cpu", "-j", "0"],
+        "stage": ["stage", *data, "--out", str(tmp_path / "staged"), "-j", "0"],
+        "fit-stats": ["fit-stats", "--dataset", "imagenet", *data, "-j", "0"],
+    }[command]
+    fails(capsys, argv, r"loop\.jpg is a symbolic link that loops; remove it or move it out", alone=command != "train")
+
+
+def test_a_cache_folder_that_cannot_be_written_leaves_the_run_going_without_it(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """As root, permission bits do not stop a write: a cache path under a file does."""
+    from image_trees import photo_tree
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file" / "cache"))
+    warning = f"warning: cannot cache the data statistics in {tmp_path / 'a-file' / 'cache' / 'alexnet2gpu'}"
+    main(["fit-stats", "--dataset", "imagenet", "--data", str(photo_tree(tmp_path / "imagenet", per_class=2))])
+    out, err = capsys.readouterr()
+    assert '"images": 6' in out and err.count(warning) == 1 and "Traceback" not in err, err
+    flags = ["--dataset", "fake", "--init", "he", "--net", "one-gpu", "--devices", "cpu", "--no-tensorboard"]
+    main(
+        ["train", *flags, "-b", "4", "--subset", "8", "--val-subset", "4", "--max-steps", "1"]
+        + ["--out", str(tmp_path / "run")]
+    )
+    err = capsys.readouterr().err
+    assert err.count(warning) == 1 and "Traceback" not in err, err
+    assert ckpt.load(tmp_path / "run" / "last.pt")["stats"] is not None  # fitted all the same
+
+
+@pytest.mark.parametrize("command", ["evaluate", "resume"])
+def test_a_zero_byte_checkpoint_is_one_line(tmp_path: Path, capsys, command: str) -> None:
+    (tmp_path / "last.pt").write_bytes(b"")
+    empty = str(tmp_path / "last.pt")
+    argv = ["evaluate", "--checkpoint", empty] if command == "evaluate" else ["train", "--resume", empty]
+    fails(capsys, argv + ["--devices", "cpu"], r"checkpoint .*last\.pt is empty \(0 bytes\)")
+
+
+def test_a_failed_checkpoint_write_reports_the_space_free_before_it(tmp_path: Path, monkeypatch) -> None:
+    """The issue's case: the write filled the disk, and the space was measured after it (0.0 MiB)."""
+    import shutil
+
+    free = iter([1000 * 2**20, 0, 0, 0])
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 0, next(free)))
+
+    def full_disk(obj, path) -> None:
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.save({"model": {"w": torch.zeros(2**20)}}, tmp_path / "last.pt")
+    message = str(error.value)
+    assert "; 1,000.0 MiB was free on its disk before the write, about 4.0 MiB needed" in message, message
+    assert "; 0.0 MiB" not in message, message
+    assert "RuntimeError: [enforce fail" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert (tmp_path / "last.pt").read_bytes() == b"the previous checkpoint"

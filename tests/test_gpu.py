@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import pixels, randomise, rel_diff
 
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig, AlexNetFused, towers_to_fused
-from alexnet2gpu.placement import dropout_generator
+from alexnet2gpu.layers import dropout_generator
 
 pytestmark = [
     pytest.mark.gpu,

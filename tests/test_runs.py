@@ -318,3 +318,92 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path: Path) 
     assert "stopped at step" in out
     assert ckpt.load(tmp_path / "run" / "last.pt")["step"] >= 1
     assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 20: nothing lost, round two
+
+
+def big_logs(run_dir: Path) -> dict[str, bytes]:
+    """The three logs of a long run (steps 1..20000), as `RunLog` writes them; returns their bytes."""
+    from alexnet2gpu.logs import RunLog
+
+    log = RunLog(run_dir, tensorboard=False)
+    for step in range(1, 20_001):
+        log.train(step=step, epoch=step // 100, lr=0.01, loss=2.302585, top1_err=0.9, img_per_s=1234.5)
+        if step % 10 == 0:
+            log.val(epoch=step // 10, step=step, lr=0.01, train_loss=2.3, loss=2.3, top1_err=0.9, top5_err=0.5)
+            log.note(step, f"warning: step {step}: a note long enough to make events.log as big as the others")
+    return {name: (run_dir / name).read_bytes() for name in ("train.csv", "val.csv", "events.log")}
+
+
+@pytest.mark.parametrize("name", ["train.csv", "val.csv", "events.log"])
+def test_a_crash_while_a_resume_rewrites_a_log_leaves_it_whole(tmp_path: Path, name: str) -> None:
+    """The rewrite is cut where the disk refuses more bytes (RLIMIT_FSIZE: SIGXFSZ ends the process,
+    as kill -9 would): the log on disk is still the whole old one."""
+    import resource
+
+    before = big_logs(tmp_path)
+    for other in set(before) - {name}:
+        (tmp_path / other).unlink()
+    limit = len(before[name]) // 3
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    code = f"from alexnet2gpu.logs import RunLog; RunLog({str(tmp_path)!r}, tensorboard=False).truncate_after(19_000)"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=small_disk, env=env, capture_output=True, timeout=120
+    )
+    assert result.returncode != 0, "the rewrite was not cut: raise the log's size"
+    assert (tmp_path / name).read_bytes() == before[name]
+    # the next resume rewrites it (and the next run start removes the temporary file, as a checkpoint's)
+    from alexnet2gpu.logs import RunLog
+
+    RunLog(tmp_path, tensorboard=False).truncate_after(19_000)
+    assert (tmp_path / name).read_bytes().startswith(before[name][: limit // 2])
+    assert len((tmp_path / name).read_bytes()) < len(before[name])
+
+
+def test_a_last_log_line_cut_by_a_crash_is_dropped_on_resume_saying_so(tmp_path: Path, capsys) -> None:
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    run(straight, max_steps=3)
+    run(cut, max_steps=2)
+    torn = {"train.csv": "3,1,0.01,2.2", "val.csv": "2,", "events.log": "3\twarning: step 3: training lo"}
+    for name, line in torn.items():
+        with (cut / name).open("a") as f:
+            f.write(line)  # a write cut mid-line: no newline, cells missing
+    capsys.readouterr()
+    from alexnet2gpu.logs import read_csv
+
+    assert [row["step"] for row in read_csv(cut / "val.csv")] == [2]  # `plot` reads it too
+    run(cut, max_steps=3, resume=cut / "last.pt")
+    err = capsys.readouterr().err
+    for name in torn:
+        assert err.count(f"{cut / name}: its last line was cut off") == 1 + (name == "val.csv"), err
+    assert not (cut / "events.log").exists() or torn["events.log"] not in (cut / "events.log").read_text()
+    for name in ("train.csv", "val.csv"):
+        want = [{k: v for k, v in row.items() if k != "img_per_s"} for row in read_csv(straight / name)]
+        assert [{k: v for k, v in row.items() if k != "img_per_s"} for row in read_csv(cut / name)] == want
+
+
+def test_resume_keeps_no_tensorboard_and_devices_unless_given(tmp_path: Path, monkeypatch, capsys) -> None:
+    import alexnet2gpu.cli as cli_module
+
+    asked = []
+    real = cli_module.resolve_devices
+    monkeypatch.setattr(cli_module, "resolve_devices", lambda spec=None: asked.append(spec) or real(spec))
+    flags = ["--dataset", "fake", "--preset", "seed", "--init", "he", "--net", "one-gpu", "-b", "4", "--subset", "8"]
+    flags += ["--val-subset", "4", "--out", str(tmp_path / "run")]
+    last = str(tmp_path / "run" / "last.pt")
+    cli_module.main(["train", *flags, "--max-steps", "1", "--devices", "cpu,cpu", "--no-tensorboard"])
+    cli_module.main(["train", "--resume", last, "--max-steps", "2"])  # no flags: the run's own
+    assert asked == ["cpu,cpu", "cpu,cpu"]
+    assert not (tmp_path / "run" / "tb").exists()
+    saved = ckpt.load(last)["config"]["train"]
+    assert (saved["devices"], saved["tensorboard"]) == ("cpu,cpu", False)
+    cli_module.main(["train", "--resume", last, "--max-steps", "3", "--tensorboard", "--devices", "cpu"])
+    assert asked[-1] == "cpu" and (tmp_path / "run" / "tb").is_dir()
+    saved = ckpt.load(last)["config"]["train"]
+    assert (saved["devices"], saved["tensorboard"]) == ("cpu", True)
