@@ -528,6 +528,7 @@ def main_models(args) -> None:
     from alexnet2gpu.devices import resolve_devices
 
     device = resolve_devices(args.device)[0] if args.device else resolve_devices(None)[0]
+    torch.backends.cudnn.benchmark = True  # fixed shapes, as in training: cuDNN times its algorithms once
     if args.profile:
         print(profile_step(args.profile, device=str(device)))
         return

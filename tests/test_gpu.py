@@ -64,3 +64,44 @@ def test_dropout_masks_are_the_same_on_cuda0_and_cuda1() -> None:
         for d in ("cuda:0", "cuda:1")
     ]
     assert torch.equal(masks[0].cpu(), masks[1].cpu())
+
+
+@pytest.mark.parametrize("devices", [pytest.param(("cuda:0", "cpu"), id="cuda0+cpu"), PLACEMENTS[-1]])
+def test_initial_weights_are_the_seeds_on_every_device(devices: tuple[str, str]) -> None:
+    """torch.manual_seed seeds every GPU alike: drawn there, tower B would copy tower A."""
+    torch.manual_seed(5)
+    here = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=devices).state_dict()
+    torch.manual_seed(5)
+    cpu = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=("cpu", "cpu")).state_dict()
+    assert {str(here["tower_b.conv1.weight"].device)} == {devices[1]}
+    assert all(torch.equal(here[k].cpu(), cpu[k]) for k in cpu)
+    assert not torch.equal(here["tower_a.conv1.weight"].cpu(), here["tower_b.conv1.weight"].cpu())
+
+
+@pytest.mark.parametrize("devices", [pytest.param(("cuda:0", "cuda:0"), id="cuda0+cuda0"), PLACEMENTS[-1]])
+def test_a_training_step_never_synchronises(tmp_path, monkeypatch, devices: tuple[str, str]) -> None:
+    """Every step after the first (cuDNN times its algorithms there) runs under
+    torch.cuda.set_sync_debug_mode("error"): any wait of the host on the device raises."""
+    from alexnet2gpu import engine
+    from alexnet2gpu.config import DataConfig, TrainConfig
+
+    real_step, checked = engine.train_step, []
+
+    def strict_step(run, images, labels):
+        if run.state.step == 0:
+            return real_step(run, images, labels)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            real_step(run, images, labels)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked.append(run.state.step)
+
+    monkeypatch.setattr(engine, "train_step", strict_step)
+    model = AlexNetConfig(num_classes=10, in_channels=3)
+    data = DataConfig(dataset="fake", preset="paper", fit_images=64, subset=32)
+    config = TrainConfig(epochs=1, batch_size=8, max_steps=4, val_subset=8, seed=2, log_every=100)
+    devs = tuple(torch.device(d) for d in devices)
+    result = engine.train(model, data, config, devs, tmp_path, progress=False, tensorboard=False)
+    assert result["step"] == 4 and checked == [2, 3, 4]

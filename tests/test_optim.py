@@ -149,16 +149,21 @@ class LoopSGD(torch.optim.Optimizer):
                 p.add_(v)
 
 
-def mixed_params(seed: int) -> list[nn.Parameter]:
+def mixed_params(seed: int, device: str = "cpu") -> list[nn.Parameter]:
     """Shapes of a conv net's weights and biases, in float32 and float64 mixed within a group."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(8, 3, 5, 5), (8,), (16, 8, 3, 3), (16,), (10, 64), (10,), (7,), (3, 3, 3)]
     dtypes = [torch.float32, torch.float64] * 4
-    return [nn.Parameter(torch.randn(s, generator=g, dtype=d)) for s, d in zip(shapes, dtypes, strict=True)]
+    params = [torch.randn(s, generator=g, dtype=d).to(device) for s, d in zip(shapes, dtypes, strict=True)]
+    return [nn.Parameter(p) for p in params]
 
 
-def test_the_foreach_step_is_bit_equal_to_the_loop() -> None:
-    ours, reference = mixed_params(0), mixed_params(0)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by make gpu-check)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=[pytest.mark.gpu, CUDA])])
+def test_the_foreach_step_is_bit_equal_to_the_loop(device: str) -> None:
+    ours, reference = mixed_params(0, device), mixed_params(0, device)
 
     def groups(params):  # two groups with their own lr and decay, each mixing dtypes
         return [
@@ -171,7 +176,7 @@ def test_the_foreach_step_is_bit_equal_to_the_loop() -> None:
     for step in range(5):
         without = {step % 8, 6}  # some parameters get no gradient, which ones changes from step to step
         for k, (p, q) in enumerate(zip(ours, reference, strict=True)):
-            grad = None if k in without else torch.randn(p.shape, generator=g, dtype=p.dtype)
+            grad = None if k in without else torch.randn(p.shape, generator=g, dtype=p.dtype).to(device)
             p.grad, q.grad = grad, None if grad is None else grad.clone()
         if step == 3:  # an lr drop between steps
             for o in (opt, ref):
