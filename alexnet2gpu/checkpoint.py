@@ -39,12 +39,7 @@ def save(checkpoint: dict, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     checkpoint = to_cpu(checkpoint)
     need = tensor_bytes(checkpoint)
-    free = shutil.disk_usage(path.parent).free
-    if need > free:
-        raise CheckpointError(
-            f"cannot write {path}: it needs about {_mb(need)} and its disk has {_mb(free)} free; "
-            "free some space or point --out at a larger disk"
-        )
+    free = check_room(path, need)
     try:
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
@@ -59,6 +54,21 @@ def save(checkpoint: dict, path: str | Path) -> Path:
             f"{_mb(need)} needed; any previous checkpoint there is unchanged"
         ) from None
     return path
+
+
+def check_room(path: str | Path, need: int) -> int:
+    """The free bytes on `path`'s disk, or one line when a checkpoint of `need` bytes would not fit.
+    A run calls it before its first step too, with the size its checkpoints will have, so that a
+    disk too small is found before an epoch of training rather than after it."""
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.is_dir()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise CheckpointError(
+            f"cannot write {path}: it needs about {_mb(need)} and its disk has {_mb(free)} free; "
+            "free some space or point --out at a larger disk"
+        )
+    return free
 
 
 def to_cpu(obj):

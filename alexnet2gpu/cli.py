@@ -324,7 +324,7 @@ def cmd_train(args, given: set[str]) -> None:
 
 def cmd_evaluate(args) -> None:
     from alexnet2gpu import checkpoint as ckpt
-    from alexnet2gpu.datasets import build_dataset
+    from alexnet2gpu.datasets import build_dataset, check_classes
     from alexnet2gpu.engine import build_model, evaluate, take
     from alexnet2gpu.stats import DataStats
     from alexnet2gpu.transforms import Pipeline
@@ -343,7 +343,8 @@ def cmd_evaluate(args) -> None:
     ckpt.load_weights(model, saved["model"], args.checkpoint)
     stats = DataStats.from_dict(saved["stats"]) if saved.get("stats") else None
     val = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
-    val = take(val, args.val_subset)
+    check_classes(val, model_cfg.num_classes, args.checkpoint)
+    val = take(val, args.val_subset, stratified=True)
     pipeline = Pipeline(data, stats, next(model.parameters()).device, train=False)
     result = evaluate(model, val, pipeline, batch_size=args.batch_size, ten_crop=args.ten_crop, workers=args.workers)
     result["ten_crop"] = args.ten_crop

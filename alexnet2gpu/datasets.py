@@ -274,6 +274,11 @@ class ImageFolderStaged(SkippingDataset):
         self.num_classes, self.channels, self.name = len(classes), 3, f"imagenet ({root})"
         self.samples = list_images(root, classes)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every image's label, without reading an image."""
+        return torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -339,6 +344,16 @@ def build_dataset(
     if name == "imagenet":
         return imagenet_dataset(split, data, stage_size, strict, gpu_decode)
     raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
+
+
+def check_classes(dataset: Dataset, num_classes: int, checkpoint: str | Path) -> None:
+    """Refuse a dataset whose class count is not the checkpoint's: its labels would be out of range
+    (a crash mid-step) or name other classes (numbers that mean nothing)."""
+    if dataset.num_classes != num_classes:
+        raise DatasetError(
+            f"{getattr(dataset, 'name', 'the dataset')} has {dataset.num_classes} classes, but {checkpoint} was "
+            f"trained on {num_classes}; use the dataset it was trained on (--data)"
+        )
 
 
 def describe(name: str, data: str | None) -> tuple[int, int]:

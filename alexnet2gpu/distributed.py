@@ -176,6 +176,9 @@ class TowerRanks(Placement):
         self.module.load_from_towers(full)
         return self.module
 
+    def checkpoint_bytes(self) -> int:
+        return 2 * super().checkpoint_bytes()  # this rank holds one of the two (equal) towers
+
     def runner(self, channels_last: bool, compile: bool) -> nn.Module:
         if channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)

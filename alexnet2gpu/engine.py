@@ -31,7 +31,7 @@ from tqdm import tqdm
 from alexnet2gpu import checkpoint as ckpt
 from alexnet2gpu.alarm import LossAlarm
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import DatasetError, InMemory, batches, build_dataset, num_batches
+from alexnet2gpu.datasets import DatasetError, InMemory, batches, build_dataset, check_classes, num_batches
 from alexnet2gpu.logs import RunLog
 from alexnet2gpu.optim import make_optimizer, make_scheduler, set_lr
 from alexnet2gpu.placement import Placement, build_model
@@ -54,11 +54,44 @@ def input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def take(dataset, n: int | None):
-    """The first `n` images of a dataset (all when None)."""
+SAMPLE_SEED = 0  # --subset and --val-subset: the same sample in every run, resume, placement and evaluate
+
+
+def take(dataset, n: int | None, *, stratified: bool = False):
+    """`n` images of a dataset (all when None). Sets stored in random order (MNIST, Fashion-MNIST,
+    the fake set) give their first `n`; the others (ImageNet, stored class by class) a fixed, seeded
+    sample over all classes, with `stratified` as even over the classes as `n` allows; in file order."""
     if n is None or n >= len(dataset):
         return dataset
-    return part(dataset, 0, n)
+    if isinstance(dataset, InMemory):
+        return part(dataset, 0, n)
+    labels, generator = dataset.labels, torch.Generator().manual_seed(SAMPLE_SEED)
+    order = torch.randperm(len(labels), generator=generator)
+    if stratified:  # round robin over the classes, each in its shuffled order
+        shuffled = labels[order]
+        by_class = torch.sort(shuffled, stable=True).indices  # positions in `order`, class by class
+        counts = torch.bincount(shuffled, minlength=dataset.num_classes)
+        starts = counts.cumsum(0) - counts
+        rank = torch.empty_like(by_class)
+        rank[by_class] = torch.arange(len(order)) - starts[shuffled[by_class]]  # place within its class
+        order = order[torch.argsort(rank * len(order) + torch.arange(len(order)))]
+    subset = torch.utils.data.Subset(dataset, order[:n].sort().values.tolist())
+    subset.num_classes, subset.channels = dataset.num_classes, dataset.channels
+    subset.name = f"{getattr(dataset, 'name', 'the dataset')}, sample of {n:,}"
+    return subset
+
+
+def sample_note(flag: str, full, taken) -> str | None:
+    """One line on what --subset / --val-subset took, for the run's output (None when it took all)."""
+    if taken is full:
+        return None
+    if isinstance(full, InMemory):
+        return f"{flag}: the first {len(taken):,} of {len(full):,} images (stored in random order)"
+    classes = len(set(full.labels[taken.indices].tolist()))
+    return (
+        f"{flag}: a fixed sample (seed {SAMPLE_SEED}) of {len(taken):,} of {len(full):,} images, "
+        f"{classes} of {full.num_classes} classes"
+    )
 
 
 def part(dataset, start: int, stop: int):
@@ -252,9 +285,15 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
 
     checkpoint = placement.on_rank0(read)
     sets = dict(stage_size=data.stage_size, strict=data.strict, gpu_decode=data.gpu_decode)
-    train_set = build_dataset(data.dataset, "train", data.data, **sets)
-    val_set = build_dataset(data.dataset, "val", data.data, **sets)
-    train_set, val_set = take(train_set, data.subset), take(val_set, config.val_subset)
+    full_train = build_dataset(data.dataset, "train", data.data, **sets)
+    full_val = build_dataset(data.dataset, "val", data.data, **sets)
+    if checkpoint is not None:
+        for dataset in (full_train, full_val):
+            check_classes(dataset, model_config.num_classes, resume)
+    train_set, val_set = take(full_train, data.subset), take(full_val, config.val_subset, stratified=True)
+    if not len(val_set):
+        raise DatasetError(f"{getattr(val_set, 'name', data.dataset)} holds no images: a run validates every epoch")
+    notes = [sample_note("--subset", full_train, train_set), sample_note("--val-subset", full_val, val_set)]
     if num_batches(train_set, config.batch_size, drop_last=placement.replicas > 1) == 0:
         raise DatasetError(
             f"{getattr(train_set, 'name', data.dataset)}: {len(train_set)} training images make no batch of "
@@ -270,16 +309,18 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
         fit = dict(name=data.dataset, data=data.data, stage_size=data.stage_size, limit=data.fit_images)
         return load_or_fit(train_set, **fit)
 
-    return train_set, val_set, checkpoint, placement.on_rank0(statistics)
+    return train_set, val_set, checkpoint, placement.on_rank0(statistics), [note for note in notes if note]
 
 
 def start(placement, model_config, data, config, out, *, resume, progress, tensorboard) -> tuple[Run, object, object]:
     """Build the model and optimiser (from the checkpoint when resuming) and the run's logs."""
-    train_set, val_set, checkpoint, stats = prepare(placement, model_config, data, config, resume)
+    train_set, val_set, checkpoint, stats, notes = prepare(placement, model_config, data, config, resume)
     torch.manual_seed(config.seed)  # the initial weights (drawn on the CPU): the same in every placement
     module = placement.build(model_config)
     if placement.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input shape: cuDNN times its algorithms once
+    need = placement.checkpoint_bytes() + (ckpt.tensor_bytes(stats.to_dict()) if stats is not None else 0)
+    placement.on_rank0(lambda: ckpt.check_room(Path(out) / "last.pt", need))  # now, not after an epoch
     optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, config)
     state, totals = RunState(), Totals()
@@ -296,6 +337,8 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
     if log is not None and checkpoint is not None:
         log.truncate_after(state.step)
         say(f"resumed {resume} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
+    for note in notes:
+        say(note)
     run = Run(
         placement=placement,
         runner=placement.runner(config.channels_last, config.compile),
@@ -511,6 +554,13 @@ def end_epoch(run: Run, val_set, totals: Totals) -> dict | None:
             progress=run.progress,
             placement=run.placement,
         )
+    except EvaluationError as error:  # no number to report: keep what can be kept and say what is left
+        where = f"validation after epoch {state.epoch + 1}: {error}"
+        try:
+            save(run)  # finite weights are kept (a resume validates again); non-finite ones raise, naming the last
+        except TrainingError as unsaved:
+            raise TrainingError(f"{where}; {unsaved}") from None
+        raise TrainingError(f"{where}; saved {run.last} (step {state.step}) unvalidated") from None
     except RuntimeError:
         if not run.stop:
             raise

@@ -60,6 +60,10 @@ class Placement:
         self.module = build_model(config, self.devices)
         return self.module
 
+    def checkpoint_bytes(self) -> int:
+        """About the size of this run's checkpoints: both towers' weights and their velocities."""
+        return 2 * sum(p.numel() * p.element_size() for p in self.module.parameters())
+
     def runner(self, channels_last: bool, compile: bool) -> nn.Module:
         """What a batch goes through: the module, in channels-last memory and compiled if asked."""
         if channels_last:

@@ -376,6 +376,11 @@ class StagedImages(SkippingDataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every image's label, from the index alone."""
+        return torch.from_numpy(self.index["label"].astype(np.int64))
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": {}}  # each worker process maps the shards itself
 

@@ -407,3 +407,88 @@ def test_resume_keeps_no_tensorboard_and_devices_unless_given(tmp_path: Path, mo
     assert asked[-1] == "cpu" and (tmp_path / "run" / "tb").is_dir()
     saved = ckpt.load(last)["config"]["train"]
     assert (saved["devices"], saved["tensorboard"]) == ("cpu", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 20, round two: samples over all classes, the disk checked first, validation that diverges,
+# a dataset of another class count
+
+
+def test_subsets_of_imagenet_are_a_fixed_sample_over_all_classes(tmp_path: Path) -> None:
+    """Stored class by class, the first N images of ImageNet would be one class: a short run's 0% error."""
+    from image_trees import photo_tree
+
+    from alexnet2gpu.datasets import build_dataset
+
+    root = photo_tree(tmp_path / "tree", classes=("ant", "bee", "cow", "dog"), per_class=5)
+    train = build_dataset("imagenet", "train", str(root))
+    val = build_dataset("imagenet", "val", str(root))
+    sample = engine.take(train, 6)
+    again = engine.take(build_dataset("imagenet", "train", str(root)), 6)
+    assert sample.indices == again.indices == sorted(sample.indices)  # fixed, in file order
+    assert len({int(train.labels[i]) for i in sample.indices}) >= 3  # not the first class alone
+    even = engine.take(val, 4, stratified=True)
+    assert sorted(int(val.labels[i]) for i in even.indices) == [0, 1, 2, 3]  # one image of each class
+    counts = torch.bincount(val.labels[engine.take(val, 6, stratified=True).indices], minlength=4)
+    assert sorted(counts.tolist()) == [1, 1, 2, 2]  # as even over the classes as 6 allows
+    note = engine.sample_note("--val-subset", val, even)
+    assert note == "--val-subset: a fixed sample (seed 0) of 4 of 8 images, 4 of 4 classes"
+
+
+def test_a_disk_too_small_for_the_checkpoint_stops_the_run_before_its_first_step(tmp_path: Path, monkeypatch) -> None:
+    usage = ckpt.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
+    monkeypatch.setattr(
+        engine, "train_step", lambda *a: pytest.fail("trained on a disk that cannot hold its checkpoint")
+    )
+    with pytest.raises(ckpt.CheckpointError, match=r"needs about [\d.]+ MiB and its disk has 0.1 MiB free"):
+        run(tmp_path / "run", max_steps=2)
+
+
+def test_validation_that_finds_nan_names_what_is_kept(tmp_path: Path, monkeypatch) -> None:
+    run(tmp_path, max_steps=2)  # one epoch: last.pt at step 2
+    real_step, calls = PaperSGD.step, []
+
+    def poisoned(self, closure=None):  # the epoch's last update (step 4) leaves NaN weights; its loss was finite
+        out = real_step(self, closure)
+        calls.append(1)
+        if len(calls) == 2:
+            for group in self.param_groups:
+                group["params"][0].data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(PaperSGD, "step", poisoned)
+    with pytest.raises(
+        engine.TrainingError,
+        match=r"validation after epoch 2: the model's outputs are NaN or inf for 8 of 8 images.*; the weights are "
+        r"not finite at step 4; not saved; the last checkpoint is .*last.pt \(step 2\)",
+    ):
+        run(tmp_path, max_steps=4, resume=tmp_path / "last.pt")
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 2
+
+
+def test_validation_without_a_number_keeps_finite_weights(tmp_path: Path, monkeypatch) -> None:
+    real = engine.F.softmax
+    monkeypatch.setattr(engine.F, "softmax", lambda x, dim: real(x, dim) * float("nan"))
+    with pytest.raises(
+        engine.TrainingError, match=r"validation after epoch 1: .*; saved .*last.pt \(step 2\) unvalidated"
+    ):
+        run(tmp_path, max_steps=4)
+    monkeypatch.setattr(engine.F, "softmax", real)
+    assert run(tmp_path, max_steps=4, resume=tmp_path / "last.pt")["step"] == 4  # validates epoch 1, goes on
+
+
+def test_a_dataset_of_another_class_count_is_refused_by_evaluate_and_resume(tmp_path: Path) -> None:
+    from image_trees import photo_tree
+
+    photo_tree(tmp_path / "three", classes=("ant", "bee", "cow"), per_class=4)
+    photo_tree(tmp_path / "five", classes=("ant", "bee", "cow", "dog", "eel"), per_class=4)
+    flags = ["--dataset", "imagenet", "--preset", "seed", "--net", "one-gpu", "--init", "he", "-b", "4"]
+    flags += ["--max-steps", "1", "--val-subset", "2", "-j", "0", "--devices", "cpu", "--no-tensorboard"]
+    trained = cli("train", *flags, "--data", str(tmp_path / "three"), "--out", "run", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    for command in (
+        ["evaluate", "--checkpoint", "run/last.pt", "--data", str(tmp_path / "five"), "--devices", "cpu", "-j", "0"],
+        ["train", "--resume", "run/last.pt", "--data", str(tmp_path / "five"), "--max-steps", "2"],
+    ):
+        one_line(cli(*command, cwd=tmp_path), "has 5 classes", "run/last.pt was trained on 3", "--data")
