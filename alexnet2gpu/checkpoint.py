@@ -2,7 +2,8 @@
 
 {"model": AlexNet2GPU state dict (or the one-tower net's), "optimizer", "scheduler",
  "rng": {"cpu", "cuda"}, "step", "epoch", "batch": batches done in that epoch,
- "config": {"model", "data", "train"}, "stats": the data statistics, "best_val_top1"}
+ "config": {"model", "data", "train"}, "stats": the data statistics, "best_val_top1",
+ "classes": {"ids", "names"} of the training set, in label order}
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.datasets import Categories
 
 KEYS = ("model", "optimizer", "scheduler", "rng", "step", "epoch", "batch", "config", "best_val_top1")
 CONFIGS = {"model": AlexNetConfig, "data": DataConfig, "train": TrainConfig}
@@ -155,6 +157,14 @@ def _from_dict(cls, values: dict):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {unknown} (written by another version?)")
     return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
+
+
+def categories(checkpoint: dict) -> Categories | None:
+    """The classes a checkpoint was trained on, in label order (None for one written before they were kept)."""
+    saved = checkpoint.get("classes")
+    if not isinstance(saved, dict) or not isinstance(saved.get("ids"), list):
+        return None
+    return Categories.from_dict(saved)
 
 
 def load_weights(model: nn.Module, state, path: str | Path) -> None:

@@ -343,7 +343,7 @@ def cmd_evaluate(args) -> None:
     ckpt.load_weights(model, saved["model"], args.checkpoint)
     stats = DataStats.from_dict(saved["stats"]) if saved.get("stats") else None
     val = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
-    check_classes(val, model_cfg.num_classes, args.checkpoint)
+    check_classes(val, ckpt.categories(saved), model_cfg.num_classes, args.checkpoint)
     val = take(val, args.val_subset, stratified=True)
     pipeline = Pipeline(data, stats, next(model.parameters()).device, train=False)
     result = evaluate(model, val, pipeline, batch_size=args.batch_size, ten_crop=args.ten_crop, workers=args.workers)

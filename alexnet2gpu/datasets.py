@@ -16,6 +16,7 @@ import os
 import signal
 import struct
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -134,10 +135,58 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class Categories:
+    """A dataset's classes in label order. `ids` identify them (ImageNet's WordNet ids, the digits,
+    Fashion-MNIST's names) and are what a checkpoint is checked against; `names` say them to a person
+    (ImageNet's words where a mapping file lies beside the data, else the ids)."""
+
+    ids: tuple[str, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def numbered(cls, n: int) -> Categories:
+        ids = tuple(str(i) for i in range(n))
+        return cls(ids, ids)
+
+    def to_dict(self) -> dict:
+        return {"ids": list(self.ids), "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Categories:
+        return cls(tuple(d["ids"]), tuple(d["names"]))
+
+    def short(self, label: int) -> str:
+        """The first of a class's words ("tench" of "tench, Tinca tinca"), for figures."""
+        return self.names[label].split(",")[0].strip()
+
+
+# Fashion-MNIST's labels 0-9 (Xiao, Rasul and Vollgraf 2017, its README)
+FASHION_MNIST = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
 class InMemory(Dataset):
     """A whole split as one uint8 tensor (N, C, H, W) and its labels; batched by indexing."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, name: str) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        name: str,
+        categories: Categories | None = None,
+    ) -> None:
         if images.shape[0] != labels.shape[0]:
             raise DatasetError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels")
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
@@ -145,6 +194,7 @@ class InMemory(Dataset):
                 f"{name}: labels run from {labels.min().item()} to {labels.max().item()}, outside 0..{num_classes - 1}"
             )
         self.images, self.labels, self.num_classes, self.name = images, labels.long(), num_classes, name
+        self.categories = categories or Categories.numbered(num_classes)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -157,7 +207,7 @@ class InMemory(Dataset):
         return self.images.shape[1]
 
     def subset(self, n: int) -> InMemory:
-        return InMemory(self.images[:n], self.labels[:n], self.num_classes, self.name)
+        return InMemory(self.images[:n], self.labels[:n], self.num_classes, self.name, self.categories)
 
 
 def idx_dataset(name: str, split: str, data: str | None) -> InMemory:
@@ -166,7 +216,8 @@ def idx_dataset(name: str, split: str, data: str | None) -> InMemory:
     images, labels = read_idx(image_file), read_idx(label_file)
     if images.dim() != 3:
         raise DatasetError(f"{image_file}: expected images (N, H, W), got shape {tuple(images.shape)}")
-    return InMemory(images.unsqueeze(1), labels.long(), 10, f"{name} {split} ({folder})")  # (N, 1, 28, 28)
+    categories = Categories(FASHION_MNIST, FASHION_MNIST) if name == "fashion-mnist" else Categories.numbered(10)
+    return InMemory(images.unsqueeze(1), labels.long(), 10, f"{name} {split} ({folder})", categories)  # (N, 1, 28, 28)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +231,8 @@ def fake_dataset(split: str, *, size: int = 32, channels: int = 3, num_classes: 
     labels = torch.arange(n) % num_classes
     noise = torch.rand((n, channels, size, size), generator=g)
     images = (0.6 * templates[labels] + 0.4 * noise) * 255  # (N, C, size, size)
-    return InMemory(images.round().to(torch.uint8), labels, num_classes, f"fake {split}")
+    ids = tuple(f"template {k}" for k in range(num_classes))
+    return InMemory(images.round().to(torch.uint8), labels, num_classes, f"fake {split}", Categories(ids, ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +324,7 @@ class ImageFolderStaged(SkippingDataset):
         super().__init__(strict)
         self.root, self.classes, self.stage_size = root, classes, stage_size
         self.num_classes, self.channels, self.name = len(classes), 3, f"imagenet ({root})"
+        self.categories = Categories(tuple(classes), tuple(imagenet_words(root.parent, classes)))
         self.samples = list_images(root, classes)
 
     @property
@@ -346,14 +399,48 @@ def build_dataset(
     raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
 
 
-def check_classes(dataset: Dataset, num_classes: int, checkpoint: str | Path) -> None:
-    """Refuse a dataset whose class count is not the checkpoint's: its labels would be out of range
-    (a crash mid-step) or name other classes (numbers that mean nothing)."""
+WORD_FILES = ("synset_words.txt", "LOC_synset_mapping.txt")  # "n01440764 tench, Tinca tinca" per line
+
+
+def imagenet_words(root: Path, wnids: list[str]) -> list[str]:
+    """Each class's words from a mapping file in `root` or the folder above it (Caffe's
+    synset_words.txt, Kaggle's LOC_synset_mapping.txt); the WordNet id itself where none says."""
+    words: dict[str, str] = {}
+    for folder in (root, root.parent):
+        for name in WORD_FILES:
+            try:
+                lines = (folder / name).read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                wnid, _, text = line.strip().partition(" ")
+                if wnid and text.strip():
+                    words.setdefault(wnid, text.strip())
+    return [words.get(wnid, wnid) for wnid in wnids]
+
+
+def check_classes(dataset: Dataset, saved: Categories | None, num_classes: int, checkpoint: str | Path) -> None:
+    """Refuse a dataset whose classes are not the checkpoint's (by id, in label order; by count for a
+    checkpoint that holds no names): its labels would be out of range (a crash mid-step) or name other
+    classes (numbers that mean nothing). The line lists the first differences."""
+    name = getattr(dataset, "name", "the dataset")
     if dataset.num_classes != num_classes:
         raise DatasetError(
-            f"{getattr(dataset, 'name', 'the dataset')} has {dataset.num_classes} classes, but {checkpoint} was "
-            f"trained on {num_classes}; use the dataset it was trained on (--data)"
+            f"{name} has {dataset.num_classes} classes, but {checkpoint} was trained on {num_classes}; "
+            "use the dataset it was trained on (--data)"
         )
+    ours = getattr(dataset, "categories", None)
+    if saved is None or ours is None or ours.ids == saved.ids:
+        return
+    differ = [
+        f"{i}: {a!r} here, {b!r} in training"
+        for i, (a, b) in enumerate(zip(ours.ids, saved.ids, strict=False))
+        if a != b
+    ]
+    raise DatasetError(
+        f"{name} has other classes than {checkpoint} was trained on ({len(differ)} of {num_classes} differ; label "
+        f"{'; '.join(differ[:3])}); use the dataset it was trained on (--data)"
+    )
 
 
 def describe(name: str, data: str | None) -> tuple[int, int]:

@@ -31,7 +31,15 @@ from tqdm import tqdm
 from alexnet2gpu import checkpoint as ckpt
 from alexnet2gpu.alarm import LossAlarm
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import DatasetError, InMemory, batches, build_dataset, check_classes, num_batches
+from alexnet2gpu.datasets import (
+    Categories,
+    DatasetError,
+    InMemory,
+    batches,
+    build_dataset,
+    check_classes,
+    num_batches,
+)
 from alexnet2gpu.logs import RunLog
 from alexnet2gpu.optim import make_optimizer, make_scheduler, set_lr
 from alexnet2gpu.placement import Placement, build_model
@@ -76,7 +84,11 @@ def take(dataset, n: int | None, *, stratified: bool = False):
         rank[by_class] = torch.arange(len(order)) - starts[shuffled[by_class]]  # place within its class
         order = order[torch.argsort(rank * len(order) + torch.arange(len(order)))]
     subset = torch.utils.data.Subset(dataset, order[:n].sort().values.tolist())
-    subset.num_classes, subset.channels = dataset.num_classes, dataset.channels
+    subset.num_classes, subset.channels, subset.categories = (
+        dataset.num_classes,
+        dataset.channels,
+        getattr(dataset, "categories", None),
+    )
     subset.name = f"{getattr(dataset, 'name', 'the dataset')}, sample of {n:,}"
     return subset
 
@@ -97,9 +109,19 @@ def sample_note(flag: str, full, taken) -> str | None:
 def part(dataset, start: int, stop: int):
     """Images `start` to `stop` of a dataset, keeping its class and channel counts."""
     if isinstance(dataset, InMemory):
-        return InMemory(dataset.images[start:stop], dataset.labels[start:stop], dataset.num_classes, dataset.name)
+        return InMemory(
+            dataset.images[start:stop],
+            dataset.labels[start:stop],
+            dataset.num_classes,
+            dataset.name,
+            dataset.categories,
+        )
     subset = torch.utils.data.Subset(dataset, range(start, stop))
-    subset.num_classes, subset.channels = dataset.num_classes, dataset.channels
+    subset.num_classes, subset.channels, subset.categories = (
+        dataset.num_classes,
+        dataset.channels,
+        getattr(dataset, "categories", None),
+    )
     return subset
 
 
@@ -249,6 +271,7 @@ class Run:
     state: RunState
     configs: dict
     stats: DataStats | None
+    categories: Categories | None  # the training set's classes, kept in every checkpoint
     train_pipe: Pipeline
     val_pipe: Pipeline
     log: RunLog | None
@@ -289,7 +312,7 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
     full_val = build_dataset(data.dataset, "val", data.data, **sets)
     if checkpoint is not None:
         for dataset in (full_train, full_val):
-            check_classes(dataset, model_config.num_classes, resume)
+            check_classes(dataset, ckpt.categories(checkpoint), model_config.num_classes, resume)
     train_set, val_set = take(full_train, data.subset), take(full_val, config.val_subset, stratified=True)
     if not len(val_set):
         raise DatasetError(f"{getattr(val_set, 'name', data.dataset)} holds no images: a run validates every epoch")
@@ -347,6 +370,7 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
         state=state,
         configs={"model": model_config, "data": data, "train": config},
         stats=stats,
+        categories=getattr(train_set, "categories", None),
         train_pipe=Pipeline(data, stats, placement.device, train=True, channels_last=config.channels_last),
         val_pipe=Pipeline(data, stats, placement.device, train=False, channels_last=config.channels_last),
         log=log,
@@ -382,6 +406,7 @@ def save(run: Run) -> None:
             "epoch_totals": run.totals.to_list(),
             "config": {name: c.to_dict() for name, c in run.configs.items()},
             "stats": run.stats.to_dict() if run.stats is not None else None,
+            "classes": run.categories.to_dict() if run.categories is not None else None,
         }
         ckpt.save(checkpoint, run.last)
     run.placement.barrier()

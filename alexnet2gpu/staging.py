@@ -46,7 +46,14 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from tqdm import tqdm
 
 from alexnet2gpu.config import StageConfig
-from alexnet2gpu.datasets import DatasetError, ImageFolderStaged, SkippingDataset, imagenet_dataset
+from alexnet2gpu.datasets import (
+    Categories,
+    DatasetError,
+    ImageFolderStaged,
+    SkippingDataset,
+    imagenet_dataset,
+    imagenet_words,
+)
 from alexnet2gpu.images import UnreadableImage, is_ignored, stage_image
 
 FORMAT, FORMAT_VERSION = "alexnet2gpu staged JPEG", 1
@@ -186,6 +193,7 @@ def plan_stage(raw: Path, config: StageConfig) -> tuple[dict, dict]:
         "subsampling": config.subsampling,
         "shard_images": config.shard_images,
         "classes": sources["train"].classes,
+        "words": list(sources["train"].categories.names),
         "splits": splits,
     }
     return plan, {split: [(str(p), label) for p, label in d.samples] for split, d in sources.items()}
@@ -335,6 +343,8 @@ class StagedImages(SkippingDataset):
         if gpu_decode and not torch.cuda.is_available():
             raise DatasetError("GPU decoding needs a CUDA device and this machine has none; drop --gpu-decode")
         self.classes, self.stage_size = manifest["classes"], stage_size
+        words = manifest.get("words") or imagenet_words(root, self.classes)
+        self.categories = Categories(tuple(self.classes), tuple(words))
         self.num_classes, self.channels, self.name = len(self.classes), 3, f"imagenet staged ({root / split})"
         self.decode_device = torch.device("cuda") if gpu_decode else None
         folder = root / split

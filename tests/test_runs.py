@@ -478,17 +478,43 @@ def test_validation_without_a_number_keeps_finite_weights(tmp_path: Path, monkey
     assert run(tmp_path, max_steps=4, resume=tmp_path / "last.pt")["step"] == 4  # validates epoch 1, goes on
 
 
-def test_a_dataset_of_another_class_count_is_refused_by_evaluate_and_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("classes", "words"),
+    [
+        (("ant", "bee", "cow", "dog", "eel"), ("has 5 classes", "run/last.pt was trained on 3")),
+        (("ant", "bee"), ("has 2 classes", "run/last.pt was trained on 3")),
+        (("ant", "bat", "cow"), ("other classes", "1 of 3 differ", "label 1: 'bat' here, 'bee' in training")),
+    ],
+    ids=["more", "fewer", "renamed"],
+)
+def test_a_dataset_of_other_classes_is_refused_by_evaluate_and_resume(tmp_path: Path, classes, words) -> None:
     from image_trees import photo_tree
 
-    photo_tree(tmp_path / "three", classes=("ant", "bee", "cow"), per_class=4)
-    photo_tree(tmp_path / "five", classes=("ant", "bee", "cow", "dog", "eel"), per_class=4)
+    photo_tree(tmp_path / "trained", classes=("ant", "bee", "cow"), per_class=4)
+    photo_tree(tmp_path / "other", classes=classes, per_class=4)
     flags = ["--dataset", "imagenet", "--preset", "seed", "--net", "one-gpu", "--init", "he", "-b", "4"]
     flags += ["--max-steps", "1", "--val-subset", "2", "-j", "0", "--devices", "cpu", "--no-tensorboard"]
-    trained = cli("train", *flags, "--data", str(tmp_path / "three"), "--out", "run", cwd=tmp_path)
+    trained = cli("train", *flags, "--data", str(tmp_path / "trained"), "--out", "run", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
+    assert ckpt.categories(ckpt.load(tmp_path / "run" / "last.pt")).ids == ("ant", "bee", "cow")
     for command in (
-        ["evaluate", "--checkpoint", "run/last.pt", "--data", str(tmp_path / "five"), "--devices", "cpu", "-j", "0"],
-        ["train", "--resume", "run/last.pt", "--data", str(tmp_path / "five"), "--max-steps", "2"],
+        ["evaluate", "--checkpoint", "run/last.pt", "--data", str(tmp_path / "other"), "--devices", "cpu", "-j", "0"],
+        ["train", "--resume", "run/last.pt", "--data", str(tmp_path / "other"), "--max-steps", "2"],
     ):
-        one_line(cli(*command, cwd=tmp_path), "has 5 classes", "run/last.pt was trained on 3", "--data")
+        one_line(cli(*command, cwd=tmp_path), *words, "--data")
+
+
+def test_class_names_travel_with_the_data_and_the_checkpoint(tmp_path: Path) -> None:
+    from image_trees import photo_tree
+
+    from alexnet2gpu.datasets import build_dataset
+
+    assert build_dataset("fashion-mnist", "val").categories.names[:2] == ("T-shirt/top", "Trouser")
+    assert build_dataset("fake", "val").categories.ids[0] == "template 0"
+    root = photo_tree(tmp_path / "tree", classes=("n01440764", "n01443537"), per_class=2)
+    (root / "synset_words.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    categories = build_dataset("imagenet", "val", str(root)).categories
+    assert categories.ids == ("n01440764", "n01443537") and categories.short(1) == "goldfish"
+    assert categories.names[0] == "tench, Tinca tinca"
+    result = run(tmp_path / "run", max_steps=1)
+    assert ckpt.categories(ckpt.load(result["checkpoint"])).ids[:2] == ("template 0", "template 1")
