@@ -325,28 +325,24 @@ def cmd_train(args, given: set[str]) -> None:
 def cmd_evaluate(args) -> None:
     from alexnet2gpu import checkpoint as ckpt
     from alexnet2gpu.datasets import build_dataset, check_classes
-    from alexnet2gpu.engine import build_model, evaluate, take
-    from alexnet2gpu.stats import DataStats
-    from alexnet2gpu.transforms import Pipeline
+    from alexnet2gpu.engine import evaluate, take
+    from alexnet2gpu.inference import load_trained
 
     TrainConfig(batch_size=args.batch_size, val_subset=args.val_subset)  # -b and --val-subset, checked as train's
-    saved = ckpt.load(args.checkpoint)
-    model_cfg, data, _ = ckpt.read_configs(saved, args.checkpoint)
+    trained = load_trained(args.checkpoint, args.devices or "auto")
+    model_cfg, data, _ = trained.configs
     if not args.data and data.data and not Path(data.data).is_dir():
         raise DatasetError(
             f"{args.checkpoint} was trained on {data.dataset} in {data.data}, which is not here: "
             f"pass --data FOLDER with its {data.dataset} validation set"
         )
     data = dataclasses.replace(data, data=args.data or data.data, workers=args.workers)
-    devices = resolve_devices(args.devices)
-    model = build_model(model_cfg, devices)
-    ckpt.load_weights(model, saved["model"], args.checkpoint)
-    stats = DataStats.from_dict(saved["stats"]) if saved.get("stats") else None
     val = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
-    check_classes(val, ckpt.categories(saved), model_cfg.num_classes, args.checkpoint)
+    check_classes(val, ckpt.categories(trained.checkpoint), model_cfg.num_classes, args.checkpoint)
     val = take(val, args.val_subset, stratified=True)
-    pipeline = Pipeline(data, stats, next(model.parameters()).device, train=False)
-    result = evaluate(model, val, pipeline, batch_size=args.batch_size, ten_crop=args.ten_crop, workers=args.workers)
+    result = evaluate(
+        trained.model, val, trained.pipeline, batch_size=args.batch_size, ten_crop=args.ten_crop, workers=args.workers
+    )
     result["ten_crop"] = args.ten_crop
     if args.json:
         print(json.dumps(result))

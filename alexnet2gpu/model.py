@@ -137,6 +137,16 @@ class AlexNet2GPU(nn.Module):
     def forward(self, x: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
         """Logits (N, num_classes) on tower A's device. `masks`: each tower's fc6 and fc7 dropout
         masks ((A's fc6, A's fc7), (B's fc6, B's fc7)), on its device; drawn here when None."""
+        ta, tb = self.tower_a, self.tower_b
+        a, b = self.hidden(x, masks)  # (N, 2048) per tower
+        dev_a = a.device
+        if tb.fc8 is None:  # one fc8 on tower A (C2): only tower B's half moves
+            return ta.fc8(join(a, b, dev_a))
+        a, b = exchange(a, b)  # fc8 reads both: (N, 4096)
+        return join(ta.fc8(a), tb.fc8(b), dev_a)  # (N, 500 + 500) gathered on device 0
+
+    def hidden(self, x: torch.Tensor, masks: Masks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each tower's fc7 activations (after ReLU and dropout), on its device: (N, 2048) each."""
         check_input(x, self.config)
         ta, tb = self.tower_a, self.tower_b
         (ma6, ma7), (mb6, mb7) = masks or ((None, None), (None, None))
@@ -147,11 +157,7 @@ class AlexNet2GPU(nn.Module):
         a, b = exchange(a, b)  # conv3 reads both towers: (N, 256, 13, 13) on each device
         a, b = exchange(ta.upper_maps(a), tb.upper_maps(b))  # fc6 reads both: (N, 9216)
         a, b = exchange(ta.fc(ta.fc6, a, ma6), tb.fc(tb.fc6, b, mb6))  # fc7 reads both: (N, 4096)
-        a, b = ta.fc(ta.fc7, a, ma7), tb.fc(tb.fc7, b, mb7)  # (N, 2048) per tower
-        if tb.fc8 is None:  # one fc8 on tower A (C2): only tower B's half moves
-            return ta.fc8(join(a, b, dev_a))
-        a, b = exchange(a, b)  # fc8 reads both: (N, 4096)
-        return join(ta.fc8(a), tb.fc8(b), dev_a)  # (N, 500 + 500) gathered on device 0
+        return ta.fc(ta.fc7, a, ma7), tb.fc(tb.fc7, b, mb7)  # (N, 2048) per tower
 
     @classmethod
     def from_fused(cls, fused: AlexNetFused, devices: Sequence[Device] = ("cuda:0", "cuda:1")) -> AlexNet2GPU:
@@ -191,6 +197,13 @@ class AlexNetFused(nn.Module):
     def forward(self, x: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (N, num_classes). `masks`: fc6's and fc7's dropout masks (N, 4096), tower A's
         features first; drawn here when None."""
+        x = self.hidden(x, masks)  # (N, 4096)
+        if self.fc_hidden is not None:  # the seed's extra layer: ReLU, no dropout
+            x = self.act(self.fc_hidden(x))  # (N, 1000)
+        return self.fc8(x)  # (N, num_classes)
+
+    def hidden(self, x: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """fc7's activations (after ReLU and dropout): (N, 4096), tower A's features first."""
         check_input(x, self.config)
         m6, m7 = masks or (None, None)
         pad = self.config.conv1_pad
@@ -201,10 +214,7 @@ class AlexNetFused(nn.Module):
         x = self.act(self.conv4(x))  # (N, 384, 13, 13)
         x = self.pool5(self.act(self.conv5(x))).flatten(1)  # (N, 256, 6, 6) -> (N, 9216)
         x = self.drop(self.act(self.fc6(x)), m6)  # (N, 4096)
-        x = self.drop(self.act(self.fc7(x)), m7)  # (N, 4096)
-        if self.fc_hidden is not None:  # the seed's extra layer: ReLU, no dropout
-            x = self.act(self.fc_hidden(x))  # (N, 1000)
-        return self.fc8(x)  # (N, num_classes)
+        return self.drop(self.act(self.fc7(x)), m7)  # (N, 4096)
 
     @classmethod
     def from_towers(cls, model: AlexNet2GPU, device: Device | None = None) -> AlexNetFused:
