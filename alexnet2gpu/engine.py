@@ -314,8 +314,6 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
         for dataset in (full_train, full_val):
             check_classes(dataset, ckpt.categories(checkpoint), model_config.num_classes, resume)
     train_set, val_set = take(full_train, data.subset), take(full_val, config.val_subset, stratified=True)
-    if not len(val_set):
-        raise DatasetError(f"{getattr(val_set, 'name', data.dataset)} holds no images: a run validates every epoch")
     notes = [sample_note("--subset", full_train, train_set), sample_note("--val-subset", full_val, val_set)]
     if num_batches(train_set, config.batch_size, drop_last=placement.replicas > 1) == 0:
         raise DatasetError(
@@ -323,6 +321,8 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
             f"{config.batch_size}{f' over {placement.replicas} tower pairs' if placement.replicas > 1 else ''}; "
             "add images or lower -b"
         )
+    if not len(val_set):
+        raise DatasetError(f"{getattr(val_set, 'name', data.dataset)} holds no images: a run validates every epoch")
 
     def statistics() -> DataStats | None:
         if data.preset != "paper":
