@@ -61,6 +61,18 @@ class LossAlarm:
             return self._fire("flat", step, f"mean of the last {len(self.long)} steps is {flat:.2f}")
         return None
 
+    def state_dict(self) -> dict:
+        """What the alarm has heard, for the checkpoint: a resumed run judges the same windows and
+        never repeats a warning it gave."""
+        return {"recent": list(self.recent), "long": list(self.long or []), "fired": sorted(self.fired)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent.extend(state.get("recent", []))
+        if self.long is not None:
+            self.long.extend(state.get("long", []))
+            self.long_sum = sum(self.long)
+        self.fired.update(state.get("fired", []))
+
     def _fire(self, kind: str, step: int, what: str) -> str | None:
         if kind in self.fired:
             return None

@@ -58,17 +58,21 @@ def save(checkpoint: dict, path: str | Path) -> Path:
     return path
 
 
-def check_room(path: str | Path, need: int) -> int:
+def check_room(path: str | Path, need: int, *, replaces: bool = False) -> int:
     """The free bytes on `path`'s disk, or one line when a checkpoint of `need` bytes would not fit.
-    A run calls it before its first step too, with the size its checkpoints will have, so that a
-    disk too small is found before an epoch of training rather than after it."""
+    A run calls it before its first step too (`replaces`), with the size its checkpoints will have:
+    each save writes the new file beside the old one, so a run needs room for two while `path` is
+    smaller than `need`. A disk too small is then found before an epoch of training, not after it."""
     path = Path(path)
     folder = next((p for p in (path.parent, *path.parent.parents) if p.is_dir()), Path("."))
     free = shutil.disk_usage(folder).free
-    if need > free:
+    old = path.stat().st_size if path.is_file() else 0
+    total = need + max(0, need - old) if replaces else need
+    if total > free:
+        two = f" (the new checkpoint is written beside the old one: room for {'two' if not old else 'both'})"
         raise CheckpointError(
-            f"cannot write {path}: it needs about {_mb(need)} and its disk has {_mb(free)} free; "
-            "free some space or point --out at a larger disk"
+            f"cannot write {path}: it needs about {_mb(total)}{two if replaces else ''} and its disk has "
+            f"{_mb(free)} free; free some space or point --out at a larger disk"
         )
     return free
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -57,7 +58,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset", default="paper", choices=["paper", "seed"], help="paper: P 2, 4.1; seed: normalise, resize to 224"
     )
-    p.add_argument("--subset", type=int, default=None, metavar="N", help="first N training images, for short runs")
+    p.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N training images, for short runs: the first N of MNIST-like sets, a fixed sample of ImageNet",
+    )
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("-j", "--workers", type=int, default=4, help="image-decoding processes (ImageNet folders)")
     p.add_argument("--gpu-decode", action="store_true", help="decode a staged folder's JPEGs on CUDA (unmeasured)")
@@ -133,7 +140,13 @@ def add_train(sub) -> None:
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue a run (its options, unless given)")
     p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps in all (counted across resumes)")
-    p.add_argument("--val-subset", type=int, default=None, metavar="N", help="validate on the first N images")
+    p.add_argument(
+        "--val-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="validate on N images: the first N of MNIST-like sets, a fixed sample even over ImageNet's classes",
+    )
     p.add_argument("--amp", default="none", choices=["none", "bf16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -153,7 +166,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--devices", default=None)
     p.add_argument("--ten-crop", action="store_true", help="average the softmax over ten patches (P 4.1)")
     p.add_argument("-b", "--batch-size", type=int, default=128)
-    p.add_argument("--val-subset", type=int, default=None, metavar="N")
+    p.add_argument("--val-subset", type=int, default=None, metavar="N", help="N images, as train's --val-subset")
     p.add_argument("-j", "--workers", type=int, default=4)
     p.add_argument("--json", action="store_true")
 
@@ -294,11 +307,13 @@ def cmd_train(args, given: set[str]) -> None:
         data = data_config(args, crop_size=args.input_size)
         model = model_config(args, *describe(data.dataset, data.data))  # classes and channels, images unread
         config = train_config(args)
+    refuse_out_inside_data(args.out, data)
     options = dict(resume=args.resume, tensorboard=config.tensorboard, overwrite=args.overwrite)
     if args.parallel == "tower-processes":
         from alexnet2gpu.distributed import train_tower_processes
 
-        require("--dist-timeout", args.dist_timeout, args.dist_timeout > 0, "a positive number of minutes")
+        timeout_ok = math.isfinite(args.dist_timeout) and 0 < args.dist_timeout <= 10_080
+        require("--dist-timeout", args.dist_timeout, timeout_ok, "a positive number of minutes, at most a week")
 
         if "devices" in given and args.devices:
             raise ValueError(
@@ -322,10 +337,24 @@ def cmd_train(args, given: set[str]) -> None:
     print(json.dumps({k: result[k] for k in ("step", "epoch", "val", "checkpoint")}))
 
 
+def refuse_out_inside_data(out: str, data: DataConfig) -> None:
+    """A run directory inside an ImageNet folder's train/ or val/ would be read as a class or an image."""
+    if data.dataset != "imagenet" or not data.data:
+        return
+    where = Path(out).resolve()
+    for split in ("train", "val"):
+        folder = (Path(data.data) / split).resolve()
+        if where == folder or where.is_relative_to(folder):
+            raise ValueError(
+                f"--out {out} is inside {folder}, where its files would be read as images or classes: "
+                "put the run directory outside the dataset folder"
+            )
+
+
 def cmd_evaluate(args) -> None:
     from alexnet2gpu import checkpoint as ckpt
     from alexnet2gpu.datasets import build_dataset, check_classes
-    from alexnet2gpu.engine import evaluate, take
+    from alexnet2gpu.engine import evaluate, percent, take
     from alexnet2gpu.inference import load_trained
 
     TrainConfig(batch_size=args.batch_size, val_subset=args.val_subset)  # -b and --val-subset, checked as train's
@@ -336,12 +365,13 @@ def cmd_evaluate(args) -> None:
             f"{args.checkpoint} was trained on {data.dataset} in {data.data}, which is not here: "
             f"pass --data FOLDER with its {data.dataset} validation set"
         )
-    data = dataclasses.replace(data, data=args.data or data.data, workers=args.workers)
+    workers = args.workers if args.workers is not None else data.workers  # the run's own unless given
+    data = dataclasses.replace(data, data=args.data or data.data, workers=workers)
     val = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
     check_classes(val, ckpt.categories(trained.checkpoint), model_cfg.num_classes, args.checkpoint)
     val = take(val, args.val_subset, stratified=True)
     result = evaluate(
-        trained.model, val, trained.pipeline, batch_size=args.batch_size, ten_crop=args.ten_crop, workers=args.workers
+        trained.model, val, trained.pipeline, batch_size=args.batch_size, ten_crop=args.ten_crop, workers=workers
     )
     result["ten_crop"] = args.ten_crop
     if args.json:
@@ -350,7 +380,7 @@ def cmd_evaluate(args) -> None:
         how = "ten-crop" if args.ten_crop else "centre crop"
         print(
             f"{data.dataset} val, {result['images']} images, {how}: top-1 error {result['top1_err']:.2%}, "
-            f"top-5 error {result['top5_err']:.2%}, loss {result['loss']:.4f}"
+            f"top-5 error {percent(result['top5_err'])}, loss {result['loss']:.4f}"
         )
 
 

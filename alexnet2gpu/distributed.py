@@ -209,21 +209,25 @@ class TowerRanks(Placement):
         try:
             dist.all_gather(every, values, group=self.host)
         except RuntimeError as error:
-            if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
-                raise
-            silent = silent_ranks(self.world, self.rank, wait=min(30.0, self.timeout * 60))
-            who = (
-                f"rank {', '.join(map(str, silent))} did not answer"
-                if silent
-                else "the rank holding the rendezvous store did not answer (rank 0 with a fixed MASTER_ADDR)"
-                if silent is None
-                else "every rank answered the roll call afterwards (a slow rank, or a network fault)"
-            )
-            raise TrainingError(
-                f"rank {self.rank}: a collective timed out ({self.timeout:g} min, --dist-timeout): {who}; "
-                "a stopped (kill -STOP) or hung process, or a lost node; resume from the last checkpoint"
-            ) from None
+            raise self.timed_out(error) from None
         return torch.stack(every)
+
+    def timed_out(self, error: RuntimeError) -> Exception:
+        """A collective's timeout as one line naming the ranks that went silent (any other error as it is)."""
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            return error
+        silent = silent_ranks(self.world, self.rank, wait=min(30.0, self.timeout * 60))
+        who = (
+            f"rank {', '.join(map(str, silent))} did not answer"
+            if silent
+            else "the rank holding the rendezvous store did not answer (rank 0 with a fixed MASTER_ADDR)"
+            if silent is None
+            else "every rank answered the roll call afterwards (a slow rank, or a network fault)"
+        )
+        return TrainingError(
+            f"rank {self.rank}: a collective timed out ({self.timeout:g} min, --dist-timeout): {who}; "
+            "a stopped (kill -STOP) or hung process, or a lost node; resume from the last checkpoint"
+        )
 
     def sum_replicas(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.devices[0])
@@ -303,7 +307,10 @@ def train_tower_processes(
             raise ValueError(f"--batch-size {config.batch_size} must split evenly over {world // 2} tower pairs")
         placement = TowerRanks(mesh, device, timeout)
         options = dict(resume=resume, progress=progress, tensorboard=tensorboard, overwrite=overwrite)
-        result = fit(placement, model_config, data, config, out, **options)
+        try:
+            result = fit(placement, model_config, data, config, out, **options)
+        except RuntimeError as error:  # a timeout inside a step (the towers' exchanges, DDP) names the rank too
+            raise placement.timed_out(error) from None
         return {**result, "rank": placement.rank}
     finally:
         if started:

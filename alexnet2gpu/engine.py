@@ -93,10 +93,12 @@ def take(dataset, n: int | None, *, stratified: bool = False):
     return subset
 
 
-def sample_note(flag: str, full, taken) -> str | None:
-    """One line on what --subset / --val-subset took, for the run's output (None when it took all)."""
-    if taken is full:
+def sample_note(flag: str, n: int | None, full, taken) -> str | None:
+    """One line on what --subset / --val-subset N took, for the run's output (None when not asked)."""
+    if n is None:
         return None
+    if taken is full:
+        return f"{flag} {n:,}: all {len(full):,} images (the set holds no more)"
     if isinstance(full, InMemory):
         return f"{flag}: the first {len(taken):,} of {len(full):,} images (stored in random order)"
     classes = len(set(full.labels[taken.indices].tolist()))
@@ -180,11 +182,13 @@ def evaluate(
         with autocast(model, amp):
             if ten_crop:
                 crops = pipeline.ten_crops(batch)  # (n, 10, C, 224, 224)
-                probs = F.softmax(model(crops.flatten(0, 1)).float(), dim=1)  # (n * 10, classes)
-                probs = probs.view(len(labels), 10, -1).mean(1)  # (n, classes)
+                log_probs = F.log_softmax(model(crops.flatten(0, 1)).float(), dim=1)  # (n * 10, classes)
+                # log of the mean of the ten softmaxes, without underflow
+                log_probs = log_probs.view(len(labels), 10, -1).logsumexp(1) - math.log(10)  # (n, classes)
             else:
-                probs = F.softmax(model(pipeline(batch)).float(), dim=1)
-        loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+                log_probs = F.log_softmax(model(pipeline(batch)).float(), dim=1)
+        probs = log_probs.exp()
+        loss = F.nll_loss(log_probs, labels, reduction="sum")  # the cross-entropy itself, however small p is
         bad = (~torch.isfinite(probs)).any(1).sum()  # a softmax of finite logits never is NaN
         sums += torch.cat([loss[None], topk_errors(probs, labels), bad[None]]).double()  # stays on the device
         images += len(labels)
@@ -199,7 +203,13 @@ def evaluate(
             f"the model's outputs are NaN or inf for {int(bad)} of {int(images)} images: its weights hold NaN or "
             "inf, or its activations overflow; no error rate is reported"
         )
-    return {"loss": loss / images, "top1_err": top1 / images, "top5_err": top5 / images, "images": int(images)}
+    top5_err = top5 / images if probs.shape[1] > 5 else None  # with 5 classes or fewer, always 0: not a number
+    return {"loss": loss / images, "top1_err": top1 / images, "top5_err": top5_err, "images": int(images)}
+
+
+def percent(error: float | None) -> str:
+    """An error rate as a percentage, "n/a" where there is none (top-5 of 5 classes or fewer)."""
+    return "n/a" if error is None else f"{error:.2%}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +324,10 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
         for dataset in (full_train, full_val):
             check_classes(dataset, ckpt.categories(checkpoint), model_config.num_classes, resume)
     train_set, val_set = take(full_train, data.subset), take(full_val, config.val_subset, stratified=True)
-    notes = [sample_note("--subset", full_train, train_set), sample_note("--val-subset", full_val, val_set)]
+    notes = [
+        sample_note("--subset", data.subset, full_train, train_set),
+        sample_note("--val-subset", config.val_subset, full_val, val_set),
+    ]
     if num_batches(train_set, config.batch_size, drop_last=placement.replicas > 1) == 0:
         raise DatasetError(
             f"{getattr(train_set, 'name', data.dataset)}: {len(train_set)} training images make no batch of "
@@ -343,7 +356,7 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
     if placement.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input shape: cuDNN times its algorithms once
     need = placement.checkpoint_bytes() + (ckpt.tensor_bytes(stats.to_dict()) if stats is not None else 0)
-    placement.on_rank0(lambda: ckpt.check_room(Path(out) / "last.pt", need))  # now, not after an epoch
+    placement.on_rank0(lambda: ckpt.check_room(Path(out) / "last.pt", need, replaces=True))  # now, not after an epoch
     optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, config)
     state, totals = RunState(), Totals()
@@ -354,8 +367,13 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
         ckpt.set_rng_state(checkpoint["rng"])
         state = RunState(checkpoint["step"], checkpoint["epoch"], checkpoint["batch"], checkpoint["best_val_top1"])
         totals = Totals(*checkpoint.get("epoch_totals", [0.0, 0.0, 0.0]))  # older checkpoints: from here on
+    alarm = LossAlarm(model_config.num_classes, config, num_batches(train_set, config.batch_size))
+    if checkpoint is not None and isinstance(checkpoint.get("alarm"), dict):
+        alarm.load_state_dict(checkpoint["alarm"])
     writer = placement.writer
-    log = RunLog(out, tensorboard=tensorboard) if writer else None
+    # a resume drops the TensorBoard events after its step, as it drops the CSV rows
+    purge = state.step + 1 if checkpoint is not None else None
+    log = RunLog(out, tensorboard=tensorboard, purge_step=purge) if writer else None
     say = tqdm.write if (progress and writer) else (lambda *_: None)
     if log is not None and checkpoint is not None:
         log.truncate_after(state.step)
@@ -377,7 +395,7 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
         last=Path(out) / "last.pt",
         say=say,
         progress=progress and writer,
-        alarm=LossAlarm(model_config.num_classes, config, num_batches(train_set, config.batch_size)),
+        alarm=alarm,
         saved_step=state.step if checkpoint is not None else None,
         totals=totals,
     )
@@ -404,6 +422,7 @@ def save(run: Run) -> None:
             "batch": state.batch,
             "best_val_top1": state.best_val_top1,
             "epoch_totals": run.totals.to_list(),
+            "alarm": run.alarm.state_dict(),
             "config": {name: c.to_dict() for name, c in run.configs.items()},
             "stats": run.stats.to_dict() if run.stats is not None else None,
             "classes": run.categories.to_dict() if run.categories is not None else None,
@@ -594,10 +613,11 @@ def end_epoch(run: Run, val_set, totals: Totals) -> dict | None:
     lr, train_loss = run.optimizer.param_groups[0]["lr"], totals.loss / max(totals.images, 1)
     if run.log is not None:
         row = dict(epoch=state.epoch + 1, step=state.step, lr=lr, train_loss=train_loss, loss=val["loss"])
-        run.log.val(**row, top1_err=val["top1_err"], top5_err=val["top5_err"])
+        top5 = val["top5_err"] if val["top5_err"] is not None else math.nan  # "nan" in the CSV: no number
+        run.log.val(**row, top1_err=val["top1_err"], top5_err=top5)
     run.say(
         f"epoch {state.epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
-        f"top-1 err {val['top1_err']:.2%}, top-5 err {val['top5_err']:.2%}, lr {lr:g}"
+        f"top-1 err {percent(val['top1_err'])}, top-5 err {percent(val['top5_err'])}, lr {lr:g}"
     )
     run.scheduler.step(val["top1_err"])
     state.best_val_top1 = min(state.best_val_top1, val["top1_err"])

@@ -18,14 +18,15 @@ VAL_FIELDS = ("epoch", "step", "lr", "train_loss", "loss", "top1_err", "top5_err
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
+        """`purge_step`: TensorBoard hides the events of this step and later (a resumed run's)."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.dir / "tb"))
+            self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
 
     def _append(self, name: str, fields: tuple[str, ...], row: dict) -> None:
         path = self.dir / name

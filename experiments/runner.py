@@ -23,7 +23,7 @@ from alexnet2gpu.bench import machine
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.datasets import build_dataset
 from alexnet2gpu.devices import resolve_devices
-from alexnet2gpu.engine import build_model, evaluate, take, train
+from alexnet2gpu.engine import build_model, evaluate, percent, take, train
 from alexnet2gpu.logs import read_csv
 from alexnet2gpu.stats import DataStats
 from alexnet2gpu.transforms import Pipeline
@@ -130,9 +130,7 @@ def record(args, title: str, command: str, lines: list[str], figure: Path | None
 
 def errors_line(name: str, r: dict) -> str:
     v = r["val"]
-    return (
-        f"| {name} | {100 * v['top1_err']:.1f}% | {100 * v['top5_err']:.1f}% | {v['images']} | {r['seconds']:.0f} s |"
-    )
+    return f"| {name} | {100 * v['top1_err']:.1f}% | {percent(v['top5_err'])} | {v['images']} | {r['seconds']:.0f} s |"
 
 
 TABLE_HEAD = ["| variant | test top-1 error | top-5 error | test images | train time |", "|---|---|---|---|---|"]

@@ -94,3 +94,28 @@ def test_real_runs_fire_when_stuck_and_stay_silent_when_learning(tmp_path: Path)
     assert real_run(learns, "he", 0.01, "seed", 8) == []
     losses = [row["loss"] for row in read_csv(learns / "train.csv")]
     assert losses[-1] < 0.6 * losses[0] and losses[-1] < math.log(10) + 0.5, losses
+
+
+def test_a_resumed_run_hears_what_the_alarm_heard_and_never_repeats_a_warning(tmp_path) -> None:
+    """The alarm's windows and the warnings it gave are in the checkpoint: a run cut and resumed
+    writes the events.log of an uninterrupted one."""
+    import dataclasses
+
+    import torch
+
+    from alexnet2gpu.config import AlexNetConfig, DataConfig
+    from alexnet2gpu.engine import train
+
+    cpu = (torch.device("cpu"), torch.device("cpu"))
+    model = AlexNetConfig.one_gpu(num_classes=10, in_channels=3, init="he")
+    data = DataConfig(dataset="fake", preset="seed", subset=40)
+    config = TrainConfig(
+        batch_size=4, epochs=1, max_steps=6, log_every=1, val_subset=4, alarm_window=2, alarm_after_steps=1
+    )
+    config = dataclasses.replace(config, alarm_diverge_factor=0.3, alarm_flat_steps=0)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(model, data, config, cpu, whole, progress=False, tensorboard=False)
+    train(model, data, dataclasses.replace(config, max_steps=3), cpu, cut, progress=False, tensorboard=False)
+    train(model, data, config, cpu, cut, resume=cut / "last.pt", progress=False, tensorboard=False)
+    assert (whole / "events.log").read_text().count("warning") == 1
+    assert (cut / "events.log").read_text() == (whole / "events.log").read_text()

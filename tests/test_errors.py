@@ -434,3 +434,9 @@ def test_a_failed_checkpoint_write_reports_the_space_free_before_it(tmp_path: Pa
     assert "RuntimeError: [enforce fail" in message
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     assert (tmp_path / "last.pt").read_bytes() == b"the previous checkpoint"
+
+
+@pytest.mark.parametrize("value", ["inf", "1e12", "0", "nan"])
+def test_a_collective_timeout_is_a_positive_number_of_minutes_at_most_a_week(tmp_path: Path, capsys, value) -> None:
+    argv = [*TRAIN_FAKE, "--out", str(tmp_path), "--parallel", "tower-processes", f"--dist-timeout={value}"]
+    fails(capsys, argv, "expected a positive number of minutes, at most a week")

@@ -223,3 +223,46 @@ def test_a_rank_that_stops_answering_is_named_within_the_timeout(tmp_path: Path)
     message = (tmp_path / "rank0.txt").read_text()
     assert message.startswith("rank 0: a collective timed out (0.05 min, --dist-timeout): rank 1 did not answer")
     assert "\n" not in message
+
+
+SILENT_IN_A_STEP = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import torch
+import alexnet2gpu.distributed as distributed
+from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.engine import TrainingError
+
+def worker(rank, world, out):
+    if rank == 1:  # stops answering inside a step, between two of the towers' exchanges
+        real, calls = distributed.TowerProcess.gather, []
+        def stalls(self, x):
+            calls.append(1)
+            if len(calls) == 7:
+                time.sleep(15)
+                raise SystemExit(0)
+            return real(self, x)
+        distributed.TowerProcess.gather = stalls
+    model = AlexNetConfig(num_classes=10, init="he", conv_channels=(16, 32, 48, 48, 32), fc_features=(64, 64))
+    data = DataConfig(dataset="fake", preset="seed", subset=32, workers=0)
+    config = TrainConfig(epochs=1, batch_size=4, max_steps=4, val_subset=4, seed=1, log_every=100)
+    try:
+        distributed.train_tower_processes(model, data, config, out, progress=False, tensorboard=False, timeout=0.05)
+    except TrainingError as error:
+        Path(out).parent.joinpath(f"rank{{rank}}.txt").write_text(str(error))  # the run folder is gone: no save
+
+distributed.launch(worker, 2, {out!r}, timeout=0.05)
+"""
+
+
+def test_a_rank_silent_inside_a_step_is_named_too(tmp_path: Path) -> None:
+    """Most often a stopped rank is caught in the towers' exchanges, not in a host collective."""
+    import subprocess
+    import sys
+
+    script = SILENT_IN_A_STEP.format(tests=str(Path(__file__).parent), out=str(tmp_path / "run"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert (tmp_path / "rank0.txt").is_file(), result.stderr[-3000:]
+    message = (tmp_path / "rank0.txt").read_text()
+    assert message.startswith("rank 0: a collective timed out (0.05 min, --dist-timeout): rank 1 did not answer")

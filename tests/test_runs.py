@@ -431,8 +431,11 @@ def test_subsets_of_imagenet_are_a_fixed_sample_over_all_classes(tmp_path: Path)
     assert sorted(int(val.labels[i]) for i in even.indices) == [0, 1, 2, 3]  # one image of each class
     counts = torch.bincount(val.labels[engine.take(val, 6, stratified=True).indices], minlength=4)
     assert sorted(counts.tolist()) == [1, 1, 2, 2]  # as even over the classes as 6 allows
-    note = engine.sample_note("--val-subset", val, even)
+    note = engine.sample_note("--val-subset", 4, val, even)
     assert note == "--val-subset: a fixed sample (seed 0) of 4 of 8 images, 4 of 4 classes"
+    assert engine.sample_note("--val-subset", 100, val, engine.take(val, 100)) == (
+        "--val-subset 100: all 8 images (the set holds no more)"
+    )
 
 
 def test_a_disk_too_small_for_the_checkpoint_stops_the_run_before_its_first_step(tmp_path: Path, monkeypatch) -> None:
@@ -518,3 +521,64 @@ def test_class_names_travel_with_the_data_and_the_checkpoint(tmp_path: Path) -> 
     assert categories.names[0] == "tench, Tinca tinca"
     result = run(tmp_path / "run", max_steps=1)
     assert ckpt.categories(ckpt.load(result["checkpoint"])).ids[:2] == ("template 0", "template 1")
+
+
+def test_a_resume_hides_the_tensorboard_events_after_its_checkpoint(tmp_path: Path) -> None:
+    """Events a crashed run wrote past its checkpoint are purged, as its CSV rows are dropped."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    config = TrainConfig(epochs=10, batch_size=8, max_steps=2, val_subset=8, seed=3, log_every=1)
+    engine.train(SMALL, FAKE, config, CPU, tmp_path, progress=False, tensorboard=True)  # last.pt at step 2
+    with SummaryWriter(str(tmp_path / "tb")) as crashed:  # steps 3 and 4 of a run killed before its save
+        for step in (3, 4):
+            crashed.add_scalar("train/loss", 99.0, step)
+    config = TrainConfig(epochs=10, batch_size=8, max_steps=4, val_subset=8, seed=3, log_every=1)
+    engine.train(SMALL, FAKE, config, CPU, tmp_path, resume=tmp_path / "last.pt", progress=False, tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4] and 99.0 not in [e.value for e in losses]
+
+
+def test_the_disk_check_counts_the_new_checkpoint_beside_the_old(tmp_path: Path, monkeypatch) -> None:
+    usage = ckpt.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=3_000))
+    path = tmp_path / "last.pt"
+    assert ckpt.check_room(path, 2_000) == 3_000  # one save alone fits
+    with pytest.raises(ckpt.CheckpointError, match="room for two"):
+        ckpt.check_room(path, 2_000, replaces=True)  # a run writes the second beside the first
+    path.write_bytes(b"x" * 2_000)
+    assert ckpt.check_room(path, 2_000, replaces=True) == 3_000  # the old one is already on the disk
+
+
+def test_a_run_directory_inside_an_imagenet_split_is_refused(tmp_path: Path) -> None:
+    from image_trees import photo_tree
+
+    root = photo_tree(tmp_path / "inet", classes=("ant", "bee"), per_class=2)
+    flags = ["--dataset", "imagenet", "--data", str(root), "--preset", "seed", "--net", "one-gpu", "-b", "2"]
+    for out in (root / "train" / "ant", root / "val"):
+        one_line(cli("train", *flags, "--out", str(out), "--devices", "cpu", cwd=tmp_path), "is inside", "outside")
+    assert sorted(p.name for p in (root / "train" / "ant").iterdir()) == ["ant_0.jpg", "ant_1.jpg"]
+
+
+def test_validation_loss_is_the_cross_entropy_however_small_the_probability(tmp_path: Path) -> None:
+    """A clamped log(p) capped every such image's loss at -ln(1e-12) = 27.63."""
+    from alexnet2gpu.datasets import fake_dataset
+    from alexnet2gpu.transforms import Pipeline
+
+    class Sure(torch.nn.Module):  # certain of class 0, by 1000 logits
+        def __init__(self, classes: int = 10) -> None:
+            super().__init__()
+            self.classes = classes
+            self.where = torch.nn.Parameter(torch.zeros(1))  # evaluate puts labels on the model's device
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), self.classes).float() * 1000
+
+    val = fake_dataset("val")
+    pipeline = Pipeline(DataConfig(dataset="fake", preset="seed"), None, "cpu", train=False)
+    result = engine.evaluate(Sure(), engine.take(val, 20), pipeline, progress=False)
+    assert result["loss"] == pytest.approx(1000 * 18 / 20, rel=1e-4)  # 18 of 20 images are not of class 0
+    four = engine.take(fake_dataset("val", num_classes=4), 8)
+    assert engine.evaluate(Sure(4), four, pipeline, progress=False)["top5_err"] is None  # 4 classes: no top-5
