@@ -99,6 +99,7 @@ demo: setup
 	  --subset 3000 --epochs 1 --batch-size 32 --val-subset 1000 --out runs/demo --overwrite
 	$(RUN) -m alexnet2gpu evaluate --checkpoint runs/demo/last.pt --val-subset 1000 --devices cpu
 	$(PY) -m alexnet2gpu plot runs/demo
+	$(RUN) -m alexnet2gpu predict --checkpoint runs/demo/last.pt docs/fashion-mnist
 
 # One script for a GPU machine (GPU tests, bench on cuda, short training runs; with two GPUs, 1 GPU vs
 # 2 GPUs vs torchrun): a table of PASS/FAIL/SKIP, non-zero exit on a FAIL; see the script. Outputs in

@@ -1,4 +1,4 @@
-"""`python -m alexnet2gpu COMMAND`: train, evaluate, plot, bench, fit-stats, stage.
+"""`python -m alexnet2gpu COMMAND`: train, evaluate, predict, plot, bench, fit-stats, stage.
 
 Errors a user can fix (missing data, a device that does not exist, a bad checkpoint) are one line
 on stderr and a non-zero exit code, never a traceback.
@@ -169,6 +169,25 @@ def add_evaluate(sub) -> None:
     p.add_argument("--val-subset", type=int, default=None, metavar="N", help="N images, as train's --val-subset")
     p.add_argument("-j", "--workers", type=int, default=4)
     p.add_argument("--json", action="store_true")
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="a checkpoint's top-5 classes for image files, through the run's preprocessing")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (walked for image files)")
+    p.add_argument(
+        "--devices", default=None, help="tower A,tower B (default: the run's own, where this machine has them)"
+    )
+    p.add_argument("--ten-crop", action="store_true", help="average the softmax over ten patches (P 4.1)")
+    p.add_argument(
+        "-b", "--batch-size", type=int, default=64, help="network inputs per batch (ten per image with --ten-crop)"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object: {"predictions": [{"path", "top5": [{"label", "id", "name", "probability"}]}], '
+        '"errors": [{"path", "error"}]}',
+    )
 
 
 def add_plot(sub) -> None:
@@ -384,6 +403,34 @@ def cmd_evaluate(args) -> None:
         )
 
 
+def cmd_predict(args) -> None:
+    """Unreadable files are one line each on stderr and the others are classified; the exit code is
+    2 only when no file could be read (after the JSON object, with --json)."""
+    from alexnet2gpu.inference import load_trained
+    from alexnet2gpu.predict import Unreadable, classify, find_images
+
+    require("-b/--batch-size", args.batch_size, args.batch_size > 0, "a positive number of network inputs")
+    paths = find_images(args.images)
+    trained = load_trained(args.checkpoint, args.devices)
+    predictions, errors = [], []
+    for result in classify(trained, paths, batch_size=args.batch_size, ten_crop=args.ten_crop):
+        if isinstance(result, Unreadable):
+            print(f"warning: {result}", file=sys.stderr, flush=True)
+            errors.append(result.to_dict())
+            continue
+        if not args.json:  # one block per image, a blank line between blocks
+            print(("\n" if predictions else "") + str(result), flush=True)
+        predictions.append(result.to_dict())
+    if args.json:
+        print(
+            json.dumps(
+                {"checkpoint": args.checkpoint, "ten_crop": args.ten_crop, "predictions": predictions, "errors": errors}
+            )
+        )
+    if not predictions:
+        raise ValueError(f"no file could be read as an image ({len(errors)} tried)")
+
+
 def cmd_plot(args) -> None:
     from alexnet2gpu.plot import plot_run
 
@@ -443,6 +490,7 @@ def require(flag: str, value, ok: bool, expected: str) -> None:
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
     "plot": cmd_plot,
     "fit-stats": cmd_fit,
     "bench": cmd_bench,
@@ -476,7 +524,7 @@ def one_line(error: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m alexnet2gpu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_evaluate, add_plot, add_fit, add_bench, add_stage):
+    for add in (add_train, add_evaluate, add_predict, add_plot, add_fit, add_bench, add_stage):
         add(sub)
     return parser
 
