@@ -237,6 +237,19 @@ def _show(ax, image: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
+def _strip(images: list[torch.Tensor], gap_after_first: int) -> tuple[torch.Tensor, list[float]]:
+    """Stored uint8 images (C, H, W) of one size side by side on white, (H, W', 3), and each one's centre x."""
+    c, h, w = images[0].shape
+    gap = max(1, w // 16)
+    strip = torch.full((h, len(images) * (w + gap) + gap_after_first, 3), 255, dtype=torch.uint8)
+    centres, x = [], 0
+    for i, image in enumerate(images):
+        strip[:, x : x + w] = image.permute(1, 2, 0).expand(h, w, 3)  # grayscale: the one channel thrice
+        centres.append(x + (w - 1) / 2)
+        x += w + gap + (gap_after_first if i == 0 else 0)
+    return strip[:, : x - gap], centres
+
+
 def _bars(ax, probs: torch.Tensor, classes: torch.Tensor, label: int, categories: Categories) -> None:
     """One image's top-5 as horizontal bars, most probable on top; the correct class's bar red."""
     k = len(classes)
@@ -281,7 +294,7 @@ def draw_figure4(path: Path, classified: dict, queries: dict, categories: Catego
     fig = plt.figure(figsize=(20, 9.5))
     left, right = fig.add_gridspec(1, 2, width_ratios=[1, 1.05], wspace=0.12, left=0.06, right=0.99, top=0.9)
     columns = CLASSIFIED // 2
-    grid = left.subgridspec(4, columns, height_ratios=[1.25, 1, 1.25, 1], hspace=0.45, wspace=0.55)
+    grid = left.subgridspec(4, columns, height_ratios=[1.3, 0.9, 1.3, 0.9], hspace=0.3, wspace=0.55)
     pairs = [
         (
             fig.add_subplot(grid[2 * (i // columns), i % columns]),
@@ -290,22 +303,20 @@ def draw_figure4(path: Path, classified: dict, queries: dict, categories: Catego
         for i in range(len(classified["images"]))
     ]
     draw_top5(pairs, *(classified[k] for k in ("images", "labels", "probs", "classes")), categories)
-    rows = right.subgridspec(QUERIES, 1 + NEIGHBOURS, hspace=0.35, wspace=0.06)
+    rows = right.subgridspec(QUERIES, 1, hspace=0.3)
     for r, (image, label, hood) in enumerate(
         zip(queries["images"], queries["labels"], queries["neighbours"], strict=True)
     ):
-        ax = fig.add_subplot(rows[r, 0])
-        _show(ax, image)
-        ax.set_title(f"query: {categories.short(int(label))}", fontsize=8, color=CORRECT)
-        for j, (n_image, n_label, distance) in enumerate(zip(*hood, strict=True)):
-            ax = fig.add_subplot(rows[r, 1 + j])
-            _show(ax, n_image)
-            same = int(n_label) == int(label)
-            ax.set_title(
-                f"{categories.short(int(n_label))}\nd={float(distance):.3g}",
-                fontsize=7,
-                color="black" if same else "gray",
-            )
+        ax = fig.add_subplot(rows[r, 0])  # one axes a row: a strip of images (an axes each would take seconds)
+        strip, centres = _strip([image, *hood[0]], gap_after_first=image.shape[-1] // 3)
+        ax.imshow(strip, interpolation="nearest" if image.shape[-1] < 64 else "antialiased")
+        ax.set_axis_off()
+        captions = [(f"query: {categories.short(int(label))}", CORRECT)] + [
+            (f"{categories.short(int(n))[:18]}\nd={float(d):.3g}", "black" if int(n) == int(label) else "dimgray")
+            for n, d in zip(hood[1], hood[2], strict=True)
+        ]
+        for x, (caption, colour) in zip(centres, captions, strict=True):
+            ax.text(x, -2, caption, ha="center", va="bottom", fontsize=7.5, color=colour, clip_on=False)
     fig.text(0.25, 0.95, "top-5 predictions (correct class in red)", ha="center", fontsize=11)
     fig.text(
         0.74, 0.95, f"query, then the {NEIGHBOURS} training images nearest in fc7 (Euclidean)", ha="center", fontsize=11
@@ -341,6 +352,7 @@ def figure4(
     for dataset in (val, train):
         check_classes(dataset, ckpt.categories(trained.checkpoint), model_config.num_classes, trained.path)
     chosen = spread(labels_of(val), CLASSIFIED + QUERIES)
+    picked = chosen[CLASSIFIED:] + chosen  # a validation set of fewer than 13 images lends queries from the left
     images, labels = load_images(val, chosen[:CLASSIFIED], workers)
     probs, classes = top5(trained.model, trained.pipeline, images)
     classified = dict(images=images, labels=labels, probs=probs, classes=classes)
@@ -354,7 +366,7 @@ def figure4(
         feature_fn=feature_fn,
         progress=progress,
     )
-    q_images, q_labels = load_images(val, chosen[CLASSIFIED:], workers)
+    q_images, q_labels = load_images(val, picked[:QUERIES], workers)
     distances, rows = nearest(feature_fn(trained.model, trained.pipeline(q_images)), bank)
     neighbours = []
     for d, r in zip(distances, rows, strict=True):
