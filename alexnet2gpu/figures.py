@@ -309,7 +309,7 @@ def draw_figure4(path: Path, classified: dict, queries: dict, categories: Catego
     ):
         ax = fig.add_subplot(rows[r, 0])  # one axes a row: a strip of images (an axes each would take seconds)
         strip, centres = _strip([image, *hood[0]], gap_after_first=image.shape[-1] // 3)
-        ax.imshow(strip, interpolation="nearest" if image.shape[-1] < 64 else "antialiased")
+        ax.imshow(strip.numpy(), interpolation="nearest" if image.shape[-1] < 64 else "antialiased")
         ax.set_axis_off()
         captions = [(f"query: {categories.short(int(label))}", CORRECT)] + [
             (f"{categories.short(int(n))[:18]}\nd={float(d):.3g}", "black" if int(n) == int(label) else "dimgray")
