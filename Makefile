@@ -89,7 +89,7 @@ evaluate: setup
 	$(RUN) -m alexnet2gpu evaluate --checkpoint $(OUT)/last.pt $(if $(DATA),--data $(DATA)) $(ARGS)
 
 plot: setup
-	$(PY) -m alexnet2gpu plot $(OUT)
+	$(PY) -m alexnet2gpu plot $(OUT) $(ARGS)
 
 # A few minutes on 2 CPU cores: the two-tower net on 3,000 Fashion-MNIST images, one epoch, the
 # seed's input scaling and He init, which leave chance within the first tens of steps at batch 32
@@ -98,7 +98,7 @@ demo: setup
 	$(RUN) -m alexnet2gpu train --dataset fashion-mnist --preset seed --init he --devices cpu \
 	  --subset 3000 --epochs 1 --batch-size 32 --val-subset 1000 --out runs/demo --overwrite
 	$(RUN) -m alexnet2gpu evaluate --checkpoint runs/demo/last.pt --val-subset 1000 --devices cpu
-	$(PY) -m alexnet2gpu plot runs/demo
+	$(RUN) -m alexnet2gpu plot runs/demo --figure4 --neighbours-from 2000 --devices cpu
 	$(RUN) -m alexnet2gpu predict --checkpoint runs/demo/last.pt docs/fashion-mnist
 
 # One script for a GPU machine (GPU tests, bench on cuda, short training runs; with two GPUs, 1 GPU vs

@@ -193,6 +193,22 @@ def add_predict(sub) -> None:
 def add_plot(sub) -> None:
     p = sub.add_parser("plot", help="PNG figures of a run: curves and the conv1 kernels of each tower")
     p.add_argument("run_dir")
+    p.add_argument(
+        "--figure4",
+        action="store_true",
+        help="also figure4.png: top-5 predictions and fc7 nearest neighbours on the validation set (P Figure 4)",
+    )
+    p.add_argument(
+        "--neighbours-from",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--figure4: search a fixed sample of N training images (default 100,000; 0: all); their fc7 is cached",
+    )
+    p.add_argument("--data", default=None, metavar="DIR", help="--figure4: dataset folder (default: the run's)")
+    p.add_argument("--devices", default=None, help="--figure4: where the network runs (default: the run's devices)")
+    p.add_argument("-b", "--batch-size", type=int, default=128, help="--figure4: images per batch")
+    p.add_argument("-j", "--workers", type=int, default=4, help="--figure4: image loading processes")
 
 
 def add_fit(sub) -> None:
@@ -436,6 +452,16 @@ def cmd_plot(args) -> None:
 
     for path in plot_run(args.run_dir):
         print(path)
+    if args.figure4:
+        from alexnet2gpu.figures import NEIGHBOURS_FROM, figure4
+
+        n = args.neighbours_from
+        require("--neighbours-from", n, n is None or n >= 0, "a number of images (0: all)")
+        require("-b/--batch-size", args.batch_size, args.batch_size > 0, "a positive number of images")
+        require("-j/--workers", args.workers, args.workers >= 0, "a number of processes")
+        n = NEIGHBOURS_FROM if n is None else (n or None)
+        options = dict(neighbours_from=n, data=args.data, devices=args.devices, batch_size=args.batch_size)
+        print(figure4(args.run_dir, **options, workers=args.workers))
 
 
 def cmd_fit(args) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -295,6 +296,7 @@ class Run:
     saved_step: int | None = None  # the step of the checkpoint this run last wrote or resumed
     timed: bool = False  # the CPU's pace was said
     totals: Totals = field(default_factory=Totals)  # the current epoch's
+    panel: tuple[torch.Tensor, torch.Tensor] | None = None  # TensorBoard's top-5 images and labels (`log_predictions`)
 
     @property
     def config(self) -> TrainConfig:
@@ -398,8 +400,44 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
         alarm=alarm,
         saved_step=state.step if checkpoint is not None else None,
         totals=totals,
+        panel=panel_images(val_set, writer) if tensorboard else None,
     )
     return run, train_set, val_set
+
+
+PANEL_IMAGES = 4  # validation images whose top 5 TensorBoard shows at each epoch end
+
+
+def panel_images(val_set, writer: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fixed validation images (spread over the classes) of TensorBoard's top-5 panel, on every
+    process (the towers may live in two); None, with a warning from the writer, if they cannot be read."""
+    from alexnet2gpu import figures
+
+    try:
+        return figures.load_images(val_set, figures.spread(figures.labels_of(val_set), PANEL_IMAGES))
+    except Exception as error:  # noqa: BLE001 - a figure never stops a run
+        if writer:
+            tqdm.write(f"warning: no top-5 panel in TensorBoard: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
+
+
+def log_predictions(run: Run) -> None:
+    """TensorBoard's top-5 panel of the fixed validation images (Figure 4's left half), so that a user
+    watches the predictions change epoch by epoch. Every process runs the network; the writer draws.
+    An error is a warning, never the end of the run."""
+    from alexnet2gpu import figures
+
+    images, labels = run.panel
+    try:
+        probs, classes = figures.top5(run.runner, run.val_pipe, images)
+        if run.log is not None and run.log.writer is not None:
+            categories = run.categories or Categories.numbered(run.configs["model"].num_classes)
+            title = f"epoch {run.state.epoch + 1}, step {run.state.step}"
+            fig = figures.top5_figure(images.cpu(), labels, probs, classes, categories, title)
+            run.log.writer.add_figure("val/top5", fig, run.state.step)  # closes the figure
+    except Exception as error:  # noqa: BLE001 - a figure never stops a run
+        if run.placement.writer:
+            tqdm.write(f"warning: the top-5 panel was not drawn: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 def save(run: Run) -> None:
@@ -619,6 +657,8 @@ def end_epoch(run: Run, val_set, totals: Totals) -> dict | None:
         f"epoch {state.epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
         f"top-1 err {percent(val['top1_err'])}, top-5 err {percent(val['top5_err'])}, lr {lr:g}"
     )
+    if run.panel is not None:
+        log_predictions(run)
     run.scheduler.step(val["top1_err"])
     state.best_val_top1 = min(state.best_val_top1, val["top1_err"])
     state.epoch, state.batch = state.epoch + 1, 0
