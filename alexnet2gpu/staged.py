@@ -119,7 +119,7 @@ class StagedImages(SkippingDataset):
         self.decode_device = torch.device("cuda") if gpu_decode else None
         folder = root / split
         self.shards = [shard_paths(folder, k)[0] for k in range(manifest["splits"][split]["shards"])]
-        self.index_sha256 = manifest["splits"][split]["index_sha256"]
+        self.index_sha256 = manifest["splits"][split].get("index_sha256")
         self.index = self._read_index(folder / "index.npy", manifest["splits"][split]["images"])
         self._check_shards()
         self._maps: dict[int, mmap.mmap] = {}
