@@ -108,12 +108,13 @@ GPU_CHECK_OUT = $(if $(filter command line,$(origin OUT)),$(OUT),gpu-check)
 gpu-check: setup
 	PY=$(PY) OUT=$(GPU_CHECK_OUT) bash tools/gpu_check.sh
 
-# ImageNet decoded once to 256x256 JPEG shards (hours for a million images; resumable):
-#   make stage DATA=/data/imagenet OUT=/data/imagenet-staged [ARGS="-j 16 --quality 95"]
+# ImageNet decoded once to 256x256 JPEG shards (hours for a million images; resumable), read straight
+# out of the downloaded archives (or Kaggle's folder, or an ImageFolder tree):
+#   make stage DATA=/data/ilsvrc2012 OUT=/data/imagenet-staged [ARGS="-j 16 --quality 95"]
 # then train with DATA=/data/imagenet-staged
 stage: setup
 	@if [ -z "$(DATA)" ] || [ "$(origin OUT)" = "file" ]; then \
-	  echo "make stage needs DATA=RAW_FOLDER and OUT=NEW_FOLDER, e.g. make stage DATA=/data/imagenet OUT=/data/imagenet-staged"; \
+	  echo "make stage needs DATA=DOWNLOADS and OUT=NEW_FOLDER, e.g. make stage DATA=/data/ilsvrc2012 OUT=/data/imagenet-staged"; \
 	  exit 2; fi
 	$(RUN) -m alexnet2gpu stage --data $(DATA) --out $(OUT) $(ARGS)
 

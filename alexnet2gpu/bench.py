@@ -8,6 +8,7 @@ seed's per-sample torchvision transforms, on the same images.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -140,6 +141,8 @@ def main_data(args) -> None:
 IMAGENET_SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (333, 500), (500, 500))  # common in ImageNet
 # ImageNet's 1.28M training images take about 140 GB: about 110 KB each, at a typical 500x375
 GPU_STEP_RATES = {"V100 fp32": 5_000, "A100 fp16": 16_000}  # img/s of AlexNet-sized nets, as issue 13 cites them
+# issue 22: 1.2 M images x 90 epochs (P 5) in 3 hours = 10,700 img/s, what two H100-class GPUs need to be fed
+TARGET_IMG_PER_S = 10_700
 
 
 def imagenet_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -284,6 +287,11 @@ def bench_imagenet(
             "staged": round(16 * staged_per_worker),
         },
         "gpu_step_rates_img_per_s": GPU_STEP_RATES,
+        "cores_for_img_per_s": {  # loader processes, one per core, that feed the target rate
+            "img_per_s": TARGET_IMG_PER_S,
+            "staged": math.ceil(TARGET_IMG_PER_S / staged_per_worker),
+            "raw": math.ceil(TARGET_IMG_PER_S / medians["raw_per_worker"]),
+        },
     }
 
 
@@ -315,6 +323,8 @@ def print_imagenet_table(result: dict) -> None:
         f"16 cores would feed {cores['staged']:,} img/s staged, {cores['raw']:,} live; GPU steps (issue 13): "
         + ", ".join(f"{k} {v:,} img/s" for k, v in result["gpu_step_rates_img_per_s"].items())
     )
+    need = result["cores_for_img_per_s"]
+    print(f"cores to feed {need['img_per_s']:,} img/s: {need['staged']} staged, {need['raw']} live")
 
 
 def main_imagenet(args) -> None:

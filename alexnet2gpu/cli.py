@@ -218,9 +218,14 @@ def add_fit(sub) -> None:
 
 
 def add_stage(sub) -> None:
-    p = sub.add_parser("stage", help="decode an ImageNet folder once to 256x256 JPEG shards (P 2), for fast reading")
+    p = sub.add_parser("stage", help="decode ImageNet once to 256x256 JPEG shards (P 2), for fast reading")
     p.add_argument(
-        "--data", required=True, metavar="RAW", help="the ImageFolder tree: RAW/train/<class>/, RAW/val/<class>/"
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="RAW",
+        help="the folder of the official archives (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, "
+        "ILSVRC2012_devkit_t12.tar.gz) or those three files, Kaggle's folder, or an ImageFolder tree",
     )
     p.add_argument("--out", required=True, metavar="STAGED", help="a new folder (or an interrupted stage, to resume)")
     p.add_argument("--quality", type=int, default=StageConfig.quality, help="JPEG quality (default: C2's)")

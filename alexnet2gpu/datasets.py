@@ -11,26 +11,28 @@ from __future__ import annotations
 import errno
 import gzip
 import logging
-import multiprocessing
 import os
 import signal
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from alexnet2gpu import staged
+from alexnet2gpu.dataset_base import (  # noqa: F401 - re-exported: every dataset's names, imported from here
+    WORD_FILES,
+    Categories,
+    DatasetError,
+    SkippingDataset,
+    imagenet_words,
+)
 from alexnet2gpu.images import IMAGE_EXTENSIONS, UnreadableImage, is_ignored, is_image_name, stage_image
 from alexnet2gpu.prefetch import prefetch
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(RuntimeError):
-    """The data is missing or malformed; the message says where and how to fix it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,32 +137,6 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
     return None
 
 
-@dataclass(frozen=True)
-class Categories:
-    """A dataset's classes in label order. `ids` identify them (ImageNet's WordNet ids, the digits,
-    Fashion-MNIST's names) and are what a checkpoint is checked against; `names` say them to a person
-    (ImageNet's words where a mapping file lies beside the data, else the ids)."""
-
-    ids: tuple[str, ...]
-    names: tuple[str, ...]
-
-    @classmethod
-    def numbered(cls, n: int) -> Categories:
-        ids = tuple(str(i) for i in range(n))
-        return cls(ids, ids)
-
-    def to_dict(self) -> dict:
-        return {"ids": list(self.ids), "names": list(self.names)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Categories:
-        return cls(tuple(d["ids"]), tuple(d["names"]))
-
-    def short(self, label: int) -> str:
-        """The first of a class's words ("tench" of "tench, Tinca tinca"), for figures."""
-        return self.names[label].split(",")[0].strip()
-
-
 # Fashion-MNIST's labels 0-9 (Xiao, Rasul and Vollgraf 2017, its README)
 FASHION_MNIST = (
     "T-shirt/top",
@@ -237,24 +213,6 @@ def fake_dataset(split: str, *, size: int = 32, channels: int = 3, num_classes: 
 
 # ---------------------------------------------------------------------------------------------
 # ImageNet: the ImageFolder layout, decoded and staged to 256x256 in worker processes
-
-
-class SkippingDataset(Dataset):
-    """A dataset whose images can be unreadable: each one is logged with where it is, the reason
-    and a running count, and the loader's collate drops it (the epoch order stays a function of
-    the index, so a resumed run stays exact); with `strict` the first one stops the run."""
-
-    def __init__(self, strict: bool) -> None:
-        self.strict = strict
-        self.skipped = multiprocessing.Value("i", 0)  # shared by the loader's worker processes
-
-    def skip(self, where: str, reason: str) -> None:
-        if self.strict:
-            raise DatasetError(f"unreadable image {where}: {reason} (drop --strict to skip such images)")
-        with self.skipped.get_lock():
-            self.skipped.value += 1
-            count = self.skipped.value
-        log.warning("skipping unreadable image %s (%s); %d skipped so far", where, reason, count)
 
 
 def class_names(train: Path) -> list[str]:
@@ -350,12 +308,10 @@ def imagenet_dataset(
     """An ImageFolder tree, or a folder written by `python -m alexnet2gpu stage` (its manifest)."""
     if not data:
         raise DatasetError("imagenet needs --data DIR: a folder with train/ and val/, one subfolder per class")
-    from alexnet2gpu import staging  # staging builds on this module
-
     root = Path(data)
-    staging.refuse_unfinished(root)
-    if staging.is_staged(root):
-        return staging.StagedImages(root, split, stage_size=stage_size, strict=strict, gpu_decode=gpu_decode)
+    staged.refuse_unfinished(root)
+    if staged.is_staged(root):
+        return staged.StagedImages(root, split, stage_size=stage_size, strict=strict, gpu_decode=gpu_decode)
     if gpu_decode:
         raise DatasetError(f"GPU decoding reads a staged folder; {root} is not one (python -m alexnet2gpu stage)")
     train, folder = root / "train", root / {"train": "train", "val": "val"}[split]
@@ -399,26 +355,6 @@ def build_dataset(
     raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
 
 
-WORD_FILES = ("synset_words.txt", "LOC_synset_mapping.txt")  # "n01440764 tench, Tinca tinca" per line
-
-
-def imagenet_words(root: Path, wnids: list[str]) -> list[str]:
-    """Each class's words from a mapping file in `root` or the folder above it (Caffe's
-    synset_words.txt, Kaggle's LOC_synset_mapping.txt); the WordNet id itself where none says."""
-    words: dict[str, str] = {}
-    for folder in (root, root.parent):
-        for name in WORD_FILES:
-            try:
-                lines = (folder / name).read_text(encoding="utf-8", errors="replace").splitlines()
-            except OSError:
-                continue
-            for line in lines:
-                wnid, _, text = line.strip().partition(" ")
-                if wnid and text.strip():
-                    words.setdefault(wnid, text.strip())
-    return [words.get(wnid, wnid) for wnid in wnids]
-
-
 def check_classes(dataset: Dataset, saved: Categories | None, num_classes: int, checkpoint: str | Path) -> None:
     """Refuse a dataset whose classes are not the checkpoint's (by id, in label order; by count for a
     checkpoint that holds no names): its labels would be out of range (a crash mid-step) or name other
@@ -452,12 +388,10 @@ def describe(name: str, data: str | None) -> tuple[int, int]:
     if name == "fake":
         return 10, 3
     if name == "imagenet":
-        from alexnet2gpu import staging  # staging builds on this module
-
         if data:
-            staging.refuse_unfinished(Path(data))
-        if data and staging.is_staged(Path(data)):
-            return len(staging.read_manifest(Path(data))["classes"]), 3
+            staged.refuse_unfinished(Path(data))
+        if data and staged.is_staged(Path(data)):
+            return len(staged.read_manifest(Path(data))["classes"]), 3
         train = Path(data or "") / "train"
         if not data or not train.is_dir():
             imagenet_dataset("train", data, 256, False)  # raises the error that says what is missing

@@ -1,4 +1,5 @@
-"""One image file -> the paper's 256x256 RGB image (P 2), for the live folder path and for staging.
+"""One image file (or its bytes, read out of an archive) -> the paper's 256x256 RGB image (P 2),
+for the live folder path and for staging.
 
 `stage_image` opens any file PIL opens, turns every mode and bit depth into correct 8-bit RGB,
 rescales the short side to 256 and keeps the centre square. A file it cannot turn into pixels
@@ -9,8 +10,10 @@ listing of a class folder should see.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -68,15 +71,18 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def stage_image(path: str | Path, size: int = 256) -> torch.Tensor:
-    """The file at `path` as uint8 (3, size, size): correct RGB, short side rescaled to `size`,
-    centre square kept (P 2). Raises UnreadableImage with the reason when it cannot."""
+def stage_image(source: str | Path | bytes | BinaryIO, size: int = 256) -> torch.Tensor:
+    """An image file (a path, its bytes, or a file object such as a tar member's) as uint8
+    (3, size, size): correct RGB, short side rescaled to `size`, centre square kept (P 2). Raises
+    UnreadableImage with the reason when it cannot."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; a header that large is
             # hostile or broken either way, and decoding it would take gigabytes per worker
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 square = rescale_and_crop(to_rgb(image), size)
                 turn = EXIF_TURNS.get(_orientation(image))
         if turn is not None:  # as a viewer shows it; turns and mirrors commute with the centre crop

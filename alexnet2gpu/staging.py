@@ -1,102 +1,63 @@
-"""ImageNet staged once at the paper's 256x256 (P 2): `python -m alexnet2gpu stage` writes it,
-`StagedImages` reads it. A staged image decodes several times faster than the original JPEG,
-which the live folder path decodes, rescales and crops again every epoch.
+"""`python -m alexnet2gpu stage`: ImageNet decoded once to the staged format (alexnet2gpu.staged), from
+the ImageFolder tree, the official archives or Kaggle's copy (alexnet2gpu.archives), read in place.
 
-A staged folder:
+Sources are split into shards of `shard_images` in listing order; worker processes decode a shard
+each with the live path's `stage_image` and write it whole (PATH.tmp, then renamed) with a record
+of its rows. A stage is safe to interrupt and to run again:
 
-    manifest.json           written last: a folder without it is not (yet) a staged set
-    staging.json            the plan (source, listing, size, quality): an interrupted stage resumes only under it
-    train/00000.jpegs ...   shards: the images of up to `shard_images` sources, 256x256 JPEGs back to back
-    train/index.npy         one row per image (INDEX_DTYPE): shard, offset, length, label, CRC-32 of its bytes
-    train/files.json        the source of each row, relative to the source folder (for messages)
-    val/...
-
-Why this container: a run reads its images in an order that is a function of (seed, epoch), and
-a resumed run must read the same images from the same batch on (exact resume), so every image must
-be reachable by its index. Shards of plain JPEGs and an offset table give that with one memory map
-per shard and no new dependency. Considered: WebDataset (tar shards) is read as a stream and
-shuffled through a buffer, so an epoch's order is not a function of the index; FFCV's .beton
-files have random access and fast decoding but bring numba and a loader of their own in place of
-torch's DataLoader and this package's batched pipeline; LMDB gives random access too, through a
-B-tree and a C library, for what an offset table does here.
-
-Decoding is torchvision's `decode_jpeg` (libjpeg-turbo on the CPU, nvJPEG on CUDA). torchvision 0.29
-deprecates its image codecs in favour of TorchCodec; they remain in every version setup.cfg allows.
+- one process writes a folder at a time: an flock on OUT/.lock, which the kernel releases on any
+  exit (SIGKILL included), so a second `stage` on the same --out is refused and a stale lock is none;
+- the workers die with their parent (PR_SET_PDEATHSIG): a killed stage leaves nothing writing;
+- a rerun keeps only the shards whose record, length and every image's CRC-32 check out, and
+  stages the rest again: the result has the bytes of an uninterrupted stage;
+- the index's SHA-256 goes into the manifest, which is written last.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import io
 import json
-import mmap
 import multiprocessing
 import os
+import signal
+import socket
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 from tqdm import tqdm
 
+from alexnet2gpu import archives
+from alexnet2gpu.archives import Listing, Sample
 from alexnet2gpu.config import StageConfig
-from alexnet2gpu.datasets import (
-    Categories,
-    DatasetError,
-    ImageFolderStaged,
-    SkippingDataset,
-    imagenet_dataset,
-    imagenet_words,
-)
+from alexnet2gpu.dataset_base import DatasetError
+from alexnet2gpu.datasets import imagenet_dataset
 from alexnet2gpu.images import UnreadableImage, is_ignored, stage_image
-
-FORMAT, FORMAT_VERSION = "alexnet2gpu staged JPEG", 1
-MANIFEST, PLAN = "manifest.json", "staging.json"
-SPLITS = ("train", "val")
-INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("label", "<i4"), ("crc32", "<u4")])
-
-
-def is_staged(root: Path) -> bool:
-    return (root / MANIFEST).is_file()
-
-
-def refuse_unfinished(root: Path) -> None:
-    """A folder with a staging plan and no manifest is a stage that was interrupted: say so."""
-    if (root / PLAN).is_file() and not is_staged(root):
-        raise DatasetError(
-            f"{root} holds a stage that did not finish (no {MANIFEST}); run the same "
-            f"`python -m alexnet2gpu stage --data RAW --out {root}` again to complete it"
-        )
-
-
-def read_manifest(root: Path) -> dict:
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-        ok = manifest.get("format") == FORMAT and isinstance(manifest.get("classes"), list)
-    except (OSError, ValueError, AttributeError) as error:
-        raise DatasetError(f"{root / MANIFEST} is unreadable ({error}); {_restage(root)}") from None
-    if not ok:
-        raise DatasetError(f"{root / MANIFEST} is not the manifest of a staged folder; {_restage(root)}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise DatasetError(
-            f"{root} was staged in format version {manifest.get('version')}, this reads only "
-            f"{FORMAT_VERSION}; {_restage(root)}"
-        )
-    return manifest
-
-
-def _restage(root: Path, source: str = "RAW") -> str:
-    return f"delete {root} and stage again (python -m alexnet2gpu stage --data {source} --out {root})"
-
-
-# ---------------------------------------------------------------------------------------------
-# writing
+from alexnet2gpu.staged import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_DTYPE,
+    LOCK,
+    MANIFEST,
+    PLAN,
+    SPLITS,
+    StagedImages,
+    is_staged,
+    read_manifest,
+    sha256,
+    shard_paths,
+)
 
 
 @dataclass(frozen=True)
@@ -105,8 +66,7 @@ class ShardJob:
 
     folder: str  # OUT/<split>
     shard: int
-    samples: list[tuple[str, int]]  # (path, label)
-    raw: str
+    samples: list[Sample]
     config: StageConfig
     strict: bool
 
@@ -117,10 +77,6 @@ def encode(image: torch.Tensor, quality: int, subsampling: str) -> bytes:
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())  # (S, S, 3)
     pil.save(buffer, "JPEG", quality=quality, subsampling=subsampling, optimize=True)
     return buffer.getvalue()
-
-
-def _shard_paths(folder: Path, shard: int) -> tuple[Path, Path]:
-    return folder / f"{shard:05d}.jpegs", folder / f"{shard:05d}.done.json"
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -136,67 +92,112 @@ def _write_atomically(path: Path, write) -> None:
 def stage_shard(job: ShardJob) -> dict:
     """Decodes one shard's sources with the live path's function, writes their JPEGs, then the
     shard's record (.done.json), the mark that the shard is complete. Returns the record's summary."""
-    data_path, done_path = _shard_paths(Path(job.folder), job.shard)
+    data_path, done_path = shard_paths(Path(job.folder), job.shard)
     images, skipped, offset = [], [], 0
+    files: dict[str, BinaryIO] = {}
 
     def write(file) -> None:
         nonlocal offset
-        for path, label in job.samples:
-            source = os.path.relpath(path, job.raw)
+        for sample in job.samples:
             try:
-                blob = encode(stage_image(path, job.config.size), job.config.quality, job.config.subsampling)
+                pixels = stage_image(archives.open_sample(sample, files), job.config.size)
+                blob = encode(pixels, job.config.quality, job.config.subsampling)
             except UnreadableImage as error:
                 if job.strict:
                     raise DatasetError(
-                        f"unreadable image {path}: {error} (drop --strict to skip such images)"
+                        f"unreadable image {sample.name}: {error} (drop --strict to skip such images)"
                     ) from None
-                skipped.append({"path": source, "reason": str(error)})
+                skipped.append({"path": sample.name, "reason": str(error)})
                 continue
             file.write(blob)
-            images.append([offset, len(blob), label, zlib.crc32(blob), source])
+            images.append([offset, len(blob), sample.label, zlib.crc32(blob), sample.name])
             offset += len(blob)
 
-    _write_atomically(data_path, write)
+    try:
+        _write_atomically(data_path, write)
+    finally:
+        for file in files.values():
+            file.close()
     record = {"images": images, "skipped": skipped}
     _write_atomically(done_path, lambda file: file.write(json.dumps(record).encode()))
     return {"folder": job.folder, "sources": len(job.samples), "skipped": skipped}
 
 
-def _complete(folder: Path, shard: int) -> bool:
-    """A shard whose record exists and whose data is exactly as long as the record says."""
-    data_path, done_path = _shard_paths(folder, shard)
+def _reusable(folder: Path, shard: int, samples: list[Sample]) -> bool:
+    """A shard an earlier run completed, checked rather than trusted: its record names exactly these
+    sources with their labels, the data is as long as the record says and every image's CRC-32 holds."""
+    data_path, done_path = shard_paths(folder, shard)
     try:
         record = json.loads(done_path.read_text())
-        return data_path.stat().st_size == sum(row[1] for row in record["images"])
+        rows, skipped = record["images"], record["skipped"]
+        names = [row[4] for row in rows] + [item["path"] for item in skipped]
+        if sorted(names) != sorted(s.name for s in samples):
+            return False
+        labels = {s.name: s.label for s in samples}
+        if any(row[2] != labels[row[4]] for row in rows):
+            return False
+        data = data_path.read_bytes()
+        if len(data) != sum(row[1] for row in rows):
+            return False
+        return all(zlib.crc32(data[row[0] : row[0] + row[1]]) == row[3] for row in rows)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return False
 
 
-def plan_stage(raw: Path, config: StageConfig) -> tuple[dict, dict]:
-    """The plan of a stage (what `staging.json` holds) and each split's sources, listed with the
-    live path's rules (class folders from train/, tool leftovers ignored)."""
-    if is_staged(raw):
-        raise DatasetError(f"{raw} is a staged folder already; --data names the original ImageFolder tree")
-    sources: dict[str, ImageFolderStaged] = {
-        split: imagenet_dataset(split, str(raw), config.size, False) for split in SPLITS
+# ---------------------------------------------------------------------------------------------
+# what is staged, and where
+
+
+def sources(paths: Sequence[Path], config: StageConfig, map_jobs: Callable = map) -> Listing:
+    """The listing of --data: the official archives, Kaggle's copy or an ImageFolder tree."""
+    if len(paths) == 1 and is_staged(paths[0]):
+        raise DatasetError(f"{paths[0]} is a staged folder already; --data names the original ImageNet")
+    missing = [p for p in paths if not p.exists()]
+    if missing and len(paths) > 1:
+        raise DatasetError(f"--data {missing[0]} does not exist")
+    official = archives.official_files(paths)
+    if official:
+        return archives.list_official(official, map_jobs)
+    if archives.is_kaggle(paths):
+        return archives.list_kaggle(paths[0])
+    if len(paths) > 1:
+        raise DatasetError("--data names several paths: that is for the official archives' three files only")
+    raw = paths[0]
+    if not (raw / "train").is_dir():
+        what = "does not exist" if not raw.exists() else "is a file" if not raw.is_dir() else "lacks train/"
+        raise DatasetError(
+            f"--data {raw} {what}: it names the folder of the official archives ({archives.TRAIN_TAR}, "
+            f"{archives.VAL_TAR}, {archives.DEVKIT}) or those files, Kaggle's folder ({archives.KAGGLE}/) "
+            "or an ImageFolder tree (train/<class>/, val/<class>/)"
+        )
+    folders = {split: imagenet_dataset(split, str(raw), config.size, False) for split in SPLITS}
+    splits = {
+        split: [Sample(os.path.relpath(p, raw), str(p), -1, -1, label) for p, label in d.samples]
+        for split, d in folders.items()
     }
+    train = folders["train"]
+    return Listing("ImageFolder", str(raw.resolve()), train.classes, list(train.categories.names), splits)
+
+
+def plan_stage(listing: Listing, config: StageConfig) -> dict:
+    """The plan of a stage, what `staging.json` holds: a rerun resumes only under the same one."""
     splits = {}
-    for split, dataset in sources.items():
-        listing = "\n".join(f"{os.path.relpath(p, raw)}\t{label}" for p, label in dataset.samples)
-        splits[split] = {"sources": len(dataset), "listing_sha1": hashlib.sha1(listing.encode()).hexdigest()}
-    plan = {
+    for split, samples in listing.splits.items():
+        text = "\n".join(f"{s.name}\t{s.label}" for s in samples)
+        splits[split] = {"sources": len(samples), "listing_sha1": hashlib.sha1(text.encode()).hexdigest()}
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "source": str(raw.resolve()),
+        "source": listing.source,
+        "source_kind": listing.kind,
         "stage_size": config.size,
         "quality": config.quality,
         "subsampling": config.subsampling,
         "shard_images": config.shard_images,
-        "classes": sources["train"].classes,
-        "words": list(sources["train"].categories.names),
+        "classes": listing.classes,
+        "words": listing.words,
         "splits": splits,
     }
-    return plan, {split: [(str(p), label) for p, label in d.samples] for split, d in sources.items()}
 
 
 def _adopt_plan(out: Path, plan: dict) -> None:
@@ -207,23 +208,69 @@ def _adopt_plan(out: Path, plan: dict) -> None:
             old = json.loads(plan_path.read_text())
         except ValueError:
             old = {}
-        names = {"splits": "list of source images", "source": "source folder", "stage_size": "size"}
+        names = {"splits": "list of source images", "source": "source", "stage_size": "size"}
         changed = sorted(names.get(k, k) for k in plan if old.get(k) != plan[k])
         if changed:
             raise DatasetError(
                 f"{out} holds a stage begun with another {', '.join(changed)}; stage into a new folder or delete {out}"
             )
         return
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"--out {out} is a file; it names the folder to stage into")
-    if out.exists() and any(not is_ignored(p.name) for p in out.iterdir()):
+    if any(not is_ignored(p.name) for p in out.iterdir()):
         raise DatasetError(f"{out} is not empty and holds no stage; --out needs a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
     _write_atomically(plan_path, lambda file: file.write(json.dumps(plan, indent=1).encode()))
 
 
+def _refuse_out_in_data(paths: Sequence[Path], out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} is a file; it names the folder to stage into")
+    target = out.resolve()
+    for path in paths:
+        if path.is_dir() and target.is_relative_to(path.resolve()):
+            raise DatasetError(
+                f"--out {out} is inside --data {path}: the staged shards would become part of the data; "
+                "stage into a folder outside it"
+            )
+
+
+@contextlib.contextmanager
+def claim(out: Path) -> Iterator[None]:
+    """Holds OUT/.lock (an flock) while this process stages into `out`; a folder this claim created
+    and that holds nothing else when it ends is removed (a refused start leaves nothing behind)."""
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "a+")  # noqa: SIM115 - held open while staging
+    except OSError as error:
+        raise DatasetError(f"cannot write in --out {out}: {error.strerror}; choose another folder") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise DatasetError(f"{out} is being staged by {holder}; wait for it to end or choose another --out") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    try:
+        yield
+    finally:
+        if created and [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        else:
+            lock.truncate(0)
+        lock.close()  # the flock goes with the file
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def stage(
-    raw: str | Path,
+    raw: str | Path | Sequence[str | Path],
     out: str | Path,
     config: StageConfig | None = None,
     *,
@@ -231,59 +278,76 @@ def stage(
     strict: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Stages the ImageFolder tree `raw` into `out` and returns the manifest. An interrupted stage
-    run again with the same arguments keeps its complete shards and redoes the rest."""
-    raw, out, config = Path(raw), Path(out), config or StageConfig()
-    plan, listings = plan_stage(raw, config)
-    _adopt_plan(out, plan)
-    if is_staged(out):
-        return read_manifest(out)
-    jobs, done = [], 0
-    for split, samples in listings.items():
-        folder = out / split
-        folder.mkdir(exist_ok=True)
-        for tmp in folder.glob("*.tmp"):  # what an interrupted stage was writing
-            tmp.unlink()
-        for shard, start in enumerate(range(0, len(samples), config.shard_images)):
-            part = samples[start : start + config.shard_images]
-            if _complete(folder, shard):
-                done += len(part)
-            else:
-                jobs.append(ShardJob(str(folder), shard, part, str(raw), config, strict))
-    total = sum(len(samples) for samples in listings.values())
-    _run(jobs, workers, tqdm(total=total, initial=done, unit="img", desc="staging", disable=not progress))
-    return _finish(out, plan)
+    """Stages `raw` (an ImageFolder tree, Kaggle's folder, the official archives' folder, or those
+    three files) into `out` and returns the manifest. Run again after any interruption it keeps the
+    complete shards that verify and redoes the rest."""
+    paths = [Path(p) for p in ([raw] if isinstance(raw, str | Path) else raw)]
+    out, config = Path(out), config or StageConfig()
+    _refuse_out_in_data(paths, out)
+    with claim(out), _workers(workers) as map_jobs:
+        listing = sources(paths, config, map_jobs)
+        plan = plan_stage(listing, config)
+        _adopt_plan(out, plan)
+        if is_staged(out):
+            for split in SPLITS:  # what a rerun returns is checked too: index checksums, shard lengths
+                StagedImages(out, split, stage_size=config.size)
+            return read_manifest(out)
+        jobs, done, redone = [], 0, 0
+        for split, samples in listing.splits.items():
+            folder = out / split
+            folder.mkdir(exist_ok=True)
+            for tmp in folder.glob("*.tmp"):  # what an interrupted stage was writing
+                tmp.unlink()
+            for shard, start in enumerate(range(0, len(samples), config.shard_images)):
+                part = samples[start : start + config.shard_images]
+                if _reusable(folder, shard, part):
+                    done += len(part)
+                else:
+                    redone += shard_paths(folder, shard)[1].exists()
+                    jobs.append(ShardJob(str(folder), shard, part, config, strict))
+        total = sum(len(samples) for samples in listing.splits.values())
+        bar = tqdm(total=total, initial=done, unit="img", desc=f"staging ({listing.kind})", disable=not progress)
+        if redone:
+            bar.write(f"{redone} shards of an earlier run failed their checks (length, CRC-32, sources): staged again")
+        _run(jobs, map_jobs, bar)
+        return _finish(out, plan)
 
 
-def _run(jobs: list[ShardJob], workers: int, bar: tqdm) -> None:
-    """Runs the shard jobs in `workers` processes (0: in this one), reporting skipped sources."""
+@contextlib.contextmanager
+def _workers(workers: int) -> Iterator[Callable]:
+    """`map_jobs(function, jobs)`, in `workers` processes (0: in this one), results in any order."""
+    if not workers:
+        yield map
+        return
+    with multiprocessing.get_context().Pool(workers, initializer=_worker_start, initargs=(os.getpid(),)) as pool:
+        yield lambda function, jobs: pool.imap_unordered(function, list(jobs))
+
+
+def _worker_start(parent: int) -> None:
+    """A worker dies with the stage that started it (SIGKILL included): Linux's parent-death signal,
+    and a check for a parent gone before it was set. One thread: one process per core already."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:
+        os._exit(1)
+    torch.set_num_threads(1)
+
+
+def _run(jobs: list[ShardJob], map_jobs: Callable, bar: tqdm) -> None:
+    """Runs the shard jobs, reporting skipped sources on the progress bar (whose rate gives the ETA)."""
     skipped = 0
-
-    def report(result: dict) -> None:
-        nonlocal skipped
-        for item in result["skipped"]:
-            bar.write(f"skipped {item['path']}: {item['reason']}")
-        skipped += len(result["skipped"])
-        bar.update(result["sources"])
-        bar.set_postfix(skipped=skipped)
-
     try:
-        if workers and len(jobs) > 1:
-            with multiprocessing.get_context().Pool(min(workers, len(jobs)), initializer=_one_thread) as pool:
-                for result in pool.imap_unordered(stage_shard, jobs):
-                    report(result)
-        else:
-            for job in jobs:
-                report(stage_shard(job))
+        for result in map_jobs(stage_shard, jobs):
+            for item in result["skipped"]:
+                bar.write(f"skipped {item['path']}: {item['reason']}")
+            skipped += len(result["skipped"])
+            bar.update(result["sources"])
+            bar.set_postfix(skipped=skipped)
     except KeyboardInterrupt:
         bar.write("interrupted: complete shards are kept; run the same command again to resume")
         raise
     finally:
         bar.close()
-
-
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # one process per core already
 
 
 def _finish(out: Path, plan: dict) -> dict:
@@ -293,7 +357,7 @@ def _finish(out: Path, plan: dict) -> dict:
     for split, planned in plan["splits"].items():
         folder = out / split
         shards = -(-planned["sources"] // plan["shard_images"])
-        records = [json.loads(_shard_paths(folder, k)[1].read_text()) for k in range(shards)]
+        records = [json.loads(shard_paths(folder, k)[1].read_text()) for k in range(shards)]
         rows = [(k, *row[:4]) for k, record in enumerate(records) for row in record["images"]]
         index = np.array(rows, dtype=INDEX_DTYPE) if rows else np.zeros(0, INDEX_DTYPE)
         _write_atomically(folder / "index.npy", lambda file, index=index: np.save(file, index))
@@ -304,6 +368,7 @@ def _finish(out: Path, plan: dict) -> dict:
             "sources": planned["sources"],
             "shards": shards,
             "bytes": int(index["length"].sum()),
+            "index_sha256": sha256(folder / "index.npy"),
             "skipped": [item for record in records for item in record["skipped"]],
         }
     _write_atomically(out / MANIFEST, lambda file: file.write(json.dumps(manifest, indent=1).encode()))
@@ -318,134 +383,3 @@ def _version() -> str:
         return importlib.metadata.version("alexnet2gpu")
     except importlib.metadata.PackageNotFoundError:
         return "unknown (not installed)"
-
-
-# ---------------------------------------------------------------------------------------------
-# reading
-
-
-class StagedImages(SkippingDataset):
-    """One split of a staged folder: uint8 (3, 256, 256) images decoded with torchvision's
-    decode_jpeg from memory-mapped shards, in the loader's worker processes. With `gpu_decode`
-    the workers hand over the encoded bytes and `decode_batch` decodes a whole batch on CUDA."""
-
-    def __init__(
-        self, root: Path, split: str, *, stage_size: int = 256, strict: bool = False, gpu_decode: bool = False
-    ) -> None:
-        super().__init__(strict)
-        manifest = read_manifest(root)
-        self.root, self.source = root, manifest["source"]
-        if manifest["stage_size"] != stage_size:
-            raise DatasetError(
-                f"{root} holds {manifest['stage_size']}x{manifest['stage_size']} images, the run asks for "
-                f"stage_size={stage_size}; stage the source again at that size, or keep {manifest['stage_size']}"
-            )
-        if gpu_decode and not torch.cuda.is_available():
-            raise DatasetError("GPU decoding needs a CUDA device and this machine has none; drop --gpu-decode")
-        self.classes, self.stage_size = manifest["classes"], stage_size
-        words = manifest.get("words") or imagenet_words(root, self.classes)
-        self.categories = Categories(tuple(self.classes), tuple(words))
-        self.num_classes, self.channels, self.name = len(self.classes), 3, f"imagenet staged ({root / split})"
-        self.decode_device = torch.device("cuda") if gpu_decode else None
-        folder = root / split
-        self.shards = [_shard_paths(folder, k)[0] for k in range(manifest["splits"][split]["shards"])]
-        self.index = self._read_index(folder / "index.npy", manifest["splits"][split]["images"])
-        self._check_shards()
-        self._maps: dict[int, mmap.mmap] = {}
-        self._files: list[str] | None = None
-
-    def _read_index(self, path: Path, images: int) -> np.ndarray:
-        try:
-            index = np.load(path, allow_pickle=False)
-            if index.dtype != INDEX_DTYPE or index.shape != (images,):
-                raise ValueError(f"{index.dtype} {index.shape}, expected {images} rows of {INDEX_DTYPE}")
-        except (OSError, ValueError, EOFError) as error:
-            raise DatasetError(f"{path}: corrupt index ({error}); {_restage(self.root, self.source)}") from None
-        if len(index) and (index["label"].min() < 0 or index["label"].max() >= self.num_classes):
-            raise DatasetError(f"{path}: labels outside 0..{self.num_classes - 1}; {_restage(self.root, self.source)}")
-        if len(index) and index["shard"].max() >= len(self.shards):
-            raise DatasetError(f"{path}: rows name shards the manifest lacks; {_restage(self.root, self.source)}")
-        return index
-
-    def _check_shards(self) -> None:
-        """Every shard exists and is exactly as long as its rows say (a truncated copy is caught here)."""
-        expected = np.zeros(len(self.shards), dtype=np.int64)
-        np.maximum.at(
-            expected,
-            self.index["shard"].astype(np.int64),
-            (self.index["offset"] + self.index["length"]).astype(np.int64),
-        )
-        for shard, path in enumerate(self.shards):
-            size = path.stat().st_size if path.is_file() else None
-            if size != expected[shard]:
-                found = "missing" if size is None else f"{size:,} bytes"
-                raise DatasetError(
-                    f"{path}: {found}, the index says {expected[shard]:,} bytes; {_restage(self.root, self.source)}"
-                )
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @property
-    def labels(self) -> torch.Tensor:
-        """Every image's label, from the index alone."""
-        return torch.from_numpy(self.index["label"].astype(np.int64))
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": {}}  # each worker process maps the shards itself
-
-    def _bytes(self, row: np.void) -> bytearray:
-        shard = int(row["shard"])
-        if shard not in self._maps:
-            with open(self.shards[shard], "rb") as file:
-                self._maps[shard] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        start = int(row["offset"])
-        with memoryview(self._maps[shard]) as view:
-            return bytearray(view[start : start + int(row["length"])])
-
-    def where(self, i: int) -> str:
-        if self._files is None:
-            try:
-                self._files = json.loads((self.shards[0].parent / "files.json").read_text())
-            except (OSError, ValueError):
-                self._files = []
-        source = self._files[i] if i < len(self._files) else "unknown"
-        return f"{self.shards[int(self.index[i]['shard'])]} row {i} (staged from {source})"
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
-        row = self.index[i]
-        data = self._bytes(row)
-        if zlib.crc32(data) != int(row["crc32"]):
-            self.skip(
-                self.where(i),
-                f"its bytes fail their CRC-32 check: the shard is damaged; {_restage(self.root, self.source)}",
-            )
-            return None
-        encoded = torch.frombuffer(data, dtype=torch.uint8)
-        if self.decode_device is not None:
-            return encoded, int(row["label"])
-        image = self._decode(encoded, lambda: self.where(i))
-        return None if image is None else (image, int(row["label"]))
-
-    def _decode(self, encoded: torch.Tensor, where: Callable[[], str]) -> torch.Tensor | None:
-        try:
-            image = decode_jpeg(encoded, mode=ImageReadMode.RGB)  # (3, 256, 256)
-        except RuntimeError as error:
-            self.skip(where(), f"decode_jpeg: {' '.join(str(error).split())}")
-            return None
-        if image.shape != (3, self.stage_size, self.stage_size):
-            self.skip(where(), f"decodes to {tuple(image.shape)}, not (3, {self.stage_size}, {self.stage_size})")
-            return None
-        return image
-
-    def decode_batch(self, encoded: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of encoded images -> uint8 (N, 3, 256, 256) on the GPU, in one call; a batch that
-        fails there is decoded image by image on the CPU, skipping what does not decode."""
-        try:
-            return torch.stack(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.decode_device)), labels
-        except RuntimeError:
-            images = [self._decode(e, lambda: f"an image of a batch from {self.name}") for e in encoded]
-            keep = [k for k, image in enumerate(images) if image is not None]
-            if not keep:
-                return torch.empty(0, 3, 0, 0, dtype=torch.uint8), labels[:0]
-            return torch.stack([images[k] for k in keep]).to(self.decode_device), labels[keep]

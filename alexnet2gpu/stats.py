@@ -2,8 +2,9 @@
 the eigenvectors / eigenvalues of the RGB covariance for PCA colour noise (P 4.1).
 
 Fitted once on the training images and cached with their provenance (dataset, folder, size,
-images used, date). The mean image is kept at the images' stored size: resizing is linear, so
-subtracting it before the resize to 256 equals subtracting the mean of the resized images.
+images used, date), under a key that covers the images' content. The mean image is kept at the
+images' stored size: resizing is linear, so subtracting it before the resize to 256 equals
+subtracting the mean of the resized images.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from alexnet2gpu.datasets import batches, num_batches
@@ -80,12 +81,33 @@ def fit_stats(dataset: Dataset, *, limit: int | None = None, batch_size: int = 2
     )
 
 
+def fingerprint(dataset: Dataset) -> str:
+    """What changes when the training set's content does, for the cache key: a staged folder's index
+    checksum (the manifest's, verified when the folder was opened), each file's path, size and
+    modification time for an image folder, the bytes of a set held in memory; a subset adds its rows."""
+    if isinstance(dataset, Subset):
+        rows = torch.as_tensor(dataset.indices, dtype=torch.int64).numpy().tobytes()
+        return hashlib.sha1(f"{fingerprint(dataset.dataset)}|".encode() + rows).hexdigest()
+    digest = hashlib.sha1(f"{type(dataset).__name__}|{len(dataset)}|".encode())
+    if getattr(dataset, "index_sha256", None):
+        digest.update(dataset.index_sha256.encode())
+    elif hasattr(dataset, "samples"):
+        for path, label in dataset.samples:
+            stat = os.stat(path)
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
+    elif isinstance(getattr(dataset, "images", None), torch.Tensor):
+        digest.update(dataset.images.contiguous().numpy().tobytes())
+        digest.update(dataset.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def cache_path(
-    cache_dir: str | Path, dataset: str, data: str | None, stage_size: int, limit: int | None, size: int
+    cache_dir: str | Path, dataset: str, data: str | None, stage_size: int, limit: int | None, content: str
 ) -> Path:
-    """One file per (dataset, folder, stage size, images fitted, training-set size)."""
+    """One file per (dataset, folder, stage size, images fitted, content: `fingerprint`), so that a
+    dataset replaced in place (re-extracted, staged again) is fitted again."""
     where = os.path.abspath(data) if data else "default"
-    key = hashlib.sha1(f"{dataset}|{where}|{stage_size}|{limit}|{size}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{dataset}|{where}|{stage_size}|{limit}|{content}".encode()).hexdigest()[:10]
     return Path(cache_dir) / f"stats-{dataset}-{stage_size}-{key}.pt"
 
 
@@ -106,7 +128,7 @@ def load_or_fit(
     """The cached statistics of this training set, fitted (and cached) on first use. A cache folder
     that cannot be written (read-only, or under a file) does not stop the run: the statistics are
     fitted without it, saying so once."""
-    path = cache_path(cache_dir or default_cache_dir(), name, data, stage_size, limit, len(dataset))
+    path = cache_path(cache_dir or default_cache_dir(), name, data, stage_size, limit, fingerprint(dataset))
     if path.is_file():
         try:
             return DataStats.from_dict(torch.load(path, weights_only=True))

@@ -48,6 +48,8 @@ def test_imagenet_bench_times_the_live_and_the_staged_path() -> None:
     assert 0 < result["staged_kb_per_image"] < result["raw_kb_per_image"]
     assert 0 < result["mean_abs_diff_staged_vs_live"] < 4
     assert (result["gpu_decode_img_per_s"] is None) == (not torch.cuda.is_available())
+    cores = result["cores_for_img_per_s"]
+    assert cores["img_per_s"] == 10_700 and 0 < cores["staged"] <= cores["raw"]
 
 
 def test_paper_split_moves_a_quarter_of_a_naive_split() -> None:

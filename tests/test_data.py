@@ -453,7 +453,7 @@ def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
 
 
 def test_stats_cache_is_per_training_set_and_refits_a_broken_file(tmp_path: Path) -> None:
-    from alexnet2gpu.stats import cache_path, load_or_fit
+    from alexnet2gpu.stats import cache_path, fingerprint, load_or_fit
 
     full = build_dataset("fake", "train")
     small = InMemory(full.images[:64], full.labels[:64], 10, "fake")
@@ -461,7 +461,7 @@ def test_stats_cache_is_per_training_set_and_refits_a_broken_file(tmp_path: Path
     b = load_or_fit(small, name="fake", data=None, stage_size=256, limit=None, cache_dir=tmp_path)
     assert a.provenance["images"] == 1024 and b.provenance["images"] == 64  # a subset is not the full set
     assert {"dataset", "stage_size", "date"} <= a.provenance.keys()
-    path = cache_path(tmp_path, "fake", None, 256, None, 64)
+    path = cache_path(tmp_path, "fake", None, 256, None, fingerprint(small))
     path.write_bytes(b"not a tensor file")
     again = load_or_fit(small, name="fake", data=None, stage_size=256, limit=None, cache_dir=tmp_path)
     assert torch.equal(again.mean, b.mean)

@@ -220,7 +220,7 @@ def test_stage_command_and_its_refusals(raw, tmp_path: Path, capsys) -> None:
         (["--data", str(out), "--out", str(tmp_path / "again")], "is a staged folder already"),
         (["--data", str(root), "--out", str(out)], "another quality"),
         (["--data", str(root), "--out", str(busy / "notes.txt")], "is a file"),
-        (["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "lacks train/"),
+        (["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "nowhere does not exist: it names"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(["stage", *argv, "-j", "0"])
