@@ -77,6 +77,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         " net (no LRN, 54x54 conv1, a 1000-unit layer before the logits)",
     )
     p.add_argument("--no-lrn", action="store_true", help="no local response normalisation (ablation)")
+    p.add_argument(
+        "--lrn-scope",
+        default="tower",
+        choices=["tower", "all"],
+        help="tower: each tower's own maps (P); all: across both towers' channels (Caffe's bvlc_alexnet)",
+    )
     p.add_argument("--pooling", default="overlapping", choices=["overlapping", "non-overlapping"])
     p.add_argument("--activation", default="relu", choices=["relu", "tanh"])
     p.add_argument("--dropout", type=float, default=0.5)
@@ -223,6 +229,7 @@ def model_config(args, num_classes: int, channels: int) -> AlexNetConfig:
         in_channels=channels,
         input_size=args.input_size,
         lrn=not args.no_lrn,
+        lrn_scope=args.lrn_scope,
         pooling=args.pooling,
         activation=args.activation,
         dropout=args.dropout,
