@@ -190,7 +190,7 @@ class AlexNetConfig:
 
 
 DATASETS = ("imagenet", "mnist", "fashion-mnist", "fake")
-PRESETS = ("paper", "seed")
+PRESETS = ("paper", "seed", "caffe")
 PCA_SCALES = ("eigenvalue", "stdev")
 
 
@@ -203,6 +203,8 @@ class DataConfig:
     # "paper": short side 256, mean image subtracted, random 224 crops, flips, PCA colour noise.
     # "seed": the seed's run: scale to [0, 1], normalise by seed_mean / seed_std, then resize the whole
     # image to crop_size (the seed's Normalize then Resize((224, 224))).
+    # "caffe": CF bvlc_alexnet's input: images squashed to stage_size x stage_size (aspect ratio not
+    # kept, as CF's convert_imageset), its mean image subtracted, channels in BGR order, 227 crops.
     preset: str = "paper"
     stage_size: int = 256  # P 2: short side rescaled to 256, centre 256x256 kept
     crop_size: int = 224  # P 4.1; 227 with AlexNetConfig(input_size=227)
@@ -228,6 +230,7 @@ class DataConfig:
             ("dataset", self.dataset in DATASETS, " or ".join(DATASETS)),
             ("data", self.data is None or self.dataset != "fake", "no folder: the fake dataset is generated"),
             ("preset", self.preset in PRESETS, " or ".join(PRESETS)),
+            ("preset", self.preset != "caffe" or self.dataset == "imagenet", "paper or seed: caffe is for ImageNet"),
             ("pca_scale", self.pca_scale in PCA_SCALES, " or ".join(PCA_SCALES)),
             ("crop_size", 0 < self.crop_size <= self.stage_size, f"a size up to stage_size={self.stage_size}"),
             ("subset", self.subset is None or self.subset > 0, "a positive number of images"),
@@ -239,6 +242,12 @@ class DataConfig:
             ("seed_std", finite(self.seed_std) and self.seed_std > 0, "a finite, positive std"),
         ]
         check_fields(self, checks)
+
+    @property
+    def squash(self) -> bool:
+        """Whether images are resized to stage_size x stage_size whole (Caffe's) instead of P 2's short
+        side to stage_size and the centre square."""
+        return self.preset == "caffe"
 
     @property
     def flips(self) -> bool:
