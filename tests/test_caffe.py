@@ -297,3 +297,16 @@ def test_a_staged_folder_refuses_the_caffe_preset(tmp_path: Path) -> None:
     (tmp_path / "staged" / MANIFEST).write_text("{}")
     with pytest.raises(DatasetError, match="the caffe preset squashes whole images"):
         build_dataset("imagenet", "val", str(tmp_path / "staged"), squash=True)
+
+
+def test_caffe_preset_training_crops_are_the_papers_in_bgr() -> None:
+    """Fine-tuning (train --resume of an import): the same random crops, flips and PCA colour noise as
+    the paper's pipeline draws, the noise turned with the channels into BGR."""
+    stats = DataStats(mean_image().flip(0), torch.eye(3), torch.tensor([0.2, 0.02, 0.004]))
+    rgb = images(4)
+    common = dict(dataset="imagenet", crop_size=227)
+    paper = Pipeline(DataConfig(**common), stats, "cpu", train=True)(rgb, torch.Generator().manual_seed(5))
+    ours = Pipeline(DataConfig(**common, preset="caffe"), stats, "cpu", train=True)(
+        rgb, torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(ours, paper.flip(1))
