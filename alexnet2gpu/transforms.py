@@ -106,7 +106,7 @@ class Pipeline:
         channels_last: bool = False,
     ) -> None:
         if config.preset != "seed" and stats is None:
-            raise ValueError(f"the {config.preset} pipeline needs the training set's statistics (mean image, PCA)")
+            raise ValueError(f"the {config.preset} preset needs the training set's statistics (mean image, PCA)")
         self.config, self.stats, self.device, self.train = config, stats, torch.device(device), train
         self.mean = stats.mean.to(self.device) if stats is not None else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
