@@ -3,7 +3,8 @@
 Per image and step, in float32: forward, each tower sends its half of the activations at each
 exchange point (P 3.2: into conv3, fc6, fc7, fc8) and tower B sends its logits to device 0;
 backward, the gradient of every copy travels back. The input batch goes to each device once
-(counted apart: it comes from the data loader, not from the other tower).
+(counted apart: it comes from the data loader, not from the other tower). Caffe's LRN across the
+towers (`lrn_scope="all"`) adds a halo of 2 edge channels each way at LRN1 and LRN2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from alexnet2gpu.config import AlexNetConfig
+from alexnet2gpu.layers import halo_widths
 
 
 class CopyCounter(TorchDispatchMode):
@@ -51,7 +53,16 @@ def exchanges(config: AlexNetConfig | None = None) -> list[Exchange]:
     _, _, s2, s5 = c.map_sizes  # 13 and 6 in P's network
     pool2, pool5 = c.conv_channels[1] // 2 * s2 * s2, c.conv_channels[4] // 2 * s5 * s5
     fc6, fc7 = c.fc_features[0] // 2, c.fc_features[1] // 2
-    rows = [Exchange("conv3 input (pool2)", pool2), Exchange("fc6 input (pool5)", pool5)]
+    rows = []
+    if c.lrn_across:  # CF, not P: LRN windows that cross the towers read the other's edge channels
+        to_a, to_b = halo_widths(c.lrn_size)
+        s1, s1p = c.map_sizes[0], c.map_sizes[1]  # 55 and 27: conv1's and conv2's maps
+        for name, s in (("lrn1 halo (conv1)", s1), ("lrn2 halo (conv2)", s1p)):
+            if to_a == to_b:
+                rows.append(Exchange(name, to_a * s * s))
+            else:  # an even window: more channels one way than the other
+                rows += [Exchange(f"{name} to A", to_a * s * s, 1), Exchange(f"{name} to B", to_b * s * s, 1)]
+    rows += [Exchange("conv3 input (pool2)", pool2), Exchange("fc6 input (pool5)", pool5)]
     rows += [Exchange("fc7 input (fc6)", fc6), Exchange("fc8 input (fc7)", fc7)]
     if c.fc8_split:
         rows.append(Exchange("logits to device 0", c.fc8_out[1], directions=1))

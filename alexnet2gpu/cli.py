@@ -1,4 +1,4 @@
-"""`python -m alexnet2gpu COMMAND`: train, evaluate, predict, plot, bench, fit-stats, stage.
+"""`python -m alexnet2gpu COMMAND`: train, evaluate, predict, plot, bench, fit-stats, stage, import-caffe.
 
 Errors a user can fix (missing data, a device that does not exist, a bad checkpoint) are one line
 on stderr and a non-zero exit code, never a traceback.
@@ -56,7 +56,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="imagenet", choices=DATASETS)
     p.add_argument("--data", default=None, metavar="DIR", help="dataset folder (default: the dataset's usual places)")
     p.add_argument(
-        "--preset", default="paper", choices=["paper", "seed"], help="paper: P 2, 4.1; seed: normalise, resize to 224"
+        "--preset",
+        default="paper",
+        choices=["paper", "seed", "caffe"],
+        help="paper: P 2, 4.1; seed: normalise, resize to 224; caffe: bvlc_alexnet's (256x256 squash, BGR, 227)",
     )
     p.add_argument(
         "--subset",
@@ -84,6 +87,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         " net (no LRN, 54x54 conv1, a 1000-unit layer before the logits)",
     )
     p.add_argument("--no-lrn", action="store_true", help="no local response normalisation (ablation)")
+    p.add_argument(
+        "--lrn-scope",
+        default="tower",
+        choices=["tower", "all"],
+        help="tower: each tower's own maps (P); all: across both towers' channels (Caffe's bvlc_alexnet)",
+    )
     p.add_argument("--pooling", default="overlapping", choices=["overlapping", "non-overlapping"])
     p.add_argument("--activation", default="relu", choices=["relu", "tanh"])
     p.add_argument("--dropout", type=float, default=0.5)
@@ -255,6 +264,18 @@ def add_bench(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def add_import_caffe(sub) -> None:
+    p = sub.add_parser(
+        "import-caffe", help="Caffe's bvlc_alexnet.caffemodel as a checkpoint of the towers (evaluate, plot, resume)"
+    )
+    p.add_argument("weights", metavar="WEIGHTS.caffemodel", help="bvlc_alexnet.caffemodel (V1 or new format)")
+    p.add_argument(
+        "--mean", default=None, metavar="BINARYPROTO", help="imagenet_mean.binaryproto (default: its per-channel mean)"
+    )
+    p.add_argument("--words", default=None, metavar="TXT", help="synset_words.txt: the classes' WordNet ids and words")
+    p.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint to write (RUN_DIR/last.pt for plot)")
+
+
 def data_config(args, **extra) -> DataConfig:
     return DataConfig(
         dataset=args.dataset,
@@ -276,6 +297,7 @@ def model_config(args, num_classes: int, channels: int) -> AlexNetConfig:
         in_channels=channels,
         input_size=args.input_size,
         lrn=not args.no_lrn,
+        lrn_scope=args.lrn_scope,
         pooling=args.pooling,
         activation=args.activation,
         dropout=args.dropout,
@@ -407,7 +429,8 @@ def cmd_evaluate(args) -> None:
         )
     workers = args.workers if args.workers is not None else data.workers  # the run's own unless given
     data = dataclasses.replace(data, data=args.data or data.data, workers=workers)
-    val = build_dataset(data.dataset, "val", data.data, stage_size=data.stage_size, strict=data.strict)
+    sets = dict(stage_size=data.stage_size, strict=data.strict, squash=data.squash)
+    val = build_dataset(data.dataset, "val", data.data, **sets)
     check_classes(val, ckpt.categories(trained.checkpoint), model_cfg.num_classes, args.checkpoint)
     val = take(val, args.val_subset, stratified=True)
     result = evaluate(
@@ -469,15 +492,37 @@ def cmd_plot(args) -> None:
         print(figure4(args.run_dir, **options, workers=args.workers))
 
 
+def cmd_import_caffe(args) -> None:
+    from alexnet2gpu import caffe
+    from alexnet2gpu import checkpoint as ckpt
+
+    checkpoint, summary = caffe.build_checkpoint(args.weights, args.mean, args.words)
+    path = ckpt.save(checkpoint, args.out)
+    if summary["bvlc_alexnet"]:
+        print(f"{args.weights}: sha1 {summary['sha1']}, the BVLC model zoo's bvlc_alexnet")
+    else:
+        print(
+            f"{args.weights}: sha1 {summary['sha1']} is not bvlc_alexnet's ({caffe.BVLC_ALEXNET_SHA1}); "
+            "imported as the network its blobs describe",
+        )
+    print(
+        f"conv {summary['conv_channels']}, fc {summary['fc_features']}, {summary['num_classes']} classes; "
+        f"LRN over all channels (across the towers), 227 input, BGR minus the mean ({summary['mean']})"
+    )
+    print(f"wrote {path}")
+
+
 def cmd_fit(args) -> None:
     from alexnet2gpu.datasets import build_dataset
     from alexnet2gpu.stats import load_or_fit
 
     data = data_config(args, fit_images=args.fit_images or None)
-    train_set = build_dataset(data.dataset, "train", data.data, stage_size=data.stage_size, strict=data.strict)
+    sets = dict(stage_size=data.stage_size, strict=data.strict, squash=data.squash)
+    train_set = build_dataset(data.dataset, "train", data.data, **sets)
     limit = data.fit_images
+    name = data.dataset + ("-squash" if data.squash else "")  # the caffe preset's images: cached apart
     stats = load_or_fit(
-        train_set, name=data.dataset, data=data.data, stage_size=data.stage_size, limit=limit, workers=data.workers
+        train_set, name=name, data=data.data, stage_size=data.stage_size, limit=limit, workers=data.workers
     )
     print(json.dumps({"eigval": stats.eigval.tolist(), "eigvec": stats.eigvec.tolist(), **stats.provenance}))
 
@@ -526,6 +571,7 @@ COMMANDS = {
     "fit-stats": cmd_fit,
     "bench": cmd_bench,
     "stage": cmd_stage,
+    "import-caffe": cmd_import_caffe,
 }
 
 
@@ -555,7 +601,7 @@ def one_line(error: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m alexnet2gpu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_evaluate, add_predict, add_plot, add_fit, add_bench, add_stage):
+    for add in (add_train, add_evaluate, add_predict, add_plot, add_fit, add_bench, add_stage, add_import_caffe):
         add(sub)
     return parser
 

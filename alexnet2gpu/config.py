@@ -14,6 +14,7 @@ POOLINGS = {"overlapping": (3, 2), "non-overlapping": (2, 2)}  # P 3.4: z=3, s=2
 INPUT_SIZES = (224, 227)
 CONV1_PADDINGS = ("c2", "none")
 INITS = ("paper", "caffe", "he", "torch")
+LRN_SCOPES = ("tower", "all")
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,11 @@ class AlexNetConfig:
     lrn_alpha: float = 1e-4
     lrn_beta: float = 0.75
     lrn_k: float = 2.0
+    # "tower": each tower normalises its own maps (P 3.3 with P 3.2's split; cuda-convnet). "all": the
+    # window runs over all 96 (256) channels, across the towers at channels 46-49 (126-129), as Caffe's
+    # bvlc_alexnet (the only published weights of this network): in the towers a halo of the other
+    # tower's size//2 edge channels at LRN1 and LRN2, an exchange the paper does not have.
+    lrn_scope: str = "tower"
     pooling: str = "overlapping"
     activation: str = "relu"  # "tanh" for the paper's Figure 1 comparison
     dropout: float = 0.5  # P 4.2: on the outputs of fc6 and fc7
@@ -106,6 +112,8 @@ class AlexNetConfig:
             fail("dropout", "a probability in [0, 1)")
         if self.lrn_size < 1:
             fail("lrn_size", "a positive window size")
+        if self.lrn_scope not in LRN_SCOPES:
+            fail("lrn_scope", "tower (per tower, as P) or all (across both towers, as Caffe)")
         if self.init not in INITS:
             fail("init", " or ".join(INITS))
 
@@ -125,6 +133,18 @@ class AlexNetConfig:
             towers=1, lrn=False, in_channels=1, num_classes=10, conv1_padding="none", fc_hidden=1000, init="torch"
         )
         return cls(**{**fields, **overrides})
+
+    @classmethod
+    def caffe(cls, **overrides) -> AlexNetConfig:
+        """CF's bvlc_alexnet as its deploy.prototxt has it: 227 inputs without padding, LRN k=1 over all
+        channels, fc8 split between the towers as any imported fc8 is (its rows: tower A's first)."""
+        fields = dict(input_size=227, lrn_k=1.0, lrn_scope="all", init="caffe")
+        return cls(**{**fields, **overrides})
+
+    @property
+    def lrn_across(self) -> bool:
+        """Whether the towers' LRN windows reach into each other's channels (Caffe's, `lrn_scope="all"`)."""
+        return self.lrn and self.lrn_scope == "all" and self.towers == 2
 
     @property
     def pool_kernel_stride(self) -> tuple[int, int]:
@@ -170,7 +190,7 @@ class AlexNetConfig:
 
 
 DATASETS = ("imagenet", "mnist", "fashion-mnist", "fake")
-PRESETS = ("paper", "seed")
+PRESETS = ("paper", "seed", "caffe")
 PCA_SCALES = ("eigenvalue", "stdev")
 
 
@@ -183,6 +203,8 @@ class DataConfig:
     # "paper": short side 256, mean image subtracted, random 224 crops, flips, PCA colour noise.
     # "seed": the seed's run: scale to [0, 1], normalise by seed_mean / seed_std, then resize the whole
     # image to crop_size (the seed's Normalize then Resize((224, 224))).
+    # "caffe": CF bvlc_alexnet's input: images squashed to stage_size x stage_size (aspect ratio not
+    # kept, as CF's convert_imageset), its mean image subtracted, channels in BGR order, 227 crops.
     preset: str = "paper"
     stage_size: int = 256  # P 2: short side rescaled to 256, centre 256x256 kept
     crop_size: int = 224  # P 4.1; 227 with AlexNetConfig(input_size=227)
@@ -208,6 +230,7 @@ class DataConfig:
             ("dataset", self.dataset in DATASETS, " or ".join(DATASETS)),
             ("data", self.data is None or self.dataset != "fake", "no folder: the fake dataset is generated"),
             ("preset", self.preset in PRESETS, " or ".join(PRESETS)),
+            ("preset", self.preset != "caffe" or self.dataset == "imagenet", "paper or seed: caffe is for ImageNet"),
             ("pca_scale", self.pca_scale in PCA_SCALES, " or ".join(PCA_SCALES)),
             ("crop_size", 0 < self.crop_size <= self.stage_size, f"a size up to stage_size={self.stage_size}"),
             ("subset", self.subset is None or self.subset > 0, "a positive number of images"),
@@ -219,6 +242,12 @@ class DataConfig:
             ("seed_std", finite(self.seed_std) and self.seed_std > 0, "a finite, positive std"),
         ]
         check_fields(self, checks)
+
+    @property
+    def squash(self) -> bool:
+        """Whether images are resized to stage_size x stage_size whole (Caffe's) instead of P 2's short
+        side to stage_size and the centre square."""
+        return self.preset == "caffe"
 
     @property
     def flips(self) -> bool:

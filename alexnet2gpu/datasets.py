@@ -278,9 +278,11 @@ class ImageFolderStaged(SkippingDataset):
     not decode are skipped with their path and reason, or stop the run with `strict=True`.
     """
 
-    def __init__(self, root: Path, classes: list[str], stage_size: int = 256, strict: bool = False) -> None:
+    def __init__(
+        self, root: Path, classes: list[str], stage_size: int = 256, strict: bool = False, squash: bool = False
+    ) -> None:
         super().__init__(strict)
-        self.root, self.classes, self.stage_size = root, classes, stage_size
+        self.root, self.classes, self.stage_size, self.squash = root, classes, stage_size, squash
         self.num_classes, self.channels, self.name = len(classes), 3, f"imagenet ({root})"
         self.categories = Categories(tuple(classes), tuple(imagenet_words(root.parent, classes)))
         self.samples = list_images(root, classes)
@@ -296,20 +298,26 @@ class ImageFolderStaged(SkippingDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.samples[index]
         try:
-            return stage_image(path, self.stage_size), label  # (3, 256, 256) uint8
+            return stage_image(path, self.stage_size, self.squash), label  # (3, 256, 256) uint8
         except UnreadableImage as error:
             self.skip(str(path), str(error))
             return None
 
 
 def imagenet_dataset(
-    split: str, data: str | None, stage_size: int, strict: bool, gpu_decode: bool = False
+    split: str, data: str | None, stage_size: int, strict: bool, gpu_decode: bool = False, squash: bool = False
 ) -> SkippingDataset:
-    """An ImageFolder tree, or a folder written by `python -m alexnet2gpu stage` (its manifest)."""
+    """An ImageFolder tree, or a folder written by `python -m alexnet2gpu stage` (its manifest).
+    `squash`: images resized whole to stage_size x stage_size (Caffe's), from an ImageFolder tree only."""
     if not data:
         raise DatasetError("imagenet needs --data DIR: a folder with train/ and val/, one subfolder per class")
     root = Path(data)
     staged.refuse_unfinished(root)
+    if staged.is_staged(root) and squash:
+        raise DatasetError(
+            f"{root} is staged with the short side at 256 and the centre square kept (P 2); the caffe preset squashes "
+            "whole images to 256x256: pass --data with the ImageFolder tree it was staged from"
+        )
     if staged.is_staged(root):
         return staged.StagedImages(root, split, stage_size=stage_size, strict=strict, gpu_decode=gpu_decode)
     if gpu_decode:
@@ -326,7 +334,7 @@ def imagenet_dataset(
     extra = sorted(set(class_names(folder)) - set(classes))
     if extra:
         raise DatasetError(f"{folder} has classes that train/ lacks, so their labels are out of range: {extra[:5]}")
-    return ImageFolderStaged(folder, classes, stage_size, strict)
+    return ImageFolderStaged(folder, classes, stage_size, strict, squash)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +348,10 @@ def build_dataset(
     stage_size: int = 256,
     strict: bool = False,
     gpu_decode: bool = False,
+    squash: bool = False,
 ) -> Dataset:
-    """`split` is "train" or "val" (the test set for MNIST and Fashion-MNIST)."""
+    """`split` is "train" or "val" (the test set for MNIST and Fashion-MNIST). `squash`: ImageNet's
+    images resized whole to stage_size x stage_size (`DataConfig.squash`, Caffe's preset)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     if gpu_decode and name != "imagenet":
@@ -351,7 +361,7 @@ def build_dataset(
     if name == "fake":
         return fake_dataset(split)
     if name == "imagenet":
-        return imagenet_dataset(split, data, stage_size, strict, gpu_decode)
+        return imagenet_dataset(split, data, stage_size, strict, gpu_decode, squash)
     raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
 
 

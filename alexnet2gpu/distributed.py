@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from alexnet2gpu.checkpoint import load_weights, to_cpu
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.engine import TrainingError, fit
-from alexnet2gpu.layers import dropout_generator
+from alexnet2gpu.layers import dropout_generator, halo_widths
 from alexnet2gpu.model import AlexNet2GPU, Tower, check_input
 from alexnet2gpu.placement import (
     Placement,
@@ -66,13 +66,29 @@ class TowerProcess(nn.Module):
         both = _all_gather(x.contiguous(), gather_dim=0, group=self.group)  # (2N, ...): A's rows, then B's
         return torch.cat(both.chunk(2), dim=1)  # (N, 2C, ...)
 
+    def lrn_across(self, lrn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """This tower's maps normalised as one LRN over both towers' channels would (`layers.lrn_across`):
+        the halo is one all-gather of each tower's edge channels (A's last, B's first; 2 each for size 5)."""
+        to_a, to_b = halo_widths(lrn.size)
+        h, c = max(to_a, to_b), x.shape[1]
+        edge = x[:, c - h :] if self.index == 0 else x[:, :h]  # (N, h, H, W)
+        both = _all_gather(edge.contiguous(), gather_dim=0, group=self.group).chunk(2)  # A's tail, B's head
+        if self.index == 0:
+            return lrn(torch.cat([x, both[1][:, :to_a]], dim=1))[:, :c]
+        return lrn(torch.cat([both[0][:, h - to_b :], x], dim=1))[:, to_b:]
+
     def forward(self, x: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (N, num_classes), the same on both ranks of the pair. `masks`: this tower's fc6 and
         fc7 dropout masks (`Tower.dropout_masks`); drawn here when None."""
         check_input(x, self.config)
         t = self.tower
         m6, m7 = masks or (None, None)
-        a = self.gather(t.own_maps(x))  # conv3 reads both towers: (N, 256, 13, 13)
+        if self.config.lrn_across:  # CF: LRN1 and LRN2 read the other tower's edge channels
+            x = self.lrn_across(t.lrn1, t.conv1_maps(x))  # (N, 48, 55, 55)
+            x = t.pool2(self.lrn_across(t.lrn2, t.conv2_maps(x)))  # (N, 128, 13, 13)
+        else:
+            x = t.own_maps(x)  # (N, 128, 13, 13)
+        a = self.gather(x)  # conv3 reads both towers: (N, 256, 13, 13)
         a = self.gather(t.upper_maps(a))  # fc6: (N, 9216)
         a = self.gather(t.fc(t.fc6, a, m6))  # fc7: (N, 4096)
         a = self.gather(t.fc(t.fc7, a, m7))  # fc8: (N, 4096)

@@ -319,7 +319,7 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
         return checkpoint
 
     checkpoint = placement.on_rank0(read)
-    sets = dict(stage_size=data.stage_size, strict=data.strict, gpu_decode=data.gpu_decode)
+    sets = dict(stage_size=data.stage_size, strict=data.strict, gpu_decode=data.gpu_decode, squash=data.squash)
     full_train = build_dataset(data.dataset, "train", data.data, **sets)
     full_val = build_dataset(data.dataset, "val", data.data, **sets)
     if checkpoint is not None:
@@ -340,11 +340,12 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
         raise DatasetError(f"{getattr(val_set, 'name', data.dataset)} holds no images: a run validates every epoch")
 
     def statistics() -> DataStats | None:
-        if data.preset != "paper":
+        if data.preset == "seed":
             return None
         if checkpoint is not None and checkpoint.get("stats"):
             return DataStats.from_dict(checkpoint["stats"])
-        fit = dict(name=data.dataset, data=data.data, stage_size=data.stage_size, limit=data.fit_images)
+        name = data.dataset + ("-squash" if data.squash else "")  # the caffe preset's images: cached apart
+        fit = dict(name=name, data=data.data, stage_size=data.stage_size, limit=data.fit_images)
         return load_or_fit(train_set, **fit)
 
     return train_set, val_set, checkpoint, placement.on_rank0(statistics), [note for note in notes if note]

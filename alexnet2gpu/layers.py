@@ -91,6 +91,33 @@ def exchange(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return join(a, b, a.device), join(a, b, b.device)
 
 
+def halo_widths(size: int) -> tuple[int, int]:
+    """(channels tower A needs from tower B, channels tower B needs from tower A) for an LRN window
+    of `size` across both towers: the window of channel c runs from c - size//2 to c + (size-1)//2."""
+    return (size - 1) // 2, size // 2
+
+
+def halo(a: torch.Tensor, b: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caffe's LRN across the towers (`AlexNetConfig.lrn_scope="all"`), an exchange P does not have:
+    tower A gets B's first (size-1)//2 channels after its own, tower B gets A's last size//2 before
+    its own (2 each for size 5): (N, C, H, W) per tower -> (N, C + 2, H, W)."""
+    after, before = halo_widths(size)
+    a_ext = torch.cat([a, b[:, :after].to(a.device)], dim=1)
+    b_ext = torch.cat([a[:, a.shape[1] - before :].to(b.device), b], dim=1)
+    return a_ext, b_ext
+
+
+def lrn_across(
+    lrn_a: nn.Module, lrn_b: nn.Module, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both towers' maps normalised as one LRN over all their channels (A's first) would: each tower
+    normalises its maps with the halo (`halo`) and keeps its own channels. Exact: a channel's window
+    never reaches past the halo, and past the halo is the zero padding an LRN over all channels has."""
+    c, before = a.shape[1], halo_widths(lrn_a.size)[1]
+    a_ext, b_ext = halo(a, b, lrn_a.size)
+    return lrn_a(a_ext)[:, :c], lrn_b(b_ext)[:, before:]  # (N, C, H, W) per tower
+
+
 def activation(name: str) -> nn.Module:
     return nn.ReLU(inplace=True) if name == "relu" else nn.Tanh()
 

@@ -12,6 +12,9 @@ P = Krizhevsky, Sutskever, Hinton, NIPS 2012. Per tower, as P 3.5 and Figure 2:
     fc7 2048 -> ReLU -> dropout                    reads both towers (N, 4096) in
     fc8 500                                        reads both towers (N, 4096) in
 
+With `lrn_scope="all"` (Caffe's bvlc_alexnet, `AlexNetConfig.caffe`) LRN1 and LRN2 run over both
+towers' channels: each tower reads the other's 2 edge channels there (`layers.lrn_across`).
+
 The seed's network (`AlexNetConfig.seed_mnist`), which P does not have, changes two things: with
 `conv1_padding="none"` a 224 input gives 54, 26, 12 and 5x5 maps (towers and fused alike), and a
 one-tower `fc_hidden` layer sits between fc7 and fc8.
@@ -35,6 +38,7 @@ from alexnet2gpu.layers import (
     exchange,
     init_weights,
     join,
+    lrn_across,
 )
 
 Device = torch.device | str
@@ -89,9 +93,17 @@ class Tower(nn.Module):
 
     def own_maps(self, x: torch.Tensor) -> torch.Tensor:
         """conv1 to pool2, which see only this tower's maps: (N, C, 227|224, ..) -> (N, 128, 13, 13)."""
+        x = self.conv2_maps(self.lrn1(self.conv1_maps(x)))  # (N, 128, 27, 27)
+        return self.pool2(self.lrn2(x))  # (N, 128, 13, 13)
+
+    def conv1_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 and its ReLU, before LRN1: (N, C, 227|224, ..) -> (N, 48, 55, 55)."""
         x = F.pad(x, (0, self.conv1_pad, 0, self.conv1_pad))  # C2: zeros past the right/bottom edge
-        x = self.pool1(self.lrn1(self.act(self.conv1(x))))  # (N, 48, 27, 27)
-        return self.pool2(self.lrn2(self.act(self.conv2(x))))  # (N, 128, 13, 13)
+        return self.act(self.conv1(x))  # (N, 48, 55, 55)
+
+    def conv2_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """pool1, conv2 and its ReLU, between LRN1 and LRN2: (N, 48, 55, 55) -> (N, 128, 27, 27)."""
+        return self.act(self.conv2(self.pool1(x)))  # (N, 48, 27, 27) -> (N, 128, 27, 27)
 
     def upper_maps(self, x: torch.Tensor) -> torch.Tensor:
         """conv3 (fed by both towers) to pool5: (N, 256, 13, 13) -> (N, 4608)."""
@@ -153,7 +165,12 @@ class AlexNet2GPU(nn.Module):
         dev_a, dev_b = self.devices
         x_a = x.to(dev_a)
         x_b = x_a if dev_b == dev_a else x.to(dev_b)  # the batch goes to each device once
-        a, b = ta.own_maps(x_a), tb.own_maps(x_b)
+        if self.config.lrn_across:  # CF: LRN1 and LRN2 read the other tower's 2 edge channels
+            a, b = lrn_across(ta.lrn1, tb.lrn1, ta.conv1_maps(x_a), tb.conv1_maps(x_b))  # (N, 48, 55, 55) per tower
+            a, b = lrn_across(ta.lrn2, tb.lrn2, ta.conv2_maps(a), tb.conv2_maps(b))  # (N, 128, 27, 27) per tower
+            a, b = ta.pool2(a), tb.pool2(b)  # (N, 128, 13, 13)
+        else:
+            a, b = ta.own_maps(x_a), tb.own_maps(x_b)
         a, b = exchange(a, b)  # conv3 reads both towers: (N, 256, 13, 13) on each device
         a, b = exchange(ta.upper_maps(a), tb.upper_maps(b))  # fc6 reads both: (N, 9216)
         a, b = exchange(ta.fc(ta.fc6, a, ma6), tb.fc(tb.fc6, b, mb6))  # fc7 reads both: (N, 4096)
@@ -188,7 +205,8 @@ class AlexNetFused(nn.Module):
             self.fc7 = nn.Linear(f6, f7, device=device)
             self.fc_hidden = nn.Linear(f7, c.fc_hidden, device=device) if c.fc_hidden else None  # the seed's
             self.fc8 = nn.Linear(c.fc_hidden or f7, c.num_classes, device=device)
-        self.lrn1, self.lrn2 = _lrn(c, g), _lrn(c, g)  # per group: the towers' LRN windows
+        lrn_groups = 1 if c.lrn_scope == "all" else g  # per group: the towers' LRN windows; "all": Caffe's
+        self.lrn1, self.lrn2 = _lrn(c, lrn_groups), _lrn(c, lrn_groups)
         self.pool1, self.pool2, self.pool5 = _pool(c), _pool(c), _pool(c)
         self.act = activation(c.activation)
         self.drop = Dropout(c.dropout)

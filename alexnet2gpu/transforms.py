@@ -105,11 +105,12 @@ class Pipeline:
         *,
         channels_last: bool = False,
     ) -> None:
-        if config.preset == "paper" and stats is None:
-            raise ValueError("the paper's pipeline needs the training set's statistics (mean image, PCA)")
+        if config.preset != "seed" and stats is None:
+            raise ValueError(f"the {config.preset} preset needs the training set's statistics (mean image, PCA)")
         self.config, self.stats, self.device, self.train = config, stats, torch.device(device), train
         self.mean = stats.mean.to(self.device) if stats is not None else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.bgr = config.preset == "caffe"  # CF's networks take B, G, R (OpenCV's order)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A small host tensor on the device without waiting: pinned, then copied asynchronously (the
@@ -119,13 +120,15 @@ class Pipeline:
         return x.to(self.device, non_blocking=True)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) uint8 -> float at the stored size: mean image subtracted (P 2)."""
+        """(N, C, h, w) uint8 -> float at the stored size: mean image subtracted (P 2); in BGR order
+        for the caffe preset (the mean is kept in RGB, as the stored images)."""
         x = images.to(self.device, non_blocking=True).to(
             torch.get_default_dtype()
         )  # float32 unless a test sets float64
         if self.config.preset == "seed":
             return (x / 255.0 - self.config.seed_mean) / self.config.seed_std
-        return (x - self.mean) * (self.config.pixel_scale / 255.0)
+        x = (x - self.mean) * (self.config.pixel_scale / 255.0)
+        return x.flip(1) if self.bgr else x  # (N, 3, h, w), RGB -> BGR for Caffe's weights
 
     def stage(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) uint8 -> (N, C, 256, 256) float, mean subtracted and resized (P 2). The
@@ -160,9 +163,8 @@ class Pipeline:
         params.append(torch.rand(total, generator=generator) < 0.5 if config.flips else torch.zeros(total))
         params = [p.float()[:, None] for p in params]  # offsets below 2^24: exact in float32
         if config.pca_noise:
-            params.append(
-                pca_noise(total, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
-            )
+            noise = pca_noise(total, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
+            params.append(noise.flip(1) if self.bgr else noise)  # (N, C) in the channels' order
         params = self.to_device(torch.cat(params, 1)[mine])  # (N, 3 + C): top, left, flip, PCA noise
         top, left, flip = params[:, 0].long(), params[:, 1].long(), params[:, 2].bool() if config.flips else None
         x = self.normalise(images)

@@ -36,6 +36,9 @@ CONFIGS = {
     ),
     "fc8-on-tower-a": AlexNetConfig(num_classes=10, fc8_split=False),
     "grayscale-odd-classes": AlexNetConfig(num_classes=11, in_channels=1),
+    # Caffe's bvlc_alexnet: LRN over all channels, across the towers (a 2-channel halo each way)
+    "caffe-lrn-across-towers": AlexNetConfig.caffe(num_classes=10),
+    "lrn-across-even-window": AlexNetConfig(num_classes=10, lrn_scope="all", lrn_size=4, lrn_k=1.0),
 }
 
 
@@ -47,11 +50,12 @@ def test_towers_and_fused_give_the_same_logits(name: str) -> None:
     assert logits_diff(towers, fused, x) < TOL
 
 
-@pytest.mark.parametrize("name", ["paper", "fc8-on-tower-a"])
+@pytest.mark.parametrize("name", ["paper", "fc8-on-tower-a", "caffe-lrn-across-towers"])
 def test_towers_and_fused_give_the_same_gradients(name: str, images: torch.Tensor) -> None:
     config = CONFIGS[name]
     towers, fused = twins(AlexNetConfig(**{**config.to_dict(), "dropout": 0.0}))
     labels = torch.tensor([0, 3, config.num_classes - 1])
+    images = pixels(3, 3, config.input_size, config.input_size)
     tower_grads = towers_to_fused(grads(towers, images, labels))
     fused_grads = grads(fused, images, labels)
     assert tower_grads.keys() == fused_grads.keys() and len(fused_grads) == 16
@@ -108,3 +112,15 @@ def test_lrn_across_both_towers_breaks_the_equivalence(images: torch.Tensor) -> 
         setattr(fused, name, torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0))
     wrong = logits_diff(towers, fused, images)
     assert wrong > 100 * TOL, wrong
+
+
+def test_lrn_across_towers_is_one_lrn_over_all_channels(images: torch.Tensor) -> None:
+    """lrn_scope="all": the fused model's LRN is PyTorch's over all 96 (256) channels, and the towers
+    with their halo give its logits; the per-tower towers do not."""
+    config = AlexNetConfig(num_classes=10, lrn_scope="all")
+    towers, fused = twins(config)
+    assert fused.lrn1.groups == fused.lrn2.groups == 1
+    assert logits_diff(towers, fused, images) < TOL
+    per_tower = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=("cpu", "cpu"))
+    per_tower.load_state_dict(towers.state_dict())
+    assert logits_diff(per_tower, fused, images) > 100 * TOL

@@ -16,9 +16,11 @@ from alexnet2gpu.accounting import CopyCounter, counted_forward_bytes, exchanges
 A, B = "cuda:0", "cuda:1"
 
 
-def expected_moves(n: int, classes: int) -> Counter:
+def expected_moves(n: int, classes: int, size: int = 224, lrn_halo: bool = False) -> Counter:
     exchanged = [(n, 128, 13, 13), (n, 4608), (n, 2048), (n, 2048)]  # into conv3, fc6, fc7, fc8
-    moves = [("cpu", A, (n, 3, 224, 224)), ("cpu", B, (n, 3, 224, 224))]  # the batch, once per tower
+    if lrn_halo:  # Caffe's LRN across the towers: 2 edge channels at LRN1 and LRN2, not in P
+        exchanged = [(n, 2, 55, 55), (n, 2, 27, 27), *exchanged]
+    moves = [("cpu", A, (n, 3, size, size)), ("cpu", B, (n, 3, size, size))]  # the batch, once per tower
     moves += [m for shape in exchanged for m in ((A, B, shape), (B, A, shape))]
     moves.append((B, A, (n, classes // 2)))  # tower B's logits gathered on device 0
     return Counter(moves)
@@ -106,10 +108,23 @@ def test_one_device_fallback_moves_only_the_input(fake_mode) -> None:
     assert [m[:3] for m in counter.moves] == [("cpu", A, (2, 3, 224, 224))]
 
 
-@pytest.mark.parametrize("config", [AlexNetConfig(), AlexNetConfig(num_classes=10, fc8_split=False)])
+def test_caffe_lrn_across_towers_adds_a_halo_at_lrn1_and_lrn2(fake_mode) -> None:
+    """lrn_scope="all" (Caffe's): besides the paper's moves, 2 edge channels each way at LRN1 (55x55)
+    and LRN2 (27x27), and no others."""
+    model = AlexNet2GPU(AlexNetConfig.caffe(num_classes=10), devices=(A, B))
+    with CopyCounter() as counter:
+        model(torch.randn(2, 3, 227, 227))
+    assert Counter(m[:3] for m in counter.moves) == expected_moves(2, 10, size=227, lrn_halo=True)
+
+
+CONFIGS = [AlexNetConfig(), AlexNetConfig(num_classes=10, fc8_split=False), AlexNetConfig.caffe(num_classes=10)]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
 def test_exchange_accounting_matches_a_counted_run(config: AlexNetConfig) -> None:
     computed = sum(row.forward_bytes() for row in exchanges(config))
     assert counted_forward_bytes(config) == computed
-    assert computed == 4 * (2 * (128 * 13 * 13 + 128 * 6 * 6 + 2048 + 2048) + (500 if config.fc8_split else 0)) - (
-        0 if config.fc8_split else 4 * 2048
-    )
+    halo = 2 * 2 * (55 * 55 + 27 * 27) if config.lrn_scope == "all" else 0  # 2 channels each way, 2 LRNs
+    logits = config.fc8_out[1] if config.fc8_split else 0
+    fc8_input = 0 if config.fc8_split else 2048  # one way only: to fc8 on tower A
+    assert computed == 4 * (halo + 2 * (128 * 13 * 13 + 128 * 6 * 6 + 2048 + 2048) + logits - fc8_input)

@@ -1,0 +1,312 @@
+"""Caffe's bvlc_alexnet in the towers: caffemodels written here from random weights (tests/caffe_files.py),
+imported, and compared with an independent reference written from CF's deploy.prototxt."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from caffe_files import REAL, SMALL, caffe_weights, caffemodel, mean_image, write_mean, write_model
+from conftest import rel_diff
+from image_trees import photo_tree
+from torch import nn
+
+from alexnet2gpu import caffe
+from alexnet2gpu import checkpoint as ckpt
+from alexnet2gpu.cli import main
+from alexnet2gpu.config import AlexNetConfig, DataConfig
+from alexnet2gpu.distributed import TowerProcess, launch
+from alexnet2gpu.images import stage_image
+from alexnet2gpu.inference import load_trained
+from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
+from alexnet2gpu.stats import DataStats
+from alexnet2gpu.transforms import Pipeline
+
+TOL = 1e-5  # float32 through eight layers, grouped and split convolutions summing in other orders
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference(weights: dict) -> nn.Sequential:
+    """CF models/bvlc_alexnet/deploy.prototxt as one module: grouped conv2, conv4, conv5 (group: 2),
+    LRN local_size 5, alpha 1e-4, beta 0.75, k 1 over all channels (Caffe's LRN divides alpha by
+    local_size, as nn.LocalResponseNorm), max pooling 3/2 (Caffe rounds pooled sizes up; 55, 27 and 13
+    pool exactly, so floor and ceil agree), fc6 reads pool5 flattened as (C, H, W)."""
+    (c1, _, _, _), (c2, *_), (c3, *_), (c4, *_), (c5, *_) = (weights[f"conv{i}"][0].shape for i in range(1, 6))
+    f6, f7, classes = weights["fc6"][0].shape[0], weights["fc7"][0].shape[0], weights["fc8"][0].shape[0]
+
+    def lrn() -> nn.Module:
+        return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+
+    net = nn.Sequential(
+        nn.Conv2d(3, c1, 11, stride=4), nn.ReLU(), lrn(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c1, c2, 5, padding=2, groups=2), nn.ReLU(), lrn(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c3, c4, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(c4, c5, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Flatten(),
+        nn.Linear(c5 * 36, f6), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(f6, f7), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(f7, classes),
+    )  # fmt: skip
+    layers = [m for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        for module, name in zip(
+            layers, ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"), strict=True
+        ):
+            module.weight.copy_(weights[name][0])
+            module.bias.copy_(weights[name][1])
+    return net.eval()
+
+
+def caffe_input(rgb: torch.Tensor, mean_bgr: torch.Tensor) -> torch.Tensor:
+    """CF's test input, written out: uint8 RGB (N, 3, 256, 256) -> BGR minus the mean image, centre 227 at 14."""
+    x = rgb.flip(1).float() - mean_bgr
+    return x[:, :, 14 : 14 + 227, 14 : 14 + 227]
+
+
+def imported(tmp_path: Path, weights: dict, fmt: str = "v1", **options) -> tuple[dict, dict, torch.Tensor]:
+    mean = mean_image()
+    model = write_model(tmp_path / f"net-{fmt}.caffemodel", weights, fmt, **options)
+    return (*caffe.build_checkpoint(model, write_mean(tmp_path / "mean.binaryproto", mean)), mean)
+
+
+def towers_of(checkpoint: dict, **overrides) -> AlexNet2GPU:
+    config = AlexNetConfig(**{**checkpoint["config"]["model"], **overrides})
+    model = AlexNet2GPU(config, devices=("cpu", "cpu"))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def images(n: int = 2, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 256, 256), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["v1", "new"])
+def test_imported_towers_give_the_prototxt_network_logits(tmp_path: Path, fmt: str) -> None:
+    """Both file formats, packed, unpacked and double blobs: the towers (cpu, cpu) and the fused model
+    equal the reference; the caffe preset's pipeline makes CF's input from stored RGB images."""
+    weights = caffe_weights()
+    encodings = {"conv1": "unpacked", "fc8": "double"} if fmt == "new" else None
+    checkpoint, summary, mean = imported(tmp_path, weights, fmt, encodings=encodings)
+    assert not summary["bvlc_alexnet"] and summary["num_classes"] == SMALL["classes"]
+    config = AlexNetConfig(**checkpoint["config"]["model"])
+    assert (config.input_size, config.lrn_scope, config.lrn_k) == (227, "all", 1.0)
+    data = DataConfig(**checkpoint["config"]["data"])
+    assert (data.preset, data.crop_size, data.stage_size) == ("caffe", 227, 256)
+
+    rgb = images()
+    pipeline = Pipeline(data, DataStats.from_dict(checkpoint["stats"]), "cpu", train=False)
+    x = pipeline(rgb)
+    assert torch.allclose(x, caffe_input(rgb, mean), atol=1e-4)
+    with torch.no_grad():
+        expected = reference(weights)(x)
+        towers = towers_of(checkpoint)(x)
+        fused = AlexNetFused.from_towers(towers_of(checkpoint), device="cpu").eval()(x)
+    assert rel_diff(towers, expected) < TOL
+    assert rel_diff(fused, expected) < TOL
+
+
+def test_per_tower_lrn_differs_from_caffes_on_the_same_weights(tmp_path: Path) -> None:
+    """The paper's LRN (per tower) on CF's weights is another function: the towers must read each
+    other's 2 edge channels at LRN1 and LRN2 to give CF's logits."""
+    weights = caffe_weights()
+    checkpoint, _, mean = imported(tmp_path, weights)
+    x = caffe_input(images(), mean)
+    with torch.no_grad():
+        expected = reference(weights)(x)
+        across = rel_diff(towers_of(checkpoint)(x), expected)
+        per_tower = rel_diff(towers_of(checkpoint, lrn_scope="tower")(x), expected)
+    print(f"relative logit difference from CF's: LRN across the towers {across:.1e}, per tower {per_tower:.1e}")
+    assert across < TOL and per_tower > 1e-3
+
+
+def _tower_worker(rank: int, world: int, tmp: str) -> None:
+    setup = torch.load(Path(tmp) / "setup.pt", weights_only=True)
+    group = torch.distributed.new_group([0, 1])
+    module = TowerProcess(AlexNetConfig(**setup["config"]), rank, group, "cpu").eval()
+    module.load_from_towers(setup["state"])
+    with torch.no_grad():
+        torch.save(module(setup["x"]), Path(tmp) / f"rank{rank}.pt")
+
+
+def test_imported_towers_in_tower_processes_give_the_same_logits(tmp_path: Path) -> None:
+    """One tower per process (gloo): the LRN halo is an all-gather of each tower's edge channels."""
+    weights = caffe_weights()
+    checkpoint, _, mean = imported(tmp_path, weights)
+    x = caffe_input(images(), mean)
+    torch.save({"config": checkpoint["config"]["model"], "state": checkpoint["model"], "x": x}, tmp_path / "setup.pt")
+    launch(_tower_worker, 2, str(tmp_path))
+    with torch.no_grad():
+        expected = reference(weights)(x)
+    for rank in (0, 1):
+        assert rel_diff(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), expected) < TOL
+
+
+def test_real_shapes_import(tmp_path: Path) -> None:
+    """bvlc_alexnet's shapes (61M weights, a 244 MB file) import into the towers, and give the reference's logits."""
+    weights = caffe_weights(**REAL, seed=1)
+    model = write_model(tmp_path / "bvlc_alexnet.caffemodel", weights)
+    checkpoint, summary = caffe.build_checkpoint(model)  # no --mean: CF's per-channel mean
+    assert summary["conv_channels"] == [96, 256, 384, 384, 256] and summary["num_classes"] == 1000
+    towers = towers_of(checkpoint)
+    assert towers.tower_a.conv2.weight.shape == (128, 48, 5, 5) and towers.tower_b.fc6.weight.shape == (2048, 9216)
+    assert torch.equal(towers.tower_b.conv4.weight, weights["conv4"][0][192:])
+    assert torch.equal(towers.tower_a.fc8.bias, weights["fc8"][1][:500])
+    mean = checkpoint["stats"]["mean"]
+    assert mean.shape == (3, 256, 256) and torch.allclose(mean[:, 0, 0], torch.tensor([122.7, 116.7, 104.0]))
+    x = caffe_input(images(1), mean.flip(0))
+    with torch.no_grad():
+        assert rel_diff(towers(x), reference(weights)(x)) < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed files: one line naming the layer, exit 2
+
+
+def _refused(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def malformed(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
+    weights = caffe_weights()
+    good, starts = caffemodel(weights)
+    wrong = dict(weights, conv2=(torch.zeros(16, 8, 5, 5), weights["conv2"][1]))  # not grouped: 8 inputs, not 4
+    odd_fc = dict(weights, fc6=(torch.zeros(32, 100), weights["fc6"][1]))
+    return {
+        "text": (b'name: "AlexNet"\nlayer { name: "conv1" }\n', "not a Caffe model"),
+        "zip": (b"PK\x03\x04" + bytes(range(64)), "not a Caffe model"),  # a torch checkpoint's first bytes
+        "truncated": (good[: starts["fc6"] + 500], "truncated in layer 'fc6'"),
+        "no-fc7": (caffemodel(weights, skip=("fc7",))[0], "lacks layer 'fc7'"),
+        "conv2-not-grouped": (caffemodel(wrong)[0], "layer 'conv2' has weights of shape (16, 8, 5, 5)"),
+        "fc6-wrong-inputs": (caffemodel(odd_fc)[0], "layer 'fc6' has weights of shape (1, 1, 32, 100)"),
+        "no-layers": (b"\x0a\x07AlexNet", "holds no layers"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["text", "zip", "truncated", "no-fc7", "conv2-not-grouped", "fc6-wrong-inputs", "no-layers"]
+)
+def test_a_malformed_caffemodel_is_one_line(tmp_path: Path, capsys, case: str) -> None:
+    data, said = malformed(tmp_path)[case]
+    path = tmp_path / "bad.caffemodel"
+    path.write_bytes(data)
+    err = _refused(["import-caffe", str(path), "--out", str(tmp_path / "out.pt")], capsys)
+    assert said in err and str(path) in err, err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_malformed_mean_or_missing_file_is_one_line(tmp_path: Path, capsys) -> None:
+    model = write_model(tmp_path / "net.caffemodel", caffe_weights())
+    small = write_mean(tmp_path / "small.binaryproto", torch.zeros(3, 100, 100))
+    assert "expected (1, 3, S, S)" in _refused(["import-caffe", str(model), "--mean", str(small), "--out", "x"], capsys)
+    cut = tmp_path / "cut.binaryproto"
+    cut.write_bytes(write_mean(tmp_path / "m", mean_image()).read_bytes()[:5000])
+    assert "truncated" in _refused(["import-caffe", str(model), "--mean", str(cut), "--out", "x"], capsys)
+    assert "no Caffe model at" in _refused(["import-caffe", str(tmp_path / "none"), "--out", "x"], capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands: import, plot (Figure 3), evaluate as the README writes them
+
+
+def test_figure_3_from_an_imported_checkpoint(tmp_path: Path, capsys) -> None:
+    model = write_model(tmp_path / "net.caffemodel", caffe_weights())
+    main(["import-caffe", str(model), "--out", str(tmp_path / "run" / "last.pt")])
+    out = capsys.readouterr().out
+    assert "is not bvlc_alexnet's" in out and "per channel" in out
+    main(["plot", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "conv1_kernels.png").stat().st_size > 1000
+
+
+def test_readme_commands_run_end_to_end(tmp_path: Path) -> None:
+    """`import-caffe` then `evaluate` (centre crop and ten-crop) as separate processes, on a generated
+    caffemodel of 3 classes and an ImageNet-layout folder; evaluate's loss is the reference's on CF's input."""
+    classes = ("n01440764", "n01443537", "n01484850")
+    tree = photo_tree(tmp_path / "imagenet", classes=classes)
+    (tmp_path / "synset_words.txt").write_text("n01440764 tench\nn01443537 goldfish\nn01484850 great white shark\n")
+    weights = caffe_weights(classes=3)
+    mean = mean_image()
+    model = write_model(tmp_path / "bvlc_alexnet.caffemodel", weights)
+    write_mean(tmp_path / "imagenet_mean.binaryproto", mean)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(*argv: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "alexnet2gpu", *argv], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    ckpt_path = tmp_path / "runs" / "bvlc_alexnet" / "last.pt"
+    out = run(
+        "import-caffe", str(model), "--mean", str(tmp_path / "imagenet_mean.binaryproto"),
+        "--words", str(tmp_path / "synset_words.txt"), "--out", str(ckpt_path),
+    )  # fmt: skip
+    assert f"wrote {ckpt_path}" in out
+    result = json.loads(
+        run("evaluate", "--checkpoint", str(ckpt_path), "--data", str(tree), "--devices", "cpu", "--json")
+    )
+    ten = json.loads(
+        run("evaluate", "--checkpoint", str(ckpt_path), "--data", str(tree), "--devices", "cpu", "--json", "--ten-crop")
+    )
+    assert result["images"] == ten["images"] == 6 and ten["ten_crop"]
+
+    files = sorted((tree / "val").glob("*/*"))
+    labels = torch.tensor([classes.index(f.parent.name) for f in files])
+    rgb = torch.stack([stage_image(f, 256, squash=True) for f in files])
+    with torch.no_grad():
+        logits = reference(weights)(caffe_input(rgb, mean))
+    probs = logits.softmax(1).clamp_min(1e-12)  # evaluate's loss: the softmax's, floored at 1e-12
+    loss = nn.functional.nll_loss(probs.log(), labels).item()
+    assert result["loss"] == pytest.approx(loss, rel=1e-4)
+    assert result["top1_err"] == pytest.approx((logits.argmax(1) != labels).float().mean().item())
+
+    trained = load_trained(ckpt_path, "cpu")
+    assert trained.categories.names == ("tench", "goldfish", "great white shark")
+    assert ckpt.categories(trained.checkpoint).ids == classes
+
+
+def test_squash_resizes_the_whole_image_as_opencv(tmp_path: Path) -> None:
+    """The caffe preset's resize: the whole image to 256x256 (aspect ratio not kept), bilinear without
+    antialiasing, as CF's convert_imageset (cv::resize INTER_LINEAR); P's keeps the centre square."""
+    from PIL import Image
+
+    array = np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "wide.png")
+    squashed = stage_image(tmp_path / "wide.png", 256, squash=True)
+    x = torch.from_numpy(array).permute(2, 0, 1)[None].float()
+    expected = nn.functional.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)[0]
+    assert (squashed.float() - expected.round()).abs().max() <= 1
+    assert not torch.equal(squashed, stage_image(tmp_path / "wide.png", 256))
+
+
+def test_a_staged_folder_refuses_the_caffe_preset(tmp_path: Path) -> None:
+    """Staged folders hold P 2's centre squares, not CF's squashed images: refused in one line."""
+    from alexnet2gpu.datasets import DatasetError, build_dataset
+    from alexnet2gpu.staging import MANIFEST
+
+    (tmp_path / "staged").mkdir()
+    (tmp_path / "staged" / MANIFEST).write_text("{}")
+    with pytest.raises(DatasetError, match="the caffe preset squashes whole images"):
+        build_dataset("imagenet", "val", str(tmp_path / "staged"), squash=True)
+
+
+def test_caffe_preset_training_crops_are_the_papers_in_bgr() -> None:
+    """Fine-tuning (train --resume of an import): the same random crops, flips and PCA colour noise as
+    the paper's pipeline draws, the noise turned with the channels into BGR."""
+    stats = DataStats(mean_image().flip(0), torch.eye(3), torch.tensor([0.2, 0.02, 0.004]))
+    rgb = images(4)
+    common = dict(dataset="imagenet", crop_size=227)
+    paper = Pipeline(DataConfig(**common), stats, "cpu", train=True)(rgb, torch.Generator().manual_seed(5))
+    ours = Pipeline(DataConfig(**common, preset="caffe"), stats, "cpu", train=True)(
+        rgb, torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(ours, paper.flip(1))
