@@ -471,13 +471,13 @@ def test_validation_that_finds_nan_names_what_is_kept(tmp_path: Path, monkeypatc
 
 
 def test_validation_without_a_number_keeps_finite_weights(tmp_path: Path, monkeypatch) -> None:
-    real = engine.F.softmax
-    monkeypatch.setattr(engine.F, "softmax", lambda x, dim: real(x, dim) * float("nan"))
+    real = engine.F.log_softmax
+    monkeypatch.setattr(engine.F, "log_softmax", lambda x, dim: real(x, dim) * float("nan"))
     with pytest.raises(
         engine.TrainingError, match=r"validation after epoch 1: .*; saved .*last.pt \(step 2\) unvalidated"
     ):
         run(tmp_path, max_steps=4)
-    monkeypatch.setattr(engine.F, "softmax", real)
+    monkeypatch.setattr(engine.F, "log_softmax", real)
     assert run(tmp_path, max_steps=4, resume=tmp_path / "last.pt")["step"] == 4  # validates epoch 1, goes on
 
 
