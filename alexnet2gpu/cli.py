@@ -123,7 +123,7 @@ def add_train(sub) -> None:
         type=float,
         default=10.0,
         metavar="MINUTES",
-        help="tower processes: end the run, naming the rank, when one does not answer for this long (default 10)",
+        help="tower processes: end the run, naming the rank, when one does not answer for this long",
     )
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument(
@@ -145,7 +145,9 @@ def add_train(sub) -> None:
     )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (not in the paper; short runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/alexnet", metavar="RUN_DIR")
+    p.add_argument(
+        "--out", default=None, metavar="RUN_DIR", help="run directory (default: runs/DATASET, as make's OUT)"
+    )
     p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue a run (its options, unless given)")
     p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps in all (counted across resumes)")
@@ -237,9 +239,9 @@ def add_stage(sub) -> None:
         "ILSVRC2012_devkit_t12.tar.gz) or those three files, Kaggle's folder, or an ImageFolder tree",
     )
     p.add_argument("--out", required=True, metavar="STAGED", help="a new folder (or an interrupted stage, to resume)")
-    p.add_argument("--quality", type=int, default=StageConfig.quality, help="JPEG quality (default: C2's)")
+    p.add_argument("--quality", type=int, default=StageConfig.quality, help="JPEG quality (C2's)")
     p.add_argument(
-        "--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="JPEG chroma (C2's: 4:2:0)"
+        "--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="JPEG chroma; C2's was 4:2:0"
     )
     p.add_argument("-j", "--workers", type=int, default=os.cpu_count(), help="processes (default: one per core)")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
@@ -369,6 +371,7 @@ def cmd_train(args, given: set[str]) -> None:
         data = data_config(args, crop_size=args.input_size)
         model = model_config(args, *describe(data.dataset, data.data))  # classes and channels, images unread
         config = train_config(args)
+        args.out = args.out or f"runs/{data.dataset}"
     refuse_out_inside_data(args.out, data)
     options = dict(resume=args.resume, tensorboard=config.tensorboard, overwrite=args.overwrite)
     if args.parallel == "tower-processes":
@@ -575,6 +578,18 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default: its value, unless the help text says it in words (or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or not action.option_strings:
+            return text
+        if action.default is argparse.SUPPRESS or action.option_strings == ["-h", "--help"]:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (its default prints the whole usage first)."""
 
@@ -603,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_evaluate, add_predict, add_plot, add_fit, add_bench, add_stage, add_import_caffe):
         add(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
 
 
