@@ -154,3 +154,21 @@ def test_help_shows_every_default():
             if action.dest == "help":
                 continue
             assert "default" in formatter._get_help_string(action), f"{name} {action.option_strings}"
+
+
+@needs_make
+def test_train_dist_runs_four_ranks_two_pairs_through_make(tmp_path: Path):
+    """The cluster path for real, on one CPU machine: NPROC=4 tower processes (2 pairs) on gloo."""
+    args = "--max-steps 2 -b 8 --preset seed --init he --subset 32 --val-subset 8 -j 0 -p 1 --no-tensorboard"
+    out = subprocess.run(
+        ["make", f"VENV={VENV}", "-o", f"{VENV}/.installed", "-o", "setup", "train-dist", "NPROC=4", "CUDA_COUNT=0"]
+        + ["DATASET=fake", "EPOCHS=1", f"OUT={tmp_path / 'run'}", f"ARGS={args}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = (tmp_path / "run" / "train.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]  # rank 0 logged both steps of the 4-rank run
+    assert (tmp_path / "run" / "last.pt").is_file()
