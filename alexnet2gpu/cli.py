@@ -20,6 +20,7 @@ from alexnet2gpu.config import (
     BIAS_RULES,
     DATASETS,
     INITS,
+    LR_SCALINGS,
     SUBSAMPLINGS,
     AlexNetConfig,
     ConfigError,
@@ -144,6 +145,12 @@ def add_train(sub) -> None:
         help="paper: one lr and decay for all (P 5); convnet: biases at 2x lr, no decay (cuda-convnet, CF)",
     )
     p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (not in the paper; short runs)")
+    p.add_argument(
+        "--lr-scaling",
+        default=TrainConfig.lr_scaling,
+        choices=LR_SCALINGS,
+        help="none: the lr is --lr whatever -b (P 5); linear: --lr is a batch of 128's, scaled by -b/128 (Goyal 2017)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--out", default=None, metavar="RUN_DIR", help="run directory (default: runs/DATASET, as make's OUT)"
@@ -323,6 +330,7 @@ def train_config(args) -> TrainConfig:
         optimizer=args.optimizer,
         bias_rule=args.bias_rule,
         warmup_steps=args.warmup_steps,
+        lr_scaling=args.lr_scaling,
         seed=args.seed,
         max_steps=args.max_steps,
         val_subset=args.val_subset,

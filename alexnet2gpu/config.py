@@ -271,6 +271,7 @@ def default_batch_size(dataset: str) -> int:
 
 OPTIMIZERS = ("paper", "sgd")
 BIAS_RULES = ("paper", "convnet")
+LR_SCALINGS = ("none", "linear")
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,11 @@ class TrainConfig:
     lr_drops: int = 3  # P 5: lr divided by 10 when the validation error stops improving, three times
     lr_patience: int = 1  # epochs without improvement before a drop
     warmup_steps: int = 0  # not in P: lr rises linearly over the first N steps (steadies short runs)
+    # How the lr goes with the global batch -b (more tower pairs, a larger -b). "none": the lr is --lr
+    # whatever -b (P 5: 0.01 at 128). "linear": --lr is the lr of a batch of 128, scaled by -b / 128
+    # (Goyal et al. 2017, "Accurate, Large Minibatch SGD", section 2.1; their 2.2 adds a warm-up:
+    # --warmup-steps).
+    lr_scaling: str = "none"
     seed: int = 0
     max_steps: int | None = None  # total steps of the run, counted across resumes
     val_subset: int | None = None  # first N validation images (None: all)
@@ -322,10 +328,16 @@ class TrainConfig:
     alarm_flat_epochs: float = 0.5
     alarm_flat_steps: int = 100
 
+    @property
+    def base_lr(self) -> float:
+        """The lr the run starts its schedule from: --lr, times -b / 128 under the linear rule."""
+        return self.lr * (self.batch_size / 128 if self.lr_scaling == "linear" else 1.0)
+
     def __post_init__(self) -> None:
         checks = [
             ("optimizer", self.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
             ("bias_rule", self.bias_rule in BIAS_RULES, " or ".join(BIAS_RULES)),
+            ("lr_scaling", self.lr_scaling in LR_SCALINGS, " or ".join(LR_SCALINGS)),
             ("amp", self.amp in ("none", "bf16"), "none or bf16"),
             ("batch_size", self.batch_size > 0, "a positive batch size"),
             ("epochs", self.epochs > 0, "a positive number of epochs"),

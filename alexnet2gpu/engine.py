@@ -498,7 +498,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> None:
     wrong = topk_errors(logits.detach().float(), y, (1,))[0]
     run.pending.append((state.step + 1, len(y), torch.stack([loss.detach().double() * len(y), wrong.double()])))
     if state.step < config.warmup_steps:
-        set_lr(run.optimizer, config.lr * (state.step + 1) / config.warmup_steps)
+        set_lr(run.optimizer, config.base_lr * (state.step + 1) / config.warmup_steps)
     run.optimizer.step()
     state.step, state.batch = state.step + 1, state.batch + 1
 

@@ -74,10 +74,10 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, config)
     for group in groups:
-        group.update(lr=config.lr * group["lr_mult"], weight_decay=config.weight_decay * group["decay_mult"])
+        group.update(lr=config.base_lr * group["lr_mult"], weight_decay=config.weight_decay * group["decay_mult"])
     if config.optimizer == "paper":
-        return PaperSGD(groups, config.lr, config.momentum, config.weight_decay)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return PaperSGD(groups, config.base_lr, config.momentum, config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -95,5 +95,5 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 
 def _floors(optimizer: torch.optim.Optimizer, config: TrainConfig) -> list[float]:
     """Each group's lr after the last allowed drop: a shared floor would hold the bias group back."""
-    floor = config.lr * 0.1**config.lr_drops
+    floor = config.base_lr * 0.1**config.lr_drops
     return [floor * group.get("lr_mult", 1.0) for group in optimizer.param_groups]

@@ -194,3 +194,18 @@ def test_the_foreach_step_is_bit_equal_to_the_loop(device: str) -> None:
     assert saved["state"].keys() == expected["state"].keys()
     assert all(list(s) == ["velocity"] for s in saved["state"].values())
     assert saved["param_groups"] == expected["param_groups"]
+
+
+@pytest.mark.parametrize(
+    ("scaling", "batch", "lr"), [("none", 256, LR), ("linear", 256, 2 * LR), ("linear", 64, LR / 2)]
+)
+def test_the_linear_rule_scales_the_lr_with_the_global_batch(scaling: str, batch: int, lr: float) -> None:
+    """Goyal et al. 2017: --lr is a batch of 128's; -b 256 (two pairs of 128) doubles it, in every group,
+    in the warm-up and in the schedule's floor."""
+    cfg = config("paper", "convnet", batch_size=batch, lr_scaling=scaling, warmup_steps=4)
+    assert cfg.base_lr == pytest.approx(lr)
+    opt = make_optimizer(tiny(), cfg)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr, 2 * lr])
+    set_lr(opt, cfg.base_lr * 1 / 4)  # the warm-up's first step, as engine.train_step sets it
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr / 4, lr / 2])
+    assert make_scheduler(opt, cfg).min_lrs == pytest.approx([lr * 1e-3, 2 * lr * 1e-3])
