@@ -128,25 +128,8 @@ def test_a_checkpoint_from_before_the_bias_rule_resumes_as_one_rule(tmp_path: Pa
 # the foreach step is the per-parameter loop, bit for bit
 
 
-class LoopSGD(torch.optim.Optimizer):
-    """PaperSGD's step as it was written first, four small kernels per parameter: the reference."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p)
-                v = state["velocity"]
-                v.mul_(momentum).add_(p, alpha=-decay * lr).add_(p.grad, alpha=-lr)
-                p.add_(v)
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+from optim_step import LoopSGD  # noqa: E402 - PaperSGD's step as first written, the reference (one copy)
 
 
 def mixed_params(seed: int, device: str = "cpu") -> list[nn.Parameter]:
