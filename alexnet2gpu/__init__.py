@@ -2,7 +2,7 @@
 
 from alexnet2gpu.config import AlexNetConfig
 from alexnet2gpu.devices import DeviceError, resolve_devices
-from alexnet2gpu.model import AlexNet2GPU, AlexNetFused, fused_to_towers, towers_to_fused
+from alexnet2gpu.model.alexnet import AlexNet2GPU, AlexNetFused, fused_to_towers, towers_to_fused
 
 __all__ = [
     "AlexNet2GPU",

@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from alexnet2gpu.config import DataConfig, StageConfig
-from alexnet2gpu.datasets import InMemory, _collate_skipping, batches, build_dataset
-from alexnet2gpu.staging import StagedImages, stage
-from alexnet2gpu.stats import fit_stats
-from alexnet2gpu.transforms import Pipeline
+from alexnet2gpu.data.datasets import InMemory, batches, build_dataset, collate_skipping
+from alexnet2gpu.data.staged import StagedImages
+from alexnet2gpu.data.staging import stage
+from alexnet2gpu.data.stats import fit_stats
+from alexnet2gpu.data.transforms import Pipeline
 
 
 def machine() -> str:
@@ -205,7 +206,7 @@ def _compare(live, staged) -> tuple[bool, float]:
 def _gpu_decode_rate(staged: StagedImages, batch: int = 128, repeats: int = 3) -> float | None:
     if not torch.cuda.is_available():
         return None
-    encoded = [torch.frombuffer(staged._bytes(staged.index[i]), dtype=torch.uint8) for i in range(len(staged))]
+    encoded = [torch.frombuffer(staged.encoded(staged.index[i]), dtype=torch.uint8) for i in range(len(staged))]
     chunks = [encoded[i : i + batch] for i in range(0, len(encoded), batch)]
     decode_jpeg(chunks[0], mode=ImageReadMode.RGB, device="cuda")  # warm-up (nvJPEG handles)
     rates = []
@@ -238,9 +239,9 @@ def bench_imagenet(
 
         def loader(dataset, processes: int) -> DataLoader:
             extra = {"persistent_workers": True, "prefetch_factor": 4} if processes else {}
-            return DataLoader(dataset, batch_size=64, num_workers=processes, collate_fn=_collate_skipping, **extra)
+            return DataLoader(dataset, batch_size=64, num_workers=processes, collate_fn=collate_skipping, **extra)
 
-        encoded = [torch.frombuffer(staged._bytes(row), dtype=torch.uint8) for row in staged.index]
+        encoded = [torch.frombuffer(staged.encoded(row), dtype=torch.uint8) for row in staged.index]
         cases = {  # name -> (run, in this process)
             "raw_per_worker": (_count(loader(live, 0)), True),
             "staged_per_worker": (_count(loader(staged, 0)), True),
@@ -343,12 +344,12 @@ def main_imagenet(args) -> None:
 def _models(device: torch.device) -> dict[str, tuple[torch.nn.Module, int]]:
     """name -> (model, input channels). one_tower_mnist is one full-width tower without LRN, padded to
     227 and with P's three fc layers (the earlier seed preset, not the seed's exact network);
-    towers_nn_lrn is the towers with PyTorch's LRN instead of alexnet2gpu.lrn."""
+    towers_nn_lrn is the towers with PyTorch's LRN instead of alexnet2gpu.model.lrn."""
     import torchvision
 
     from alexnet2gpu.config import AlexNetConfig
-    from alexnet2gpu.layers import LocalResponseNorm
-    from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
+    from alexnet2gpu.model.alexnet import AlexNet2GPU, AlexNetFused
+    from alexnet2gpu.model.layers import LocalResponseNorm
 
     torch.manual_seed(0)
     one_tower_mnist = AlexNetConfig(towers=1, lrn=False, in_channels=1, num_classes=10)
@@ -414,8 +415,8 @@ def bench_models(
     """Median seconds of a training step (forward, backward, PaperSGD step) and of inference."""
     import torch.nn.functional as F
 
-    from alexnet2gpu.engine import autocast
-    from alexnet2gpu.optim import PaperSGD
+    from alexnet2gpu.train.evaluate import autocast
+    from alexnet2gpu.train.optim import PaperSGD
 
     dev = torch.device(device)
     models = _models(dev)
@@ -505,7 +506,7 @@ def bench_models(
 
 
 def print_model_table(result: dict) -> None:
-    from alexnet2gpu.accounting import table
+    from alexnet2gpu.model.exchanges import table
 
     opts = result["options"]
     print(
@@ -556,7 +557,7 @@ def profile_step(name: str, *, device: str = "cpu", batch: int = 64, rows: int =
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
-    from alexnet2gpu.optim import PaperSGD
+    from alexnet2gpu.train.optim import PaperSGD
 
     dev = torch.device(device)
     models = _models(dev)

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from alexnet2gpu.config import AlexNetConfig, ConfigError, DataConfig, TrainConfig
-from alexnet2gpu.datasets import Categories
-from alexnet2gpu.layers import LAYERS
-from alexnet2gpu.stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC, DataStats
+from alexnet2gpu.data.base import Categories
+from alexnet2gpu.data.stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC, DataStats
+from alexnet2gpu.model.layers import LAYERS
 
 BVLC_ALEXNET_SHA1 = "9116a64c0fbe4459d18f4bb6b56d647b63920377"  # CF models/bvlc_alexnet/readme.md
 # CF's ImageNet mean per channel, B, G, R (about; the mean image's averages): used without --mean
@@ -325,9 +325,9 @@ def build_checkpoint(
     weights: str | Path, mean: str | Path | None = None, words: str | Path | None = None
 ) -> tuple[dict, dict]:
     """A checkpoint of our format holding CF's weights, and what was imported (sha1, shapes, mean)."""
-    from alexnet2gpu.model import AlexNet2GPU, fused_to_towers
-    from alexnet2gpu.optim import make_optimizer, make_scheduler
-    from alexnet2gpu.placement import named_optimizer_state
+    from alexnet2gpu.model.alexnet import AlexNet2GPU, fused_to_towers
+    from alexnet2gpu.train.optim import make_optimizer, make_scheduler
+    from alexnet2gpu.train.placement import named_optimizer_state
 
     layers, sha1 = read_caffemodel(weights)
     config = infer_config(layers, weights)

@@ -15,12 +15,20 @@ import signal
 import sys
 from pathlib import Path
 
-from alexnet2gpu.checkpoint import CheckpointError
 from alexnet2gpu.config import (
+    ACTIVATIONS,
+    AMPS,
     BIAS_RULES,
     DATASETS,
+    DIST_TIMEOUT,
     INITS,
+    INPUT_SIZES,
     LR_SCALINGS,
+    LRN_SCOPES,
+    OPTIMIZERS,
+    POOLINGS,
+    PRESETS,
+    SEED_BATCH,
     SUBSAMPLINGS,
     AlexNetConfig,
     ConfigError,
@@ -29,80 +37,85 @@ from alexnet2gpu.config import (
     TrainConfig,
     default_batch_size,
 )
-from alexnet2gpu.datasets import DatasetError
+from alexnet2gpu.data.base import DatasetError
+from alexnet2gpu.data.datasets import datasets_for
 from alexnet2gpu.devices import DeviceError, resolve_devices, why_no_cuda
-from alexnet2gpu.rundir import RunDirError
+from alexnet2gpu.train.checkpoint import CheckpointError
+from alexnet2gpu.train.rundir import RunDirError
 
 USER_ERRORS = (DatasetError, DeviceError, CheckpointError, RunDirError, ValueError, FileNotFoundError)
 
-# the flag behind each config field, so that a refused value names what the user typed
-FLAGS = {
-    "AlexNetConfig": {"input_size": "--input-size", "dropout": "--dropout"},
-    "DataConfig": {"data": "--data", "subset": "--subset", "workers": "-j/--workers", "fit_images": "--fit-images"},
-    "TrainConfig": {
-        "epochs": "--epochs",
-        "batch_size": "-b/--batch-size",
-        "lr": "--lr",
-        "momentum": "--momentum",
-        "weight_decay": "--wd",
-        "warmup_steps": "--warmup-steps",
-        "max_steps": "--max-steps",
-        "val_subset": "--val-subset",
-        "log_every": "-p/--print-freq",
-    },
-}
+M, D, T, S = AlexNetConfig, DataConfig, TrainConfig, StageConfig  # every default below is one of theirs
+FLIPS = {"auto": None, "on": True, "off": False}  # --flip -> DataConfig.flip
+# flags whose config field has another name (input_size sets the model's input and the data's crop)
+FLAG_FIELDS = {"input_size": ("input_size", "crop_size")}
+GROUPS = {"data": "data (DataConfig)", "model": "model (AlexNetConfig)", "train": "training (TrainConfig)"}
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="imagenet", choices=DATASETS)
-    p.add_argument("--data", default=None, metavar="DIR", help="dataset folder (default: the dataset's usual places)")
-    p.add_argument(
+    g = p.add_argument_group(GROUPS["data"])
+    g.add_argument(
+        "--dataset",
+        default=D.dataset,
+        choices=DATASETS,
+        help="default: %(default)s (P's); make's DATASET default is fashion-mnist, the offline stand-in",
+    )
+    g.add_argument("--data", default=D.data, metavar="DIR", help="dataset folder (default: the dataset's usual places)")
+    g.add_argument(
         "--preset",
-        default="paper",
-        choices=["paper", "seed", "caffe"],
+        default=D.preset,
+        choices=PRESETS,
         help="paper: P 2, 4.1; seed: normalise, resize to 224; caffe: bvlc_alexnet's (256x256 squash, BGR, 227)",
     )
-    p.add_argument(
+    g.add_argument(
         "--subset",
         type=int,
-        default=None,
+        default=D.subset,
         metavar="N",
         help="N training images, for short runs: the first N of MNIST-like sets, a fixed sample of ImageNet",
     )
-    p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
-    p.add_argument("-j", "--workers", type=int, default=4, help="image-decoding processes (ImageNet folders)")
-    p.add_argument("--gpu-decode", action="store_true", help="decode a staged folder's JPEGs on CUDA (unmeasured)")
-    p.add_argument("--no-pca-noise", action="store_true", help="no PCA colour noise (ablation)")
-    p.add_argument(
-        "--flip", choices=["auto", "on", "off"], default="auto", help="horizontal flips (auto: not for digits)"
+    g.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    g.add_argument("-j", "--workers", type=int, default=D.workers, help="image-decoding processes (ImageNet folders)")
+    g.add_argument("--gpu-decode", action="store_true", help="decode a staged folder's JPEGs on CUDA (unmeasured)")
+    g.add_argument(
+        "--no-pca-noise", action="store_false", dest="pca_noise", help="no PCA colour noise (ablation; default: on)"
+    )
+    g.add_argument(
+        "--flip",
+        choices=FLIPS,
+        default=next(k for k, v in FLIPS.items() if v is D.flip),
+        help="horizontal flips (auto: for photographs, not for digits and clothes)",
     )
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-size", type=int, default=224, choices=[224, 227])
-    p.add_argument(
+    g = p.add_argument_group(GROUPS["model"])
+    g.add_argument("--input-size", type=int, default=M.input_size, choices=INPUT_SIZES)
+    g.add_argument(
         "--net",
         default="two-tower",
         choices=["two-tower", "one-gpu", "seed"],
         help="two-tower: the paper's; one-gpu: its one-GPU comparison net (P 3.2); seed: the seed's exact one-tower"
         " net (no LRN, 54x54 conv1, a 1000-unit layer before the logits)",
     )
-    p.add_argument("--no-lrn", action="store_true", help="no local response normalisation (ablation)")
-    p.add_argument(
+    g.add_argument(
+        "--no-lrn", action="store_false", dest="lrn", help="no local response normalisation (ablation; default: on)"
+    )
+    g.add_argument(
         "--lrn-scope",
-        default="tower",
-        choices=["tower", "all"],
+        default=M.lrn_scope,
+        choices=LRN_SCOPES,
         help="tower: each tower's own maps (P); all: across both towers' channels (Caffe's bvlc_alexnet)",
     )
-    p.add_argument("--pooling", default="overlapping", choices=["overlapping", "non-overlapping"])
-    p.add_argument("--activation", default="relu", choices=["relu", "tanh"])
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument(
+    g.add_argument("--pooling", default=M.pooling, choices=POOLINGS)
+    g.add_argument("--activation", default=M.activation, choices=ACTIVATIONS)
+    g.add_argument("--dropout", type=float, default=M.dropout)
+    g.add_argument(
         "--init",
         default=None,
         choices=INITS,
         help="paper: N(0, 0.01), biases 1 (P 5); caffe: bvlc_alexnet's 0.1 biases; he: He et al. 2015; "
-        "torch: PyTorch's default (default: the net's own, torch for --net seed, else caffe)",
+        f"torch: PyTorch's default (default: the net's own, torch for --net seed, else {M.init})",
     )
 
 
@@ -110,71 +123,88 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="train (or resume) a run")
     add_data_args(p)
     add_model_args(p)
-    p.add_argument(
-        "--devices", default=None, help="tower A,tower B: cuda:0,cuda:1 (default with two GPUs), cuda:0, cpu"
+    g = p.add_argument_group(GROUPS["train"])
+    g.add_argument("--epochs", type=int, default=T.epochs)
+    g.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"default {T.batch_size} (P 5); {SEED_BATCH} for mnist and fashion-mnist (the seed's)",
     )
-    p.add_argument(
+    g.add_argument("--lr", "--learning-rate", type=float, default=T.lr)
+    g.add_argument("--momentum", type=float, default=T.momentum)
+    g.add_argument("--wd", "--weight-decay", type=float, default=T.weight_decay, dest="weight_decay")
+    g.add_argument("--optimizer", default=T.optimizer, choices=OPTIMIZERS, help="paper: P 5's update rule")
+    g.add_argument(
+        "--bias-rule",
+        default=T.bias_rule,
+        choices=BIAS_RULES,
+        help="paper: one lr and decay for all (P 5); convnet: biases at 2x lr, no decay (cuda-convnet, CF)",
+    )
+    g.add_argument(
+        "--warmup-steps", type=int, default=T.warmup_steps, help="linear lr warm-up (not in the paper; short runs)"
+    )
+    g.add_argument(
+        "--lr-scaling",
+        default=T.lr_scaling,
+        choices=LR_SCALINGS,
+        help="none: the lr is --lr whatever -b (P 5); linear: --lr is a batch of 128's, scaled by -b/128 (Goyal 2017)",
+    )
+    g.add_argument("--seed", type=int, default=T.seed)
+    g.add_argument(
+        "--max-steps", type=int, default=T.max_steps, help="stop after N steps in all (counted across resumes)"
+    )
+    g.add_argument(
+        "--val-subset",
+        type=int,
+        default=T.val_subset,
+        metavar="N",
+        help="validate on N images: the first N of MNIST-like sets, a fixed sample even over ImageNet's classes",
+    )
+    g.add_argument("--amp", default=T.amp, choices=AMPS)
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--compile", action="store_true")
+    g.add_argument("-p", "--print-freq", type=int, default=T.log_every, dest="log_every", help="log every N steps")
+    g.add_argument(
+        "--devices", default=T.devices, help="tower A,tower B: cuda:0,cuda:1 (default with two GPUs), cuda:0, cpu"
+    )
+    g.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=T.tensorboard,
+        help="TensorBoard events in RUN_DIR/tb (a resume keeps the run's choice unless given)",
+    )
+    r = p.add_argument_group("the run")
+    r.add_argument(
+        "--out", default=None, metavar="RUN_DIR", help="run directory (default: runs/DATASET, as make's OUT)"
+    )
+    r.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue a run (its options, unless given)")
+    r.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run")
+    r.add_argument(
         "--parallel",
         default="devices",
         choices=["devices", "tower-processes"],
         help="devices: both towers in this process; tower-processes: one tower per rank (under torchrun)",
     )
-    p.add_argument(
+    r.add_argument(
         "--dist-timeout",
         type=float,
-        default=10.0,
+        default=DIST_TIMEOUT,
         metavar="MINUTES",
         help="tower processes: end the run, naming the rank, when one does not answer for this long",
     )
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument(
-        "-b",
-        "--batch-size",
-        type=int,
-        default=None,
-        help="default 128 (P 5); 60 for mnist and fashion-mnist (the seed's)",
-    )
-    p.add_argument("--lr", "--learning-rate", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", "--weight-decay", type=float, default=5e-4, dest="weight_decay")
-    p.add_argument("--optimizer", default="paper", choices=["paper", "sgd"], help="paper: P 5's update rule")
-    p.add_argument(
-        "--bias-rule",
-        default=TrainConfig.bias_rule,
-        choices=BIAS_RULES,
-        help="paper: one lr and decay for all (P 5); convnet: biases at 2x lr, no decay (cuda-convnet, CF)",
-    )
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up (not in the paper; short runs)")
-    p.add_argument(
-        "--lr-scaling",
-        default=TrainConfig.lr_scaling,
-        choices=LR_SCALINGS,
-        help="none: the lr is --lr whatever -b (P 5); linear: --lr is a batch of 128's, scaled by -b/128 (Goyal 2017)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--out", default=None, metavar="RUN_DIR", help="run directory (default: runs/DATASET, as make's OUT)"
-    )
-    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue a run (its options, unless given)")
-    p.add_argument("--overwrite", action="store_true", help="start over in a run directory that holds a run")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps in all (counted across resumes)")
-    p.add_argument(
-        "--val-subset",
-        type=int,
-        default=None,
-        metavar="N",
-        help="validate on N images: the first N of MNIST-like sets, a fixed sample even over ImageNet's classes",
-    )
-    p.add_argument("--amp", default="none", choices=["none", "bf16"])
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("-p", "--print-freq", type=int, default=10, dest="log_every", help="log every N steps")
-    p.add_argument(
-        "--tensorboard",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="TensorBoard events in RUN_DIR/tb (a resume keeps the run's choice unless given)",
-    )
+
+
+def config_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The flag behind each config field ("batch_size" -> "-b/--batch-size"), read off the commands'
+    parsers (train's first), so that a refused value names what the user typed."""
+    flags = {}
+    for command in parser._subparsers._group_actions[0].choices.values():
+        for action in command._actions:
+            for field in FLAG_FIELDS.get(action.dest, (action.dest,)):
+                flags.setdefault(field, "/".join(action.option_strings))
+    return flags
 
 
 def add_evaluate(sub) -> None:
@@ -183,9 +213,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--data", default=None, metavar="DIR", help="dataset folder (default: the one it was trained on)")
     p.add_argument("--devices", default=None)
     p.add_argument("--ten-crop", action="store_true", help="average the softmax over ten patches (P 4.1)")
-    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument("-b", "--batch-size", type=int, default=T.batch_size)
     p.add_argument("--val-subset", type=int, default=None, metavar="N", help="N images, as train's --val-subset")
-    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("-j", "--workers", type=int, default=None, help="image-decoding processes (default: the run's)")
     p.add_argument("--json", action="store_true")
 
 
@@ -225,14 +255,14 @@ def add_plot(sub) -> None:
     )
     p.add_argument("--data", default=None, metavar="DIR", help="--figure4: dataset folder (default: the run's)")
     p.add_argument("--devices", default=None, help="--figure4: where the network runs (default: the run's devices)")
-    p.add_argument("-b", "--batch-size", type=int, default=128, help="--figure4: images per batch")
-    p.add_argument("-j", "--workers", type=int, default=4, help="--figure4: image loading processes")
+    p.add_argument("-b", "--batch-size", type=int, default=T.batch_size, help="--figure4: images per batch")
+    p.add_argument("-j", "--workers", type=int, default=D.workers, help="--figure4: image loading processes")
 
 
 def add_fit(sub) -> None:
     p = sub.add_parser("fit-stats", help="fit and cache the training set's mean image and PCA")
     add_data_args(p)
-    p.add_argument("--fit-images", type=int, default=50_000, help="images to fit on (0: all)")
+    p.add_argument("--fit-images", type=int, default=D.fit_images, help="images to fit on (0: all)")
 
 
 def add_stage(sub) -> None:
@@ -246,10 +276,8 @@ def add_stage(sub) -> None:
         "ILSVRC2012_devkit_t12.tar.gz) or those three files, Kaggle's folder, or an ImageFolder tree",
     )
     p.add_argument("--out", required=True, metavar="STAGED", help="a new folder (or an interrupted stage, to resume)")
-    p.add_argument("--quality", type=int, default=StageConfig.quality, help="JPEG quality (C2's)")
-    p.add_argument(
-        "--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="JPEG chroma; C2's was 4:2:0"
-    )
+    p.add_argument("--quality", type=int, default=S.quality, help="JPEG quality (C2's)")
+    p.add_argument("--subsampling", default=S.subsampling, choices=SUBSAMPLINGS, help="JPEG chroma; C2's was 4:2:0")
     p.add_argument("-j", "--workers", type=int, default=os.cpu_count(), help="processes (default: one per core)")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
 
@@ -263,11 +291,11 @@ def add_bench(sub) -> None:
     p.add_argument("--device", default=None, help="device to run on (default: cuda:0 when present, else cpu)")
     p.add_argument("--images", type=int, default=None, help="images per round (--data: 3000, --imagenet: 500)")
     p.add_argument("-j", "--workers", type=int, default=None, help="--imagenet: loader processes (default: all cores)")
-    p.add_argument("--quality", type=int, default=StageConfig.quality, help="--imagenet: JPEG quality of the stage")
-    p.add_argument("--subsampling", default=StageConfig.subsampling, choices=SUBSAMPLINGS, help="--imagenet: chroma")
+    p.add_argument("--quality", type=int, default=S.quality, help="--imagenet: JPEG quality of the stage")
+    p.add_argument("--subsampling", default=S.subsampling, choices=SUBSAMPLINGS, help="--imagenet: chroma")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the model bench")
     p.add_argument("--profile", default=None, metavar="MODEL", help="print torch.profiler's table for one step")
-    p.add_argument("--amp", default="none", choices=["none", "bf16"])
+    p.add_argument("--amp", default=T.amp, choices=AMPS)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -293,8 +321,8 @@ def data_config(args, **extra) -> DataConfig:
         subset=args.subset,
         strict=args.strict,
         workers=args.workers,
-        pca_noise=not args.no_pca_noise,
-        flip={"auto": None, "on": True, "off": False}[args.flip],
+        pca_noise=args.pca_noise,
+        flip=FLIPS[args.flip],
         gpu_decode=args.gpu_decode,
         **extra,
     )
@@ -305,7 +333,7 @@ def model_config(args, num_classes: int, channels: int) -> AlexNetConfig:
         num_classes=num_classes,
         in_channels=channels,
         input_size=args.input_size,
-        lrn=not args.no_lrn,
+        lrn=args.lrn,
         lrn_scope=args.lrn_scope,
         pooling=args.pooling,
         activation=args.activation,
@@ -343,10 +371,6 @@ def train_config(args) -> TrainConfig:
     )
 
 
-# flags whose config field has another name (input_size sets the model's input and the data's crop)
-FLAG_FIELDS = {"no_lrn": ("lrn",), "no_pca_noise": ("pca_noise",), "input_size": ("input_size", "crop_size")}
-
-
 def _given_fields(given: set[str], config) -> dict:
     """The fields of `config` that flags on the command line set, with the flags' values."""
     names = {f.name for f in dataclasses.fields(config)}
@@ -357,7 +381,7 @@ def _given_fields(given: set[str], config) -> dict:
 def resumed_configs(args, given: set[str]) -> tuple[AlexNetConfig, DataConfig, TrainConfig]:
     """A resumed run's options: the checkpoint's, with only the flags given on this command line
     applied on top (the engine refuses those that cannot change mid-run, naming them)."""
-    from alexnet2gpu import checkpoint as ckpt
+    from alexnet2gpu.train import checkpoint as ckpt
 
     model, data, config = ckpt.read_configs(ckpt.load(args.resume, mmap=True), args.resume)
     data = dataclasses.replace(data, **_given_fields(given, data_config(args, crop_size=args.input_size)))
@@ -368,8 +392,8 @@ def resumed_configs(args, given: set[str]) -> tuple[AlexNetConfig, DataConfig, T
 
 
 def cmd_train(args, given: set[str]) -> None:
-    from alexnet2gpu.datasets import describe
-    from alexnet2gpu.engine import train
+    from alexnet2gpu.data.datasets import describe
+    from alexnet2gpu.train.loop import train
 
     if args.resume:
         model, data, config = resumed_configs(args, given)
@@ -383,7 +407,7 @@ def cmd_train(args, given: set[str]) -> None:
     refuse_out_inside_data(args.out, data)
     options = dict(resume=args.resume, tensorboard=config.tensorboard, overwrite=args.overwrite)
     if args.parallel == "tower-processes":
-        from alexnet2gpu.distributed import train_tower_processes
+        from alexnet2gpu.train.launch import train_tower_processes
 
         timeout_ok = math.isfinite(args.dist_timeout) and 0 < args.dist_timeout <= 10_080
         require("--dist-timeout", args.dist_timeout, timeout_ok, "a positive number of minutes, at most a week")
@@ -425,10 +449,11 @@ def refuse_out_inside_data(out: str, data: DataConfig) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from alexnet2gpu import checkpoint as ckpt
-    from alexnet2gpu.datasets import build_dataset, check_classes
-    from alexnet2gpu.engine import evaluate, percent, take
-    from alexnet2gpu.inference import load_trained
+    from alexnet2gpu.analysis.inference import load_trained
+    from alexnet2gpu.data.datasets import check_classes
+    from alexnet2gpu.data.sampling import take
+    from alexnet2gpu.train import checkpoint as ckpt
+    from alexnet2gpu.train.evaluate import evaluate, percent
 
     TrainConfig(batch_size=args.batch_size, val_subset=args.val_subset)  # -b and --val-subset, checked as train's
     trained = load_trained(args.checkpoint, args.devices or "auto")
@@ -440,8 +465,7 @@ def cmd_evaluate(args) -> None:
         )
     workers = args.workers if args.workers is not None else data.workers  # the run's own unless given
     data = dataclasses.replace(data, data=args.data or data.data, workers=workers)
-    sets = dict(stage_size=data.stage_size, strict=data.strict, squash=data.squash)
-    val = build_dataset(data.dataset, "val", data.data, **sets)
+    val = datasets_for(data, "val", host_decode=True)
     check_classes(val, ckpt.categories(trained.checkpoint), model_cfg.num_classes, args.checkpoint)
     val = take(val, args.val_subset, stratified=True)
     result = evaluate(
@@ -461,8 +485,8 @@ def cmd_evaluate(args) -> None:
 def cmd_predict(args) -> None:
     """Unreadable files are one line each on stderr and the others are classified; the exit code is
     2 only when no file could be read (after the JSON object, with --json)."""
-    from alexnet2gpu.inference import load_trained
-    from alexnet2gpu.predict import Unreadable, classify, find_images
+    from alexnet2gpu.analysis.inference import load_trained
+    from alexnet2gpu.analysis.predict import Unreadable, classify, find_images
 
     require("-b/--batch-size", args.batch_size, args.batch_size > 0, "a positive number of network inputs")
     paths = find_images(args.images)
@@ -487,12 +511,12 @@ def cmd_predict(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from alexnet2gpu.plot import plot_run
+    from alexnet2gpu.analysis.plot import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
     if args.figure4:
-        from alexnet2gpu.figures import NEIGHBOURS_FROM, figure4
+        from alexnet2gpu.analysis.figures import NEIGHBOURS_FROM, figure4
 
         n = args.neighbours_from
         require("--neighbours-from", n, n is None or n >= 0, "a number of images (0: all)")
@@ -505,7 +529,7 @@ def cmd_plot(args) -> None:
 
 def cmd_import_caffe(args) -> None:
     from alexnet2gpu import caffe
-    from alexnet2gpu import checkpoint as ckpt
+    from alexnet2gpu.train import checkpoint as ckpt
 
     checkpoint, summary = caffe.build_checkpoint(args.weights, args.mean, args.words)
     path = ckpt.save(checkpoint, args.out)
@@ -524,12 +548,11 @@ def cmd_import_caffe(args) -> None:
 
 
 def cmd_fit(args) -> None:
-    from alexnet2gpu.datasets import build_dataset
-    from alexnet2gpu.stats import load_or_fit
+    from alexnet2gpu.data.datasets import datasets_for
+    from alexnet2gpu.data.stats import load_or_fit
 
     data = data_config(args, fit_images=args.fit_images or None)
-    sets = dict(stage_size=data.stage_size, strict=data.strict, squash=data.squash)
-    train_set = build_dataset(data.dataset, "train", data.data, **sets)
+    train_set = datasets_for(data, "train", host_decode=True)
     limit = data.fit_images
     name = data.dataset + ("-squash" if data.squash else "")  # the caffe preset's images: cached apart
     stats = load_or_fit(
@@ -539,7 +562,7 @@ def cmd_fit(args) -> None:
 
 
 def cmd_stage(args) -> None:
-    from alexnet2gpu.staging import stage
+    from alexnet2gpu.data.staging import stage
 
     config = StageConfig(quality=args.quality, subsampling=args.subsampling)
     manifest = stage(args.data, args.out, config, workers=args.workers, strict=args.strict)
@@ -612,11 +635,12 @@ def one_line(error: BaseException) -> str:
     "Caught X in DataLoader worker process N. Original Traceback ..."; its last line holds the
     original message.
     """
-    if isinstance(error, ConfigError) and error.field in FLAGS.get(error.owner, {}):
-        return f"{FLAGS[error.owner][error.field]} {error.value}: expected {error.expected}"
+    flags = config_flags(build_parser())
+    if isinstance(error, ConfigError) and flags.get(error.field):
+        return f"{flags[error.field]} {error.value}: expected {error.expected}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if "Original Traceback" in str(error):
-        head, sep, message = lines[-1].partition(": ")  # "alexnet2gpu.datasets.DatasetError: ..."
+        head, sep, message = lines[-1].partition(": ")  # "alexnet2gpu.data.datasets.DatasetError: ..."
         return message if sep and head.endswith(type(error).__name__) else lines[-1]
     return " ".join(lines) or type(error).__name__
 
@@ -628,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     for command in sub.choices.values():
         command.formatter_class = HelpFormatter
+        for action in command._actions:  # a flag with no help text still shows its default
+            if action.help is None and not any(action.default is x for x in (None, False, argparse.SUPPRESS)):
+                action.help = "(default: %(default)s)"
     return parser
 
 
@@ -655,7 +682,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.exit(130)
     except Exception as error:  # a TrainingError, or anything unexpected: one line, exit 1
-        from alexnet2gpu.engine import TrainingError
+        from alexnet2gpu.train.errors import TrainingError
 
         if not isinstance(error, TrainingError):
             raise

@@ -270,6 +270,8 @@ def default_batch_size(dataset: str) -> int:
 
 
 OPTIMIZERS = ("paper", "sgd")
+AMPS = ("none", "bf16")  # bf16: autocast forward in bfloat16
+DIST_TIMEOUT = 10.0  # minutes a collective waits for a silent rank (gloo's and NCCL's own default: 30)
 BIAS_RULES = ("paper", "convnet")
 LR_SCALINGS = ("none", "linear")
 
@@ -311,7 +313,7 @@ class TrainConfig:
     # its devices and tensorboard as arguments and does not read these.
     devices: str | None = None
     tensorboard: bool = True
-    # The stuck-loss alarm (alexnet2gpu.alarm) judges mean losses, never one noisy batch.
+    # The stuck-loss alarm (alexnet2gpu.train.alarm) judges mean losses, never one noisy batch.
     alarm_window: int = 10  # diverging: the mean of the last 10 steps
     alarm_after_steps: int = 20  # the first steps may overshoot and come back: "diverging" waits for them
     # diverging: that mean above 1.5 ln(classes). A run that learns starts at about ln(classes) and
@@ -338,7 +340,7 @@ class TrainConfig:
             ("optimizer", self.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
             ("bias_rule", self.bias_rule in BIAS_RULES, " or ".join(BIAS_RULES)),
             ("lr_scaling", self.lr_scaling in LR_SCALINGS, " or ".join(LR_SCALINGS)),
-            ("amp", self.amp in ("none", "bf16"), "none or bf16"),
+            ("amp", self.amp in AMPS, " or ".join(AMPS)),
             ("batch_size", self.batch_size > 0, "a positive batch size"),
             ("epochs", self.epochs > 0, "a positive number of epochs"),
             ("lr", finite(self.lr) and self.lr > 0, "a finite, positive learning rate"),

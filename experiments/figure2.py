@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-from alexnet2gpu.accounting import exchanges  # noqa: E402
 from alexnet2gpu.config import AlexNetConfig  # noqa: E402
+from alexnet2gpu.model.exchanges import exchanges  # noqa: E402
 
 TOWER_Y = {"A": 2.6, "B": 0.6}  # tower A (device 0) above, tower B (device 1) below
 COLOURS = {"conv": "#cfe2f3", "fc": "#d9ead3", "input": "#eeeeee"}

@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from alexnet2gpu.bench import machine, write_imagenet_like
-from alexnet2gpu.images import stage_image
+from alexnet2gpu.data.images import stage_image
 
 SETTINGS = [  # (name, subsampling, PIL save options)
     ("quality 95 (default)", "4:4:4", dict(quality=95)),

@@ -11,8 +11,8 @@ from __future__ import annotations
 import runner
 import torch
 
-from alexnet2gpu import checkpoint as ckpt
-from alexnet2gpu.plot import plot_kernels
+from alexnet2gpu.analysis.plot import plot_kernels
+from alexnet2gpu.train import checkpoint as ckpt
 
 
 def measures(weight: torch.Tensor) -> tuple[float, float]:

@@ -16,7 +16,7 @@ import torch
 
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig
 from alexnet2gpu.config import TrainConfig
-from alexnet2gpu.optim import PaperSGD, param_groups
+from alexnet2gpu.train.optim import PaperSGD, param_groups
 
 
 class LoopSGD(torch.optim.Optimizer):

@@ -18,15 +18,18 @@ from pathlib import Path
 
 import torch
 
-from alexnet2gpu import checkpoint as ckpt
 from alexnet2gpu.bench import machine
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import build_dataset
+from alexnet2gpu.data.datasets import build_dataset
+from alexnet2gpu.data.sampling import take
+from alexnet2gpu.data.stats import DataStats
+from alexnet2gpu.data.transforms import Pipeline
 from alexnet2gpu.devices import resolve_devices
-from alexnet2gpu.engine import build_model, evaluate, percent, take, train
-from alexnet2gpu.logs import read_csv
-from alexnet2gpu.stats import DataStats
-from alexnet2gpu.transforms import Pipeline
+from alexnet2gpu.model.alexnet import build_model
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train.evaluate import evaluate, percent
+from alexnet2gpu.train.logs import read_csv
+from alexnet2gpu.train.loop import train
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "RESULTS.md"

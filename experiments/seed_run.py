@@ -20,8 +20,8 @@ from dataclasses import replace
 
 import runner
 
+from alexnet2gpu.analysis.plot import plot_curves
 from alexnet2gpu.config import AlexNetConfig
-from alexnet2gpu.plot import plot_curves
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-WHITE = 255  # alexnet2gpu.images.BACKGROUND: transparency is composited on white
+WHITE = 255  # alexnet2gpu.data.images.BACKGROUND: transparency is composited on white
 
 
 def photo(seed: int, width: int, height: int) -> np.ndarray:

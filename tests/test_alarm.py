@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-import alexnet2gpu.engine as engine
-from alexnet2gpu.alarm import LossAlarm
+import alexnet2gpu.train.loop as loop
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.logs import RunLog, read_csv
+from alexnet2gpu.train.alarm import LossAlarm
+from alexnet2gpu.train.logs import RunLog, read_csv
 
 CHANCE = math.log(10)
 CPU = (torch.device("cpu"), torch.device("cpu"))
@@ -80,7 +80,7 @@ def real_run(out: Path, init: str, lr: float, preset: str, steps: int) -> list[s
     shrunk = dict(alarm_window=2, alarm_after_steps=5, alarm_flat_steps=3)
     config = TrainConfig(epochs=10, batch_size=8, max_steps=steps, lr=lr, val_subset=8, seed=3, log_every=1, **shrunk)
     data = DataConfig(dataset="fake", preset=preset, subset=16)
-    engine.train(AlexNetConfig(num_classes=10, init=init), data, config, CPU, out, progress=False, tensorboard=False)
+    loop.train(AlexNetConfig(num_classes=10, init=init), data, config, CPU, out, progress=False, tensorboard=False)
     events = out / "events.log"
     return events.read_text().splitlines() if events.exists() else []
 
@@ -104,7 +104,7 @@ def test_a_resumed_run_hears_what_the_alarm_heard_and_never_repeats_a_warning(tm
     import torch
 
     from alexnet2gpu.config import AlexNetConfig, DataConfig
-    from alexnet2gpu.engine import train
+    from alexnet2gpu.train.loop import train
 
     cpu = (torch.device("cpu"), torch.device("cpu"))
     model = AlexNetConfig.one_gpu(num_classes=10, in_channels=3, init="he")

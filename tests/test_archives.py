@@ -19,10 +19,11 @@ import pytest
 import torch
 from imagenet_archives import CLASSES, IDS, VAL_CLASSES, WORDS, image_folder, kaggle, official
 
-from alexnet2gpu import staging
 from alexnet2gpu.cli import main
 from alexnet2gpu.config import StageConfig
-from alexnet2gpu.datasets import DatasetError, build_dataset
+from alexnet2gpu.data import staging
+from alexnet2gpu.data.base import DatasetError
+from alexnet2gpu.data.datasets import build_dataset
 
 SMALL_SHARDS = StageConfig(shard_images=4)
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_refusals_are_one_line(downloads, tmp_path: Path, capsys) -> None:
 
 SLOW_STAGE = """
 import sys, time
-from alexnet2gpu import staging
+from alexnet2gpu.data import staging
 from alexnet2gpu.config import StageConfig
 real = staging.encode
 def slow(*args):
@@ -207,7 +208,7 @@ def test_a_flipped_label_names_the_index(reference, tmp_path: Path) -> None:
 
 
 def test_a_dataset_replaced_in_place_is_fitted_again(downloads, tmp_path: Path) -> None:
-    from alexnet2gpu.stats import load_or_fit
+    from alexnet2gpu.data.stats import load_or_fit
 
     tree = image_folder(tmp_path / "tree")
     out = tmp_path / "staged"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from alexnet2gpu.accounting import exchanges, naive_exchanges, table
 from alexnet2gpu.bench import bench_data, bench_imagenet, bench_models
+from alexnet2gpu.model.exchanges import exchanges, naive_exchanges, table
 
 
 def test_model_bench_reports_every_model_and_the_ratios() -> None:

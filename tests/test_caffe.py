@@ -18,15 +18,16 @@ from image_trees import photo_tree
 from torch import nn
 
 from alexnet2gpu import caffe
-from alexnet2gpu import checkpoint as ckpt
+from alexnet2gpu.analysis.inference import load_trained
 from alexnet2gpu.cli import main
 from alexnet2gpu.config import AlexNetConfig, DataConfig
-from alexnet2gpu.distributed import TowerProcess, launch
-from alexnet2gpu.images import stage_image
-from alexnet2gpu.inference import load_trained
-from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
-from alexnet2gpu.stats import DataStats
-from alexnet2gpu.transforms import Pipeline
+from alexnet2gpu.data.images import stage_image
+from alexnet2gpu.data.stats import DataStats
+from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.model.alexnet import AlexNet2GPU, AlexNetFused
+from alexnet2gpu.model.tower_process import TowerProcess
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train.launch import launch
 
 TOL = 1e-5  # float32 through eight layers, grouped and split convolutions summing in other orders
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,8 +290,9 @@ def test_squash_resizes_the_whole_image_as_opencv(tmp_path: Path) -> None:
 
 def test_a_staged_folder_refuses_the_caffe_preset(tmp_path: Path) -> None:
     """Staged folders hold P 2's centre squares, not CF's squashed images: refused in one line."""
-    from alexnet2gpu.datasets import DatasetError, build_dataset
-    from alexnet2gpu.staging import MANIFEST
+    from alexnet2gpu.data.base import DatasetError
+    from alexnet2gpu.data.datasets import build_dataset
+    from alexnet2gpu.data.staged import MANIFEST
 
     (tmp_path / "staged").mkdir()
     (tmp_path / "staged" / MANIFEST).write_text("{}")

@@ -15,20 +15,13 @@ import torch
 from image_trees import awkward_images, leftovers, unreadable_images
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from alexnet2gpu import stats as stats_module
 from alexnet2gpu.config import DataConfig
-from alexnet2gpu.datasets import (
-    DatasetError,
-    InMemory,
-    SkippingDataset,
-    batches,
-    build_dataset,
-    epoch_order,
-    read_idx,
-)
-from alexnet2gpu.images import UnreadableImage, rescale_and_crop, stage_image
-from alexnet2gpu.stats import DataStats, fit_stats
-from alexnet2gpu.transforms import Pipeline, center_crop, crop, pca_noise, resize, resized_crop, ten_crop
+from alexnet2gpu.data import stats as stats_module
+from alexnet2gpu.data.base import DatasetError, SkippingDataset
+from alexnet2gpu.data.datasets import InMemory, batches, build_dataset, epoch_order, read_idx
+from alexnet2gpu.data.images import UnreadableImage, rescale_and_crop, stage_image
+from alexnet2gpu.data.stats import DataStats, fit_stats
+from alexnet2gpu.data.transforms import Pipeline, center_crop, crop, pca_noise, resize, resized_crop, ten_crop
 
 # ---------------------------------------------------------------------------------------------
 # crops
@@ -335,7 +328,7 @@ def test_awkward_tree_skips_with_path_and_reason_or_stops_with_strict(tmp_path: 
 
 
 def test_tool_leftovers_are_ignored_everywhere(tmp_path: Path) -> None:
-    from alexnet2gpu.datasets import describe
+    from alexnet2gpu.data.datasets import describe
 
     root = make_imagenet(tmp_path)
     leftovers(root)  # .DS_Store, ._x.jpg, Thumbs.db, .ipynb_checkpoints/ and __MACOSX/ in train/ and val/
@@ -414,9 +407,9 @@ def test_a_background_decode_error_and_an_early_stop_leave_no_thread(workers: in
 
 
 def test_resume_stays_exact_when_a_whole_batch_is_skipped(tmp_path: Path) -> None:
-    from alexnet2gpu import checkpoint as ckpt
     from alexnet2gpu.config import AlexNetConfig, TrainConfig
-    from alexnet2gpu.engine import train
+    from alexnet2gpu.train import checkpoint as ckpt
+    from alexnet2gpu.train.loop import train
 
     root = make_imagenet(tmp_path / "data", per_class=5)
     train_set = build_dataset("imagenet", "train", str(root))
@@ -453,7 +446,7 @@ def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
 
 
 def test_stats_cache_is_per_training_set_and_refits_a_broken_file(tmp_path: Path) -> None:
-    from alexnet2gpu.stats import cache_path, fingerprint, load_or_fit
+    from alexnet2gpu.data.stats import cache_path, fingerprint, load_or_fit
 
     full = build_dataset("fake", "train")
     small = InMemory(full.images[:64], full.labels[:64], 10, "fake")
@@ -468,7 +461,7 @@ def test_stats_cache_is_per_training_set_and_refits_a_broken_file(tmp_path: Path
 
 
 def test_describe_gives_classes_and_channels_without_reading_images(tmp_path: Path) -> None:
-    from alexnet2gpu.datasets import describe
+    from alexnet2gpu.data.datasets import describe
 
     assert describe("imagenet", str(make_imagenet(tmp_path, classes=("a", "b", "c")))) == (3, 3)
     assert describe("fake", None) == (10, 3)

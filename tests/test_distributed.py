@@ -18,13 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig
-from alexnet2gpu import checkpoint as ckpt
 from alexnet2gpu.config import DataConfig, TrainConfig
-from alexnet2gpu.datasets import batches
-from alexnet2gpu.distributed import TowerProcess, launch, mesh_for, replicated_loss, train_tower_processes, wrap
-from alexnet2gpu.engine import train
-from alexnet2gpu.layers import dropout_generator
-from alexnet2gpu.logs import read_csv
+from alexnet2gpu.data.datasets import batches
+from alexnet2gpu.model.layers import dropout_generator
+from alexnet2gpu.model.tower_process import TowerProcess, replicated_loss
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train.launch import launch, train_tower_processes
+from alexnet2gpu.train.logs import read_csv
+from alexnet2gpu.train.loop import train
+from alexnet2gpu.train.tower_ranks import mesh_for, wrap
 
 CONFIG = AlexNetConfig(num_classes=10)  # the paper's init: logits and gradients of order 1 and below
 SEED, STEP = 7, 3
@@ -154,7 +156,7 @@ def test_tower_processes_follow_the_single_process_run(tmp_path: Path, world: in
 
 
 def test_a_two_rank_run_is_plotted(tmp_path: Path) -> None:
-    from alexnet2gpu.plot import plot_run
+    from alexnet2gpu.analysis.plot import plot_run
 
     launch(dist_worker, 2, str(tmp_path), {"epochs": 1}, None)
     assert len(read_csv(tmp_path / "train.csv")) == 4 and len(read_csv(tmp_path / "val.csv")) == 1
@@ -182,21 +184,22 @@ def test_resume_crosses_placements_exactly(tmp_path: Path) -> None:
 
 NAN_ON_ONE_RANK = """
 import sys, torch
-import alexnet2gpu.engine as engine
-from alexnet2gpu.distributed import launch
+import alexnet2gpu.train.loop as loop
+from alexnet2gpu.train.errors import TrainingError
+from alexnet2gpu.train.launch import launch
 sys.path.insert(0, {tests!r})
 import test_distributed as t
 
 def worker(rank, world, out):
     if rank == 1:  # only this rank's loss goes non-finite, at its third step
-        real, calls = engine.F.cross_entropy, []
+        real, calls = loop.F.cross_entropy, []
         def nan_once(*args, **kwargs):
             calls.append(1)
             return real(*args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
-        engine.F.cross_entropy = nan_once
+        loop.F.cross_entropy = nan_once
     try:
         t.dist_worker(rank, world, out, {{}}, None)
-    except engine.TrainingError as error:
+    except TrainingError as error:
         open(f"{{out}}/rank{{rank}}.txt", "w").write(str(error))
         raise
 

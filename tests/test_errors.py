@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet2gpu import checkpoint as ckpt
 from alexnet2gpu.cli import main
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import DatasetError, InMemory, find_idx
-from alexnet2gpu.engine import EvaluationError, build_model, evaluate
-from alexnet2gpu.stats import DataStats
-from alexnet2gpu.transforms import Pipeline
+from alexnet2gpu.data.base import DatasetError
+from alexnet2gpu.data.datasets import InMemory, find_idx
+from alexnet2gpu.data.stats import DataStats
+from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.model.alexnet import build_model
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train.errors import EvaluationError
+from alexnet2gpu.train.evaluate import evaluate
 
 CPU = (torch.device("cpu"), torch.device("cpu"))
 # two towers of a few channels: every layer of the paper's net, built and run in milliseconds

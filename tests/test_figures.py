@@ -14,11 +14,14 @@ import pytest
 import torch
 from image_trees import photo_tree
 
-import alexnet2gpu.engine as engine
-from alexnet2gpu import figures
+import alexnet2gpu.train.loop as loop
+from alexnet2gpu.analysis import figures
+from alexnet2gpu.analysis.inference import features, load_trained
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import build_dataset
-from alexnet2gpu.inference import features, load_trained
+from alexnet2gpu.data import datasets
+from alexnet2gpu.data.datasets import build_dataset
+from alexnet2gpu.train import panel
+from alexnet2gpu.train.panel import PANEL_IMAGES
 
 CPU = (torch.device("cpu"), torch.device("cpu"))
 SMALL = AlexNetConfig(num_classes=10, init="he", conv_channels=(16, 32, 48, 48, 32), fc_features=(64, 64))
@@ -27,7 +30,7 @@ SHORT = TrainConfig(epochs=1, batch_size=8, max_steps=2, val_subset=8, seed=3, l
 
 
 def short_run(out: Path, model=SMALL, data=FAKE, tensorboard: bool = False) -> Path:
-    engine.train(model, data, SHORT, CPU, out, progress=False, tensorboard=tensorboard)
+    loop.train(model, data, SHORT, CPU, out, progress=False, tensorboard=tensorboard)
     return out
 
 
@@ -156,6 +159,23 @@ def test_figure4_on_an_imagenet_folder_finds_a_query_s_duplicate_first(tmp_path:
     assert trained.categories.short(0) == "formic"
 
 
+def test_figure4_of_a_caffe_preset_run_reads_squashed_images_as_evaluate_does(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = photo_tree(tmp_path / "imagenet", classes=("ant", "bee", "cow", "dog"), per_class=2)
+    model = AlexNetConfig.caffe(num_classes=4, init="he", conv_channels=(8, 8, 8, 8, 8), fc_features=(16, 16))
+    data = DataConfig(dataset="imagenet", data=str(root), preset="caffe", crop_size=227, fit_images=8, workers=0)
+    run = short_run(tmp_path / "run", model, data)
+    real, read = datasets.build_dataset, []
+
+    def spy(name, split, folder=None, **options):
+        read.append((split, options["squash"]))
+        return real(name, split, folder, **options)
+
+    monkeypatch.setattr(datasets, "build_dataset", spy)
+    assert figures.figure4(run, neighbours_from=None, progress=False).exists()
+    assert sorted(read) == [("train", True), ("val", True)]  # the whole image, resized, as the run saw it
+
+
 # ---------------------------------------------------------------------------------------------
 # TensorBoard
 
@@ -176,8 +196,8 @@ def test_a_failing_panel_is_a_warning_and_the_run_goes_on(tmp_path: Path, monkey
         drawn.append(args)
         raise RuntimeError("no ink")
 
-    monkeypatch.setattr(figures, "top5_figure", broken)
+    monkeypatch.setattr(panel, "top5_figure", broken)
     short_run(tmp_path / "run", tensorboard=True)
-    assert drawn and len(drawn[0][0]) == engine.PANEL_IMAGES
+    assert drawn and len(drawn[0][0]) == PANEL_IMAGES
     assert "warning: the top-5 panel was not drawn: RuntimeError: no ink" in capsys.readouterr().err
     assert (tmp_path / "run" / "last.pt").exists()

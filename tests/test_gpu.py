@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import pixels, randomise, rel_diff
 
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig, AlexNetFused, towers_to_fused
-from alexnet2gpu.layers import dropout_generator
+from alexnet2gpu.model.layers import dropout_generator
 
 pytestmark = [
     pytest.mark.gpu,
@@ -82,10 +82,10 @@ def test_initial_weights_are_the_seeds_on_every_device(devices: tuple[str, str])
 def test_a_training_step_never_synchronises(tmp_path, monkeypatch, devices: tuple[str, str]) -> None:
     """Every step after the first (cuDNN times its algorithms there) runs under
     torch.cuda.set_sync_debug_mode("error"): any wait of the host on the device raises."""
-    from alexnet2gpu import engine
     from alexnet2gpu.config import DataConfig, TrainConfig
+    from alexnet2gpu.train import loop
 
-    real_step, checked = engine.train_step, []
+    real_step, checked = loop.train_step, []
 
     def strict_step(run, images, labels):
         if run.state.step == 0:
@@ -98,10 +98,10 @@ def test_a_training_step_never_synchronises(tmp_path, monkeypatch, devices: tupl
             torch.cuda.set_sync_debug_mode("default")
         checked.append(run.state.step)
 
-    monkeypatch.setattr(engine, "train_step", strict_step)
+    monkeypatch.setattr(loop, "train_step", strict_step)
     model = AlexNetConfig(num_classes=10, in_channels=3)
     data = DataConfig(dataset="fake", preset="paper", fit_images=64, subset=32)
     config = TrainConfig(epochs=1, batch_size=8, max_steps=4, val_subset=8, seed=2, log_every=100)
     devs = tuple(torch.device(d) for d in devices)
-    result = engine.train(model, data, config, devs, tmp_path, progress=False, tensorboard=False)
+    result = loop.train(model, data, config, devs, tmp_path, progress=False, tensorboard=False)
     assert result["step"] == 4 and checked == [2, 3, 4]

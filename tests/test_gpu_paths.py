@@ -14,12 +14,13 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from alexnet2gpu import AlexNet2GPU, AlexNetConfig, AlexNetFused, engine
-from alexnet2gpu import checkpoint as ckpt
+from alexnet2gpu import AlexNet2GPU, AlexNetConfig, AlexNetFused
 from alexnet2gpu.config import DataConfig, TrainConfig
-from alexnet2gpu.layers import LocalResponseNorm, dropout_generator, init_weights
-from alexnet2gpu.stats import DataStats
-from alexnet2gpu.transforms import Pipeline
+from alexnet2gpu.data.stats import DataStats
+from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.model.layers import LocalResponseNorm, dropout_generator, init_weights
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train import loop
 
 A, B = "cuda:0", "cuda:1"
 
@@ -90,7 +91,7 @@ def test_a_training_step_never_waits_for_the_device(tmp_path: Path, monkeypatch)
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    real_step = engine.train_step
+    real_step = loop.train_step
 
     def counted_step(*args, **kwargs):
         counting[0] = True
@@ -99,11 +100,11 @@ def test_a_training_step_never_waits_for_the_device(tmp_path: Path, monkeypatch)
         finally:
             counting[0] = False
 
-    monkeypatch.setattr(engine, "train_step", counted_step)
+    monkeypatch.setattr(loop, "train_step", counted_step)
     model = AlexNetConfig(num_classes=10, in_channels=3)
     data = DataConfig(dataset="fake", preset="paper", fit_images=64, subset=16)
     config = TrainConfig(epochs=1, batch_size=4, max_steps=3, val_subset=4, seed=2, log_every=100)
-    result = engine.train(model, data, config, ("cpu", "cpu"), tmp_path, progress=False, tensorboard=False)
+    result = loop.train(model, data, config, ("cpu", "cpu"), tmp_path, progress=False, tensorboard=False)
     assert result["step"] == 3
     assert calls == []
     rows = (tmp_path / "train.csv").read_text().splitlines()
@@ -196,8 +197,9 @@ SILENT_RANK = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from alexnet2gpu.distributed import TowerRanks, launch, mesh_for
-from alexnet2gpu.engine import TrainingError
+from alexnet2gpu.train.tower_ranks import TowerRanks, mesh_for
+from alexnet2gpu.train.launch import launch
+from alexnet2gpu.train.errors import TrainingError
 import torch
 
 def worker(rank, world, out):
@@ -230,29 +232,30 @@ import sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import torch
-import alexnet2gpu.distributed as distributed
+from alexnet2gpu.model.tower_process import TowerProcess
+from alexnet2gpu.train.launch import launch, train_tower_processes
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.engine import TrainingError
+from alexnet2gpu.train.errors import TrainingError
 
 def worker(rank, world, out):
     if rank == 1:  # stops answering inside a step, between two of the towers' exchanges
-        real, calls = distributed.TowerProcess.gather, []
+        real, calls = TowerProcess.gather, []
         def stalls(self, x):
             calls.append(1)
             if len(calls) == 7:
                 time.sleep(15)
                 raise SystemExit(0)
             return real(self, x)
-        distributed.TowerProcess.gather = stalls
+        TowerProcess.gather = stalls
     model = AlexNetConfig(num_classes=10, init="he", conv_channels=(16, 32, 48, 48, 32), fc_features=(64, 64))
     data = DataConfig(dataset="fake", preset="seed", subset=32, workers=0)
     config = TrainConfig(epochs=1, batch_size=4, max_steps=4, val_subset=4, seed=1, log_every=100)
     try:
-        distributed.train_tower_processes(model, data, config, out, progress=False, tensorboard=False, timeout=0.05)
+        train_tower_processes(model, data, config, out, progress=False, tensorboard=False, timeout=0.05)
     except TrainingError as error:
         Path(out).parent.joinpath(f"rank{{rank}}.txt").write_text(str(error))  # the run folder is gone: no save
 
-distributed.launch(worker, 2, {out!r}, timeout=0.05)
+launch(worker, 2, {out!r}, timeout=0.05)
 """
 
 

@@ -1,4 +1,4 @@
-"""alexnet2gpu.lrn.local_response_norm against torch.nn.LocalResponseNorm, the reference (P 3.3).
+"""alexnet2gpu.model.lrn.local_response_norm against torch.nn.LocalResponseNorm, the reference (P 3.3).
 
 Forward and hand-written backward in float32 and float64, odd and even window sizes, the paper's
 activation scale and far larger activations, low-precision inputs, channels_last and torch.compile.
@@ -11,7 +11,7 @@ import torch
 from conftest import rel_diff
 from torch import nn
 
-from alexnet2gpu.lrn import local_response_norm
+from alexnet2gpu.model.lrn import local_response_norm
 
 PAPER = {"alpha": 1e-4, "beta": 0.75, "k": 2.0}  # P 3.3: k = 2, n = 5, alpha = 1e-4, beta = 0.75
 
@@ -209,7 +209,7 @@ def test_cuda_matches_cpu_reference(dtype: torch.dtype) -> None:
 
 
 def test_module_switch_to_the_reference_gives_the_same_function() -> None:
-    from alexnet2gpu.layers import LocalResponseNorm
+    from alexnet2gpu.model.layers import LocalResponseNorm
 
     x = torch.rand(2, 96, 9, 9) * 300
     module = LocalResponseNorm(5, 1e-4, 0.75, 2.0, groups=2)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import alexnet2gpu.engine as engine
-from alexnet2gpu import checkpoint as ckpt
+import alexnet2gpu.train.loop as loop
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.optim import PaperSGD, make_optimizer, make_scheduler, set_lr
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train.optim import PaperSGD, make_optimizer, make_scheduler, set_lr
 
 LR, WD, MOMENTUM = 0.1, 0.01, 0.9
 CPU = (torch.device("cpu"), torch.device("cpu"))
@@ -77,14 +77,14 @@ def test_a_run_resumes_with_its_groups(tmp_path: Path) -> None:
     data = DataConfig(dataset="fake", preset="seed", subset=16)
     kwargs = dict(epochs=3, batch_size=8, val_subset=8, seed=3, log_every=1, bias_rule="convnet", warmup_steps=2)
     out = tmp_path / "run"
-    engine.train(model, data, TrainConfig(max_steps=1, **kwargs), CPU, out, progress=False, tensorboard=False)
+    loop.train(model, data, TrainConfig(max_steps=1, **kwargs), CPU, out, progress=False, tensorboard=False)
     saved = ckpt.load(out / "last.pt")["optimizer"]["param_groups"]
     assert [(g["name"], g["lr_mult"], g["weight_decay"]) for g in saved] == [
         ("weights", 1.0, 5e-4),
         ("biases", 2.0, 0.0),
     ]
     assert [g["lr"] for g in saved] == pytest.approx([0.005, 0.01])  # step 1 of a 2-step warm-up
-    engine.train(
+    loop.train(
         model,
         data,
         TrainConfig(max_steps=3, **kwargs),
@@ -103,9 +103,9 @@ def test_a_resume_under_another_bias_rule_is_refused(tmp_path: Path) -> None:
     data = DataConfig(dataset="fake", preset="seed", subset=16)
     kwargs = dict(epochs=3, batch_size=8, val_subset=8, seed=3, log_every=1, max_steps=1)
     out = tmp_path / "run"
-    engine.train(model, data, TrainConfig(bias_rule="paper", **kwargs), CPU, out, progress=False, tensorboard=False)
+    loop.train(model, data, TrainConfig(bias_rule="paper", **kwargs), CPU, out, progress=False, tensorboard=False)
     with pytest.raises(ckpt.CheckpointError, match=r"bias_rule='paper' \(asked: 'convnet'\), which cannot change"):
-        engine.train(
+        loop.train(
             model, data, TrainConfig(bias_rule="convnet", **kwargs), CPU, out, resume=out / "last.pt", progress=False
         )
 
@@ -189,6 +189,6 @@ def test_the_linear_rule_scales_the_lr_with_the_global_batch(scaling: str, batch
     assert cfg.base_lr == pytest.approx(lr)
     opt = make_optimizer(tiny(), cfg)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr, 2 * lr])
-    set_lr(opt, cfg.base_lr * 1 / 4)  # the warm-up's first step, as engine.train_step sets it
+    set_lr(opt, cfg.base_lr * 1 / 4)  # the warm-up's first step, as loop.train_step sets it
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr / 4, lr / 2])
     assert make_scheduler(opt, cfg).min_lrs == pytest.approx([lr * 1e-3, 2 * lr * 1e-3])

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import alexnet2gpu.model
+import alexnet2gpu.model.alexnet
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig
-from alexnet2gpu.accounting import CopyCounter, counted_forward_bytes, exchanges
+from alexnet2gpu.model.exchanges import CopyCounter, counted_forward_bytes, exchanges
 
 A, B = "cuda:0", "cuda:1"
 
@@ -86,7 +86,7 @@ def test_fc8_on_tower_a_sends_tower_b_activations_one_way(fake_mode) -> None:
 def test_a_missing_exchange_is_a_device_mismatch(fake_mode, monkeypatch, broken: int) -> None:
     """Skip the move at one exchange point (conv3, fc6, fc7 or fc8): the concatenation then mixes
     cuda:0 and cuda:1 tensors, which fails instead of silently running on one device."""
-    real, calls = alexnet2gpu.model.exchange, []
+    real, calls = alexnet2gpu.model.alexnet.exchange, []
 
     def exchange(a: torch.Tensor, b: torch.Tensor):
         calls.append(len(calls))
@@ -94,7 +94,7 @@ def test_a_missing_exchange_is_a_device_mismatch(fake_mode, monkeypatch, broken:
             return torch.cat([a, b], dim=1), torch.cat([a, b], dim=1)
         return real(a, b)
 
-    monkeypatch.setattr(alexnet2gpu.model, "exchange", exchange)
+    monkeypatch.setattr(alexnet2gpu.model.alexnet, "exchange", exchange)
     model = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=(A, B))
     with pytest.raises(RuntimeError, match="cuda:0.*cuda:1|cuda:1.*cuda:0"):
         model(torch.randn(2, 3, 224, 224))

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from image_trees import awkward_images, photo, unreadable_images
 from PIL import Image
 
-import alexnet2gpu.engine as engine
+import alexnet2gpu.train.loop as loop
 from alexnet2gpu import cli
+from alexnet2gpu.analysis.inference import load_trained
+from alexnet2gpu.analysis.predict import Prediction, Unreadable, classify, find_images, predict, read_image
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import DEBIAN, FASHION_MNIST, build_dataset
-from alexnet2gpu.images import stage_image
-from alexnet2gpu.inference import load_trained
-from alexnet2gpu.predict import Prediction, Unreadable, classify, find_images, predict, read_image
+from alexnet2gpu.data.datasets import DEBIAN, FASHION_MNIST, build_dataset
+from alexnet2gpu.data.images import stage_image
 
 CPU = (torch.device("cpu"), torch.device("cpu"))
 # tests/test_runs.py's narrow two-tower net: a step takes a fraction of a second
@@ -31,7 +31,7 @@ SHORT = TrainConfig(epochs=1, batch_size=8, max_steps=2, val_subset=8, seed=3, l
 
 
 def train(out: Path, data: DataConfig, model: AlexNetConfig = SMALL) -> Path:
-    result = engine.train(model, data, SHORT, CPU, out, progress=False, tensorboard=False)
+    result = loop.train(model, data, SHORT, CPU, out, progress=False, tensorboard=False)
     return Path(result["checkpoint"])
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from alexnet2gpu.datasets import DatasetError
-from alexnet2gpu.prefetch import prefetch
+from alexnet2gpu.data.base import DatasetError
+from alexnet2gpu.data.prefetch import prefetch
 
 
 def prefetch_threads() -> list[threading.Thread]:

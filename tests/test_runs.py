@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import alexnet2gpu.engine as engine
-from alexnet2gpu import checkpoint as ckpt
+import alexnet2gpu.train.loop as loop
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.logs import read_csv
-from alexnet2gpu.optim import PaperSGD
-from alexnet2gpu.rundir import RunDir, RunDirError
+from alexnet2gpu.data.sampling import sample_note, take
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train.errors import TrainingError
+from alexnet2gpu.train.evaluate import evaluate
+from alexnet2gpu.train.logs import read_csv
+from alexnet2gpu.train.optim import PaperSGD
+from alexnet2gpu.train.rundir import RunDir, RunDirError
 
 CPU = (torch.device("cpu"), torch.device("cpu"))
 # a narrow two-tower net and the paper's pipeline at unit pixel scale: a step takes a fraction of a second
@@ -28,7 +31,7 @@ FAKE = DataConfig(dataset="fake", preset="paper", subset=16, fit_images=64, pixe
 
 def run(out: Path, max_steps: int, resume: Path | None = None, **options) -> dict:
     config = TrainConfig(epochs=10, batch_size=8, max_steps=max_steps, val_subset=8, seed=3, log_every=1)
-    return engine.train(SMALL, FAKE, config, CPU, out, resume=resume, progress=False, tensorboard=False, **options)
+    return loop.train(SMALL, FAKE, config, CPU, out, resume=resume, progress=False, tensorboard=False, **options)
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -131,7 +134,7 @@ def signal_inside_the_step(monkeypatch, where: str, on_step: int) -> None:
         monkeypatch.setattr(PaperSGD, "step", step)
         monkeypatch.setattr(torch, "_foreach_add_", add_)
         return
-    real_call = engine.Pipeline.__call__
+    real_call = loop.Pipeline.__call__
 
     def pipeline(self, images, generator=None, rows=None):
         calls["n"] += self.train
@@ -139,9 +142,9 @@ def signal_inside_the_step(monkeypatch, where: str, on_step: int) -> None:
             kill()
         return real_call(self, images, generator, rows)
 
-    monkeypatch.setattr(engine.Pipeline, "__call__", pipeline)
+    monkeypatch.setattr(loop.Pipeline, "__call__", pipeline)
     if where == "backward":
-        real_ce = engine.F.cross_entropy
+        real_ce = loop.F.cross_entropy
 
         def cross_entropy(*args, **kwargs):
             loss = real_ce(*args, **kwargs)
@@ -149,7 +152,7 @@ def signal_inside_the_step(monkeypatch, where: str, on_step: int) -> None:
                 loss.register_hook(lambda grad: kill())
             return loss
 
-        monkeypatch.setattr(engine.F, "cross_entropy", cross_entropy)
+        monkeypatch.setattr(loop.F, "cross_entropy", cross_entropy)
 
 
 @pytest.fixture(scope="module")
@@ -206,17 +209,15 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None
         return out
 
     monkeypatch.setattr(PaperSGD, "step", poisoned)
-    with pytest.raises(
-        engine.TrainingError, match=r"not finite at step 3; not saved; the last checkpoint is .*\(step 2\)"
-    ):
+    with pytest.raises(TrainingError, match=r"not finite at step 3; not saved; the last checkpoint is .*\(step 2\)"):
         run(tmp_path, max_steps=3, resume=tmp_path / "last.pt")
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
 def test_a_run_that_never_saved_names_no_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    real = engine.F.cross_entropy
-    monkeypatch.setattr(engine.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
-    with pytest.raises(engine.TrainingError, match="loss is inf at step 1 on rank 0; .*no checkpoint was written"):
+    real = loop.F.cross_entropy
+    monkeypatch.setattr(loop.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(TrainingError, match="loss is inf at step 1 on rank 0; .*no checkpoint was written"):
         run(tmp_path, max_steps=2)
     assert not (tmp_path / "last.pt").exists()
 
@@ -246,10 +247,11 @@ def test_resume_keeps_the_runs_options_and_applies_only_the_flags_given(tmp_path
 
 
 def test_a_training_set_without_one_batch_is_refused(tmp_path: Path, monkeypatch) -> None:
-    from alexnet2gpu.datasets import DatasetError, InMemory
+    from alexnet2gpu.data.base import DatasetError
+    from alexnet2gpu.data.datasets import InMemory
 
     empty = InMemory(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0), 10, "empty")
-    monkeypatch.setattr(engine, "build_dataset", lambda *args, **kwargs: empty)
+    monkeypatch.setattr(loop, "datasets_for", lambda *args, **kwargs: empty)
     with pytest.raises(DatasetError, match="empty: 0 training images make no batch of 8; add images or lower -b"):
         run(tmp_path, max_steps=1)
 
@@ -326,7 +328,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path: Path) 
 
 def big_logs(run_dir: Path) -> dict[str, bytes]:
     """The three logs of a long run (steps 1..20000), as `RunLog` writes them; returns their bytes."""
-    from alexnet2gpu.logs import RunLog
+    from alexnet2gpu.train.logs import RunLog
 
     log = RunLog(run_dir, tensorboard=False)
     for step in range(1, 20_001):
@@ -351,7 +353,10 @@ def test_a_crash_while_a_resume_rewrites_a_log_leaves_it_whole(tmp_path: Path, n
     def small_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    code = f"from alexnet2gpu.logs import RunLog; RunLog({str(tmp_path)!r}, tensorboard=False).truncate_after(19_000)"
+    code = (
+        "from alexnet2gpu.train.logs import RunLog; "
+        f"RunLog({str(tmp_path)!r}, tensorboard=False).truncate_after(19_000)"
+    )
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     result = subprocess.run(
         [sys.executable, "-c", code], preexec_fn=small_disk, env=env, capture_output=True, timeout=120
@@ -359,7 +364,7 @@ def test_a_crash_while_a_resume_rewrites_a_log_leaves_it_whole(tmp_path: Path, n
     assert result.returncode != 0, "the rewrite was not cut: raise the log's size"
     assert (tmp_path / name).read_bytes() == before[name]
     # the next resume rewrites it (and the next run start removes the temporary file, as a checkpoint's)
-    from alexnet2gpu.logs import RunLog
+    from alexnet2gpu.train.logs import RunLog
 
     RunLog(tmp_path, tensorboard=False).truncate_after(19_000)
     assert (tmp_path / name).read_bytes().startswith(before[name][: limit // 2])
@@ -375,7 +380,7 @@ def test_a_last_log_line_cut_by_a_crash_is_dropped_on_resume_saying_so(tmp_path:
         with (cut / name).open("a") as f:
             f.write(line)  # a write cut mid-line: no newline, cells missing
     capsys.readouterr()
-    from alexnet2gpu.logs import read_csv
+    from alexnet2gpu.train.logs import read_csv
 
     assert [row["step"] for row in read_csv(cut / "val.csv")] == [2]  # `plot` reads it too
     run(cut, max_steps=3, resume=cut / "last.pt")
@@ -418,22 +423,22 @@ def test_subsets_of_imagenet_are_a_fixed_sample_over_all_classes(tmp_path: Path)
     """Stored class by class, the first N images of ImageNet would be one class: a short run's 0% error."""
     from image_trees import photo_tree
 
-    from alexnet2gpu.datasets import build_dataset
+    from alexnet2gpu.data.datasets import build_dataset
 
     root = photo_tree(tmp_path / "tree", classes=("ant", "bee", "cow", "dog"), per_class=5)
     train = build_dataset("imagenet", "train", str(root))
     val = build_dataset("imagenet", "val", str(root))
-    sample = engine.take(train, 6)
-    again = engine.take(build_dataset("imagenet", "train", str(root)), 6)
+    sample = take(train, 6)
+    again = take(build_dataset("imagenet", "train", str(root)), 6)
     assert sample.indices == again.indices == sorted(sample.indices)  # fixed, in file order
     assert len({int(train.labels[i]) for i in sample.indices}) >= 3  # not the first class alone
-    even = engine.take(val, 4, stratified=True)
+    even = take(val, 4, stratified=True)
     assert sorted(int(val.labels[i]) for i in even.indices) == [0, 1, 2, 3]  # one image of each class
-    counts = torch.bincount(val.labels[engine.take(val, 6, stratified=True).indices], minlength=4)
+    counts = torch.bincount(val.labels[take(val, 6, stratified=True).indices], minlength=4)
     assert sorted(counts.tolist()) == [1, 1, 2, 2]  # as even over the classes as 6 allows
-    note = engine.sample_note("--val-subset", 4, val, even)
+    note = sample_note("--val-subset", 4, val, even)
     assert note == "--val-subset: a fixed sample (seed 0) of 4 of 8 images, 4 of 4 classes"
-    assert engine.sample_note("--val-subset", 100, val, engine.take(val, 100)) == (
+    assert sample_note("--val-subset", 100, val, take(val, 100)) == (
         "--val-subset 100: all 8 images (the set holds no more)"
     )
 
@@ -441,9 +446,7 @@ def test_subsets_of_imagenet_are_a_fixed_sample_over_all_classes(tmp_path: Path)
 def test_a_disk_too_small_for_the_checkpoint_stops_the_run_before_its_first_step(tmp_path: Path, monkeypatch) -> None:
     usage = ckpt.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
-    monkeypatch.setattr(
-        engine, "train_step", lambda *a: pytest.fail("trained on a disk that cannot hold its checkpoint")
-    )
+    monkeypatch.setattr(loop, "train_step", lambda *a: pytest.fail("trained on a disk that cannot hold its checkpoint"))
     with pytest.raises(ckpt.CheckpointError, match=r"needs about [\d.]+ MiB .*and its disk has 0.1 MiB free"):
         run(tmp_path / "run", max_steps=2)
 
@@ -462,7 +465,7 @@ def test_validation_that_finds_nan_names_what_is_kept(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(PaperSGD, "step", poisoned)
     with pytest.raises(
-        engine.TrainingError,
+        TrainingError,
         match=r"validation after epoch 2: the model's outputs are NaN or inf for 8 of 8 images.*; the weights are "
         r"not finite at step 4; not saved; the last checkpoint is .*last.pt \(step 2\)",
     ):
@@ -471,13 +474,11 @@ def test_validation_that_finds_nan_names_what_is_kept(tmp_path: Path, monkeypatc
 
 
 def test_validation_without_a_number_keeps_finite_weights(tmp_path: Path, monkeypatch) -> None:
-    real = engine.F.log_softmax
-    monkeypatch.setattr(engine.F, "log_softmax", lambda x, dim: real(x, dim) * float("nan"))
-    with pytest.raises(
-        engine.TrainingError, match=r"validation after epoch 1: .*; saved .*last.pt \(step 2\) unvalidated"
-    ):
+    real = loop.F.log_softmax
+    monkeypatch.setattr(loop.F, "log_softmax", lambda x, dim: real(x, dim) * float("nan"))
+    with pytest.raises(TrainingError, match=r"validation after epoch 1: .*; saved .*last.pt \(step 2\) unvalidated"):
         run(tmp_path, max_steps=4)
-    monkeypatch.setattr(engine.F, "log_softmax", real)
+    monkeypatch.setattr(loop.F, "log_softmax", real)
     assert run(tmp_path, max_steps=4, resume=tmp_path / "last.pt")["step"] == 4  # validates epoch 1, goes on
 
 
@@ -510,7 +511,7 @@ def test_a_dataset_of_other_classes_is_refused_by_evaluate_and_resume(tmp_path: 
 def test_class_names_travel_with_the_data_and_the_checkpoint(tmp_path: Path) -> None:
     from image_trees import photo_tree
 
-    from alexnet2gpu.datasets import build_dataset
+    from alexnet2gpu.data.datasets import build_dataset
 
     assert build_dataset("fashion-mnist", "val").categories.names[:2] == ("T-shirt/top", "Trouser")
     assert build_dataset("fake", "val").categories.ids[0] == "template 0"
@@ -529,12 +530,12 @@ def test_a_resume_hides_the_tensorboard_events_after_its_checkpoint(tmp_path: Pa
     from torch.utils.tensorboard import SummaryWriter
 
     config = TrainConfig(epochs=10, batch_size=8, max_steps=2, val_subset=8, seed=3, log_every=1)
-    engine.train(SMALL, FAKE, config, CPU, tmp_path, progress=False, tensorboard=True)  # last.pt at step 2
+    loop.train(SMALL, FAKE, config, CPU, tmp_path, progress=False, tensorboard=True)  # last.pt at step 2
     with SummaryWriter(str(tmp_path / "tb")) as crashed:  # steps 3 and 4 of a run killed before its save
         for step in (3, 4):
             crashed.add_scalar("train/loss", 99.0, step)
     config = TrainConfig(epochs=10, batch_size=8, max_steps=4, val_subset=8, seed=3, log_every=1)
-    engine.train(SMALL, FAKE, config, CPU, tmp_path, resume=tmp_path / "last.pt", progress=False, tensorboard=True)
+    loop.train(SMALL, FAKE, config, CPU, tmp_path, resume=tmp_path / "last.pt", progress=False, tensorboard=True)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     losses = events.Scalars("train/loss")
@@ -564,8 +565,8 @@ def test_a_run_directory_inside_an_imagenet_split_is_refused(tmp_path: Path) -> 
 
 def test_validation_loss_is_the_cross_entropy_however_small_the_probability(tmp_path: Path) -> None:
     """A clamped log(p) capped every such image's loss at -ln(1e-12) = 27.63."""
-    from alexnet2gpu.datasets import fake_dataset
-    from alexnet2gpu.transforms import Pipeline
+    from alexnet2gpu.data.datasets import fake_dataset
+    from alexnet2gpu.data.transforms import Pipeline
 
     class Sure(torch.nn.Module):  # certain of class 0, by 1000 logits
         def __init__(self, classes: int = 10) -> None:
@@ -578,7 +579,7 @@ def test_validation_loss_is_the_cross_entropy_however_small_the_probability(tmp_
 
     val = fake_dataset("val")
     pipeline = Pipeline(DataConfig(dataset="fake", preset="seed"), None, "cpu", train=False)
-    result = engine.evaluate(Sure(), engine.take(val, 20), pipeline, progress=False)
+    result = evaluate(Sure(), take(val, 20), pipeline, progress=False)
     assert result["loss"] == pytest.approx(1000 * 18 / 20, rel=1e-4)  # 18 of 20 images are not of class 0
-    four = engine.take(fake_dataset("val", num_classes=4), 8)
-    assert engine.evaluate(Sure(4), four, pipeline, progress=False)["top5_err"] is None  # 4 classes: no top-5
+    four = take(fake_dataset("val", num_classes=4), 8)
+    assert evaluate(Sure(4), four, pipeline, progress=False)["top5_err"] is None  # 4 classes: no top-5

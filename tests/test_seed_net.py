@@ -14,8 +14,8 @@ from torch import nn
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig, AlexNetFused
 from alexnet2gpu.cli import add_model_args, model_config
 from alexnet2gpu.config import DataConfig
-from alexnet2gpu.layers import init_weights
-from alexnet2gpu.transforms import Pipeline
+from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.model.layers import init_weights
 
 
 def seed_module() -> nn.Sequential:

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import alexnet2gpu.engine as engine
-from alexnet2gpu import checkpoint as ckpt
+import alexnet2gpu.train.loop as loop
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.logs import read_csv
-from alexnet2gpu.optim import PaperSGD, make_scheduler
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train.errors import TrainingError
+from alexnet2gpu.train.logs import read_csv
+from alexnet2gpu.train.optim import PaperSGD, make_scheduler
 
 CPU = (torch.device("cpu"), torch.device("cpu"))
 MODEL = AlexNetConfig(num_classes=10, init="he")
@@ -36,7 +37,7 @@ def run(out: Path, max_steps: int, resume: Path | None = None, **overrides) -> d
             **overrides,
         }
     )
-    return engine.train(MODEL, DATA, config, CPU, out, resume=resume, progress=False, tensorboard=False)
+    return loop.train(MODEL, DATA, config, CPU, out, resume=resume, progress=False, tensorboard=False)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -102,7 +103,7 @@ def test_resume_after_ctrl_c_ends_bit_identical(tmp_path: Path, monkeypatch) -> 
     run(straight, max_steps=5)
 
     interrupted = tmp_path / "interrupted"
-    real = engine.Pipeline.__call__
+    real = loop.Pipeline.__call__
     calls = []
 
     def ctrl_c_on_third_step(self, images, generator=None, rows=None):
@@ -111,10 +112,10 @@ def test_resume_after_ctrl_c_ends_bit_identical(tmp_path: Path, monkeypatch) -> 
             os.kill(os.getpid(), signal.SIGINT)  # the step goes on; the loop stops after it
         return real(self, images, generator, rows)
 
-    monkeypatch.setattr(engine.Pipeline, "__call__", ctrl_c_on_third_step)
+    monkeypatch.setattr(loop.Pipeline, "__call__", ctrl_c_on_third_step)
     with pytest.raises(KeyboardInterrupt):
         run(interrupted, max_steps=5)
-    monkeypatch.setattr(engine.Pipeline, "__call__", real)
+    monkeypatch.setattr(loop.Pipeline, "__call__", real)
     saved = ckpt.load(interrupted / "last.pt")
     assert (saved["step"], saved["epoch"], saved["batch"]) == (3, 1, 1)
 
@@ -136,7 +137,7 @@ def test_resume_mid_epoch_from_max_steps_ends_bit_identical(tmp_path: Path) -> N
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    real, calls = engine.Pipeline.__call__, []
+    real, calls = loop.Pipeline.__call__, []
 
     def sigterm_on_second_step(self, images, generator=None, rows=None):
         calls.extend([1] if self.train else [])
@@ -144,7 +145,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, images, generator, rows)
 
-    monkeypatch.setattr(engine.Pipeline, "__call__", sigterm_on_second_step)
+    monkeypatch.setattr(loop.Pipeline, "__call__", sigterm_on_second_step)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, max_steps=5)
     assert ckpt.load(tmp_path / "last.pt")["step"] == 2  # the step under way when the signal came
@@ -154,16 +155,16 @@ def test_sigterm_saves_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
     run(tmp_path, max_steps=2)  # one epoch: last.pt at step 2
     before = weights(tmp_path / "last.pt")
-    real, calls = engine.F.cross_entropy, []
+    real, calls = loop.F.cross_entropy, []
 
     def nan_on_second_call(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(engine.F, "cross_entropy", nan_on_second_call)
+    monkeypatch.setattr(loop.F, "cross_entropy", nan_on_second_call)
     with pytest.raises(
-        engine.TrainingError,
+        TrainingError,
         match=r"loss is nan at step 4 on rank 0; stopped without saving; the last checkpoint is .*last.pt \(step 2\)",
     ):
         run(tmp_path, max_steps=6, resume=tmp_path / "last.pt")
@@ -216,7 +217,7 @@ def test_checkpoint_size_estimate_counts_every_tensor() -> None:
 
 
 def test_plot_writes_curves_and_kernels(tmp_path: Path) -> None:
-    from alexnet2gpu.plot import plot_run
+    from alexnet2gpu.analysis.plot import plot_run
 
     run(tmp_path, max_steps=1, log_every=10)  # cut short before the first logging step: still logged
     assert [row["step"] for row in read_csv(tmp_path / "train.csv")] == [1]
@@ -230,7 +231,7 @@ def test_plot_writes_curves_and_kernels(tmp_path: Path) -> None:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(engine.__file__).parents[1])}  # the package under test
+    env = {**os.environ, "PYTHONPATH": str(Path(loop.__file__).parents[1])}  # the package under test
     return subprocess.run(
         [sys.executable, "-m", "alexnet2gpu", *args], capture_output=True, text=True, cwd=cwd, timeout=120, env=env
     )

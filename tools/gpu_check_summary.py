@@ -80,7 +80,7 @@ def last_error_line(out: Path, name: str) -> str:
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from RUN_DIR/train.csv (alexnet2gpu.logs.TRAIN_FIELDS)."""
+    """step -> loss from RUN_DIR/train.csv (alexnet2gpu.train.logs.TRAIN_FIELDS)."""
     path = run_dir / "train.csv"
     try:
         with path.open(newline="") as f:

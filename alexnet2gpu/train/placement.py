@@ -1,8 +1,8 @@
 """Where the towers run, as the training loop sees it: everything that differs between placements.
 
 `Placement` is the single process: both towers on their devices (`AlexNet2GPU`, `make train-2gpu`
-and `make train-1gpu`) or a one-tower net. `alexnet2gpu.distributed.TowerRanks` is one tower per
-process with pairs of towers data-parallel (`make train-dist`). The loop in `alexnet2gpu.engine`
+and `make train-1gpu`) or a one-tower net. `alexnet2gpu.train.tower_ranks.TowerRanks` is one tower per
+process with pairs of towers data-parallel (`make train-dist`). The loop in `alexnet2gpu.train.loop`
 asks a placement for:
 
 - the model: what the optimiser updates (`module`) and what the batch goes through (`runner`);
@@ -19,19 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alexnet2gpu.checkpoint import CheckpointError, load_weights
 from alexnet2gpu.config import AlexNetConfig
-from alexnet2gpu.layers import dropout_generator
-from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
-
-TOWERS = ("tower_a", "tower_b")
-
-
-def build_model(config: AlexNetConfig, devices: tuple[torch.device, torch.device]) -> nn.Module:
-    """The two towers on `devices`, or a one-tower net (towers=1) on the first device."""
-    if config.towers == 2:
-        return AlexNet2GPU(config, devices)
-    return AlexNetFused(config, device=devices[0])
+from alexnet2gpu.model.alexnet import AlexNet2GPU, build_model
+from alexnet2gpu.model.layers import dropout_generator
+from alexnet2gpu.train.checkpoint import CheckpointError, load_weights
 
 
 class Placement:

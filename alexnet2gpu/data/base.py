@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-log = logging.getLogger("alexnet2gpu.datasets")
+log = logging.getLogger("alexnet2gpu.data.datasets")
 
 
 class DatasetError(RuntimeError):

@@ -9,9 +9,10 @@ RUN_DIR/tb/         the same, for `tensorboard --logdir RUN_DIR`
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
+
+from alexnet2gpu.files import atomic_write
 
 TRAIN_FIELDS = ("step", "epoch", "lr", "loss", "top1_err", "img_per_s")
 VAL_FIELDS = ("epoch", "step", "lr", "train_loss", "loss", "top1_err", "top5_err")
@@ -147,28 +148,5 @@ def rewrite(path: Path, lines: list[str]) -> None:
     """Replace `path` with `lines` atomically: written to a temporary file beside it, synced, then renamed
     over it, so that a crash at any point leaves either the old file or the new one, whole. (RunDir
     removes a temporary file that a SIGKILL left.)"""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            f.write("".join(lines).encode(errors="surrogateescape"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (the directory entry), where the file system allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes("".join(lines).encode(errors="surrogateescape"))

@@ -13,78 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from alexnet2gpu import checkpoint as ckpt
-from alexnet2gpu.datasets import Categories, InMemory, batches, build_dataset, check_classes
-from alexnet2gpu.inference import Trained, features, load_trained
-from alexnet2gpu.plot import _pyplot
-from alexnet2gpu.transforms import Pipeline
+from alexnet2gpu.analysis.inference import Trained, features, load_trained
+from alexnet2gpu.data.base import Categories
+from alexnet2gpu.data.datasets import InMemory, batches, check_classes, datasets_for
+from alexnet2gpu.data.sampling import FIGURE_SEED, labels_of, load_images, spread
+from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.files import atomic_write
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train.evaluate import top_classes
+from alexnet2gpu.train.panel import CORRECT, draw_top5, pyplot
 
-FIGURE_SEED = 0  # the images a figure shows: the same on every call, for every checkpoint of a run
 CLASSIFIED, QUERIES, NEIGHBOURS = 8, 5, 6  # P Figure 4
 NEIGHBOURS_FROM = 100_000  # default training images searched (ImageNet's 1.28 million: hours, a 10 GB cache)
-CORRECT, OTHER = "tab:red", "tab:blue"
-
-
-# ---------------------------------------------------------------------------------------------
-# which images
-
-
-def labels_of(dataset: Dataset) -> torch.Tensor:
-    """Every image's label without reading an image (a Subset's, of the images it takes)."""
-    if isinstance(dataset, Subset):
-        return labels_of(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
-    return dataset.labels
-
-
-def spread(labels: torch.Tensor, n: int, seed: int = FIGURE_SEED) -> list[int]:
-    """`n` image indices, a fixed seeded choice spread over the classes: the classes in a seeded
-    order, one random image of each (round after round when `n` exceeds the classes)."""
-    g = torch.Generator().manual_seed(seed)
-    classes = labels.unique()
-    classes = classes[torch.randperm(len(classes), generator=g)]
-    members = {int(c): torch.nonzero(labels == c).flatten() for c in classes}
-    members = {c: m[torch.randperm(len(m), generator=g)].tolist() for c, m in members.items()}
-    chosen: list[int] = []
-    for round_ in range(max(len(m) for m in members.values()) if members else 0):
-        for c in classes.tolist():
-            if round_ < len(members[c]):
-                chosen.append(members[c][round_])
-                if len(chosen) == n:
-                    return chosen
-    return chosen
-
-
-def load_images(dataset: Dataset, indices: list[int], workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored uint8 images (N, C, H, W) and labels of `indices`, in that order (an unreadable
-    image is left out)."""
-    if isinstance(dataset, Subset):  # one level of Subset, so that `batches` sees a staged set's decoder
-        indices, dataset = [dataset.indices[i] for i in indices], dataset.dataset
-    if isinstance(dataset, InMemory):
-        rows = torch.as_tensor(indices, dtype=torch.long)
-        return dataset.images[rows], dataset.labels[rows]
-    parts = list(batches(Subset(dataset, indices), max(len(indices), 1), shuffle=False, workers=workers))
-    images = torch.cat([images.cpu() for images, _ in parts]) if parts else torch.empty(0, dtype=torch.uint8)
-    return images, torch.cat([labels for _, labels in parts]) if parts else torch.empty(0, dtype=torch.long)
-
-
-@torch.no_grad()
-def top5(model: nn.Module, pipeline: Pipeline, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, classes), each (N, 5) on the CPU, most probable first: the softmax of the
-    centre crop, as evaluate scores it."""
-    model.eval()
-    probs = F.softmax(model(pipeline(images)).float(), dim=1)  # (N, classes)
-    top = probs.topk(min(5, probs.shape[1]), dim=1)
-    return top.values.cpu(), top.indices.cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,13 +146,8 @@ def train_features(
     )
     for old in trained.path.parent.glob(f"{trained.path.name}.fc7-*.pt"):
         old.unlink(missing_ok=True)  # vectors of an earlier checkpoint or sample: stale
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         torch.save({"key": key, "features": found[0], "indices": found[1]}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return found
 
 
@@ -226,17 +169,6 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = NEIGHBOURS, chun
 # drawing
 
 
-def _show(ax, image: torch.Tensor) -> None:
-    """A stored uint8 image (C, H, W): grayscale for one channel."""
-    pixels = image.permute(1, 2, 0).numpy()
-    if pixels.shape[-1] == 1:
-        ax.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=255)
-    else:
-        ax.imshow(pixels)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def _strip(images: list[torch.Tensor], gap_after_first: int) -> tuple[torch.Tensor, list[float]]:
     """Stored uint8 images (C, H, W) of one size side by side on white, (H, W', 3), and each one's centre x."""
     c, h, w = images[0].shape
@@ -250,47 +182,10 @@ def _strip(images: list[torch.Tensor], gap_after_first: int) -> tuple[torch.Tens
     return strip[:, : x - gap], centres
 
 
-def _bars(ax, probs: torch.Tensor, classes: torch.Tensor, label: int, categories: Categories) -> None:
-    """One image's top-5 as horizontal bars, most probable on top; the correct class's bar red."""
-    k = len(classes)
-    colours = [CORRECT if int(c) == label else OTHER for c in classes]
-    ax.barh(range(k), probs.tolist(), color=colours, height=0.75)
-    ax.set_yticks(range(k), [categories.short(int(c)) for c in classes], fontsize=7)
-    for tick, colour in zip(ax.get_yticklabels(), colours, strict=True):
-        tick.set_color(colour)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(k - 0.5, -0.5)
-    ax.tick_params(axis="x", labelsize=6)
-    ax.spines[["top", "right"]].set_visible(False)
-
-
-def draw_top5(axes_pairs, images, labels, probs, classes, categories: Categories) -> None:
-    """Each image above its top-5 bars: the correct class under the image, and a note when it is not in the top 5."""
-    for (image_ax, bars_ax), image, label, p, c in zip(axes_pairs, images, labels, probs, classes, strict=True):
-        label = int(label)
-        _show(image_ax, image)
-        image_ax.set_title(categories.short(label), fontsize=8)
-        _bars(bars_ax, p, c, label, categories)
-        if label not in c.tolist():
-            bars_ax.set_xlabel(f"{categories.short(label)}: not in the top {len(c)}", fontsize=7, color=CORRECT)
-
-
-def top5_figure(images, labels, probs, classes, categories: Categories, title: str = ""):
-    """A row of images with their top-5 bars (TensorBoard's panel at each epoch end)."""
-    plt = _pyplot()
-    n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(2.3 * n, 4.2), squeeze=False, gridspec_kw={"height_ratios": [1.2, 1]})
-    draw_top5(list(zip(axes[0], axes[1], strict=True)), images, labels, probs, classes, categories)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 def draw_figure4(path: Path, classified: dict, queries: dict, categories: Categories, title: str) -> Path:
     """Write the figure: `classified` holds images, labels, probs, classes (top 5); `queries` holds
     images, labels, and per query the neighbours' images, labels and distances."""
-    plt = _pyplot()
+    plt = pyplot()
     fig = plt.figure(figsize=(20, 9.5))
     left, right = fig.add_gridspec(1, 2, width_ratios=[1, 1.05], wspace=0.12, left=0.06, right=0.99, top=0.9)
     columns = CLASSIFIED // 2
@@ -322,7 +217,8 @@ def draw_figure4(path: Path, classified: dict, queries: dict, categories: Catego
         0.74, 0.95, f"query, then the {NEIGHBOURS} training images nearest in fc7 (Euclidean)", ha="center", fontsize=11
     )
     fig.suptitle(title, fontsize=12, y=0.995)
-    fig.savefig(path, dpi=80)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     return path
 
@@ -345,16 +241,14 @@ def figure4(
     run_dir = Path(run_dir)
     trained = load_trained(run_dir / "last.pt", devices)
     model_config, data_config, _ = trained.configs
-    folder = data or data_config.data
-    sets = dict(stage_size=data_config.stage_size, strict=data_config.strict)
-    val = build_dataset(data_config.dataset, "val", folder, **sets)
-    train = build_dataset(data_config.dataset, "train", folder, **sets)
+    val = datasets_for(data_config, "val", data, host_decode=True)  # squashed for a caffe-preset run, as evaluate
+    train = datasets_for(data_config, "train", data, host_decode=True)
     for dataset in (val, train):
         check_classes(dataset, ckpt.categories(trained.checkpoint), model_config.num_classes, trained.path)
     chosen = spread(labels_of(val), CLASSIFIED + QUERIES)
     picked = chosen[CLASSIFIED:] + chosen  # a validation set of fewer than 13 images lends queries from the left
     images, labels = load_images(val, chosen[:CLASSIFIED], workers)
-    probs, classes = top5(trained.model, trained.pipeline, images)
+    probs, classes = top_classes(trained.model, trained.pipeline, images)
     classified = dict(images=images, labels=labels, probs=probs, classes=classes)
 
     bank, bank_indices = train_features(

@@ -10,19 +10,13 @@ from pathlib import Path
 
 import torch
 
-from alexnet2gpu.checkpoint import CheckpointError
-from alexnet2gpu.logs import read_csv
+from alexnet2gpu.files import atomic_write
+from alexnet2gpu.model.alexnet import TOWERS
+from alexnet2gpu.train.checkpoint import CheckpointError
+from alexnet2gpu.train.logs import read_csv
+from alexnet2gpu.train.panel import pyplot
 
 CONV1_KEYS = ("tower_a.conv1.weight", "conv1.weight")  # two towers, one tower
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def read_log(path: Path, columns: tuple[str, ...]) -> list[dict[str, float]]:
@@ -42,7 +36,7 @@ def read_log(path: Path, columns: tuple[str, ...]) -> list[dict[str, float]]:
 
 
 def plot_curves(run_dir: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     train = read_log(run_dir / "train.csv", ("step", "loss", "top1_err"))
     val = read_log(run_dir / "val.csv", ("step", "loss", "top1_err", "top5_err"))
     if not train and not val:
@@ -64,7 +58,8 @@ def plot_curves(run_dir: Path) -> Path:
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     path = run_dir / "curves.png"
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -86,11 +81,11 @@ def kernel_grid(weight: torch.Tensor, columns: int = 8) -> torch.Tensor:
 
 def plot_kernels(state: dict, path: Path, title: str = "") -> Path:
     """conv1 of tower A beside tower B (one-tower nets: its conv1 alone)."""
-    plt = _pyplot()
-    if "tower_a.conv1.weight" in state:
+    plt = pyplot()
+    if f"{TOWERS[0]}.conv1.weight" in state:
         panels = [
-            ("tower A (device 0)", state["tower_a.conv1.weight"]),
-            ("tower B (device 1)", state["tower_b.conv1.weight"]),
+            ("tower A (device 0)", state[f"{TOWERS[0]}.conv1.weight"]),
+            ("tower B (device 1)", state[f"{TOWERS[1]}.conv1.weight"]),
         ]
     else:
         panels = [("conv1", state["conv1.weight"])]
@@ -106,14 +101,15 @@ def plot_kernels(state: dict, path: Path, title: str = "") -> Path:
         ax.axis("off")
     fig.suptitle(title or "conv1 kernels (P Figure 3)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """The curves (from the CSV files) and the kernels (from last.pt), whichever the run has."""
-    from alexnet2gpu import checkpoint as ckpt
+    from alexnet2gpu.train import checkpoint as ckpt
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -31,9 +31,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from alexnet2gpu.dataset_base import DatasetError, imagenet_words
-from alexnet2gpu.datasets import class_names, list_images
-from alexnet2gpu.images import is_ignored, is_image_name
+from alexnet2gpu.data.base import DatasetError, imagenet_words
+from alexnet2gpu.data.datasets import class_names, list_images
+from alexnet2gpu.data.images import is_ignored, is_image_name
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 GROUND_TRUTH, META = "data/ILSVRC2012_validation_ground_truth.txt", "data/meta.mat"

@@ -1,5 +1,5 @@
 """ImageNet staged once at the paper's 256x256 (P 2): `python -m alexnet2gpu stage` writes it
-(alexnet2gpu.staging), `StagedImages` reads it; this module owns the format. A staged image
+(alexnet2gpu.data.staging), `StagedImages` reads it; this module owns the format. A staged image
 decodes several times faster than the original JPEG, which the live folder path decodes, rescales
 and crops again every epoch.
 
@@ -12,7 +12,7 @@ A staged folder:
                             its SHA-256 is in the manifest, so a flipped label is caught like a flipped pixel
     train/files.json        the source of each row, relative to the source folder or archive (for messages)
     val/...
-    .lock                   an flock held by the one process that writes the folder (alexnet2gpu.staging)
+    .lock                   an flock held by the one process that writes the folder (alexnet2gpu.data.staging)
 
 Why this container: a run reads its images in an order that is a function of (seed, epoch), and
 a resumed run must read the same images from the same batch on (exact resume), so every image must
@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from alexnet2gpu.dataset_base import Categories, DatasetError, SkippingDataset, imagenet_words
+from alexnet2gpu.data.base import Categories, DatasetError, SkippingDataset, imagenet_words
 
 FORMAT, FORMAT_VERSION = "alexnet2gpu staged JPEG", 2  # 2: the index's SHA-256 in the manifest
-MANIFEST, PLAN, LOCK = "manifest.json", "staging.json", ".lock"
+MANIFEST, PLAN = "manifest.json", "staging.json"
 SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("label", "<i4"), ("crc32", "<u4")])
 
@@ -168,7 +168,8 @@ class StagedImages(SkippingDataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": {}}  # each worker process maps the shards itself
 
-    def _bytes(self, row: np.void) -> bytearray:
+    def encoded(self, row: np.void) -> bytearray:
+        """The stored JPEG bytes of an index row, read from its mapped shard."""
         shard = int(row["shard"])
         if shard not in self._maps:
             with open(self.shards[shard], "rb") as file:
@@ -188,7 +189,7 @@ class StagedImages(SkippingDataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         row = self.index[i]
-        data = self._bytes(row)
+        data = self.encoded(row)
         if zlib.crc32(data) != int(row["crc32"]):
             self.skip(
                 self.where(i),

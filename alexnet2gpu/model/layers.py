@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from alexnet2gpu.lrn import local_response_norm
+from alexnet2gpu.model.lrn import local_response_norm
 
 
 class LocalResponseNorm(nn.Module):
@@ -60,9 +60,14 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The seed of a step's random draws (crops, flips, colour noise, dropout): a function of (seed, step) alone."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
 def dropout_generator(seed: int, step: int, tower: int, device: torch.device) -> torch.Generator:
     """Tower `tower`'s dropout masks of `step`: a function of (seed, step, tower) alone."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 8 + tower)
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step) * 8 + tower)
 
 
 def dropout_masks(

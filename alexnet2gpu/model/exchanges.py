@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from alexnet2gpu.config import AlexNetConfig
-from alexnet2gpu.layers import halo_widths
+from alexnet2gpu.model.layers import halo_widths
 
 
 class CopyCounter(TorchDispatchMode):
@@ -104,7 +104,7 @@ def counted_forward_bytes(config: AlexNetConfig | None = None, batch: int = 2) -
     the input batch excluded; per image."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from alexnet2gpu.model import AlexNet2GPU
+    from alexnet2gpu.model.alexnet import AlexNet2GPU
 
     c = config or AlexNetConfig()
     with FakeTensorMode(allow_non_fake_inputs=True):

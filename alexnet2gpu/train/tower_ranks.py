@@ -8,7 +8,7 @@ own dp group: the D copies of tower A average their gradients, never with tower 
 
 This module holds the placement (`TowerRanks`: the model, the rows each rank feeds, the loss
 scaling, the reductions and the gather/scatter of checkpoint state); the training loop is
-`alexnet2gpu.engine.fit`, the same one the single-process placement runs.
+`alexnet2gpu.train.loop.fit`, the same one the single-process placement runs.
 
 Launch with torchrun (`make train-dist`):
     torchrun --nnodes N --nproc-per-node 2 -m alexnet2gpu train --parallel tower-processes ...
@@ -17,93 +17,22 @@ Checkpoints are written in the single-process layout (`tower_a.*`, `tower_b.*`) 
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
-from alexnet2gpu.checkpoint import load_weights, to_cpu
-from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.engine import TrainingError, fit
-from alexnet2gpu.layers import dropout_generator, halo_widths
-from alexnet2gpu.model import AlexNet2GPU, Tower, check_input
-from alexnet2gpu.placement import (
-    Placement,
-    load_named_optimizer_state,
-    merge_named_states,
-    named_optimizer_state,
-)
-
-TOWERS = ("tower_a", "tower_b")
-DEFAULT_TIMEOUT = 10.0  # minutes a collective waits for a silent rank (gloo's and NCCL's own default: 30)
-# all_gather_single_autograd replaces all_gather_tensor_autograd in newer torch; both are differentiable
-_all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-
-
-class TowerProcess(nn.Module):
-    """Tower `index` of AlexNet2GPU; the other tower lives in the other rank of `group`."""
-
-    def __init__(self, config: AlexNetConfig, index: int, group, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        if config.towers != 2 or not config.fc8_split or config.num_classes % 2:
-            raise ValueError("tower processes need two towers with fc8 split evenly (an even num_classes)")
-        self.config, self.index, self.group = config, index, group
-        self.tower = Tower(config, index, torch.device(device) if device is not None else None)
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Both towers' activations, tower A's first: the exchange, as one all-gather each way."""
-        both = _all_gather(x.contiguous(), gather_dim=0, group=self.group)  # (2N, ...): A's rows, then B's
-        return torch.cat(both.chunk(2), dim=1)  # (N, 2C, ...)
-
-    def lrn_across(self, lrn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """This tower's maps normalised as one LRN over both towers' channels would (`layers.lrn_across`):
-        the halo is one all-gather of each tower's edge channels (A's last, B's first; 2 each for size 5)."""
-        to_a, to_b = halo_widths(lrn.size)
-        h, c = max(to_a, to_b), x.shape[1]
-        edge = x[:, c - h :] if self.index == 0 else x[:, :h]  # (N, h, H, W)
-        both = _all_gather(edge.contiguous(), gather_dim=0, group=self.group).chunk(2)  # A's tail, B's head
-        if self.index == 0:
-            return lrn(torch.cat([x, both[1][:, :to_a]], dim=1))[:, :c]
-        return lrn(torch.cat([both[0][:, h - to_b :], x], dim=1))[:, to_b:]
-
-    def forward(self, x: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits (N, num_classes), the same on both ranks of the pair. `masks`: this tower's fc6 and
-        fc7 dropout masks (`Tower.dropout_masks`); drawn here when None."""
-        check_input(x, self.config)
-        t = self.tower
-        m6, m7 = masks or (None, None)
-        if self.config.lrn_across:  # CF: LRN1 and LRN2 read the other tower's edge channels
-            x = self.lrn_across(t.lrn1, t.conv1_maps(x))  # (N, 48, 55, 55)
-            x = t.pool2(self.lrn_across(t.lrn2, t.conv2_maps(x)))  # (N, 128, 13, 13)
-        else:
-            x = t.own_maps(x)  # (N, 128, 13, 13)
-        a = self.gather(x)  # conv3 reads both towers: (N, 256, 13, 13)
-        a = self.gather(t.upper_maps(a))  # fc6: (N, 9216)
-        a = self.gather(t.fc(t.fc6, a, m6))  # fc7: (N, 4096)
-        a = self.gather(t.fc(t.fc7, a, m7))  # fc8: (N, 4096)
-        return self.gather(t.fc8(a))  # (N, 500 + 500)
-
-    def load_from_towers(self, state: dict[str, torch.Tensor]) -> None:
-        """Take this tower's weights from an AlexNet2GPU state dict."""
-        prefix = TOWERS[self.index] + "."
-        self.tower.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-
-
-def replicated_loss(logits: torch.Tensor, labels: torch.Tensor, towers: int = 2) -> torch.Tensor:
-    """Both ranks of a pair hold the same logits and loss, and the all-gathers' backward sums what
-    both send back: divided by the tower count, the gradient is the single-process one."""
-    return F.cross_entropy(logits, labels) / towers
+from alexnet2gpu.config import DIST_TIMEOUT, AlexNetConfig
+from alexnet2gpu.model.alexnet import TOWERS, AlexNet2GPU
+from alexnet2gpu.model.layers import dropout_generator
+from alexnet2gpu.model.tower_process import TowerProcess
+from alexnet2gpu.train.checkpoint import load_weights, to_cpu
+from alexnet2gpu.train.errors import TrainingError
+from alexnet2gpu.train.placement import Placement, load_named_optimizer_state, merge_named_states, named_optimizer_state
 
 
 def mesh_for(world_size: int, device_type: str):
@@ -120,30 +49,6 @@ def wrap(module: TowerProcess, mesh) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------
 # a launcher that forks (torch is imported once) for tests and single-machine runs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_rank(rank: int, fn: Callable, world_size: int, port: int, timeout: float, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    os.environ.update(LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)  # forked from a process whose thread pool must not be reused
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout))
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Run fn(rank, world_size, *args) in `world_size` forked processes on gloo (collectives time out
-    after `timeout` minutes); raises if one fails."""
-    port = free_port()
-    mp.start_processes(_run_rank, args=(fn, world_size, port, timeout, args), nprocs=world_size, start_method="fork")
 
 
 def silent_ranks(world: int, rank: int, wait: float) -> list[int] | None:
@@ -174,7 +79,7 @@ class TowerRanks(Placement):
     copies = 2  # both ranks of a pair hold the same loss and error counts
     loss_scale = 0.5  # see replicated_loss
 
-    def __init__(self, mesh, device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, mesh, device: torch.device, timeout: float = DIST_TIMEOUT) -> None:
         super().__init__((device, device))
         self.timeout = timeout
         self.mesh = mesh
@@ -284,50 +189,3 @@ class TowerRanks(Placement):
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict, path: str) -> None:
         load_named_optimizer_state(optimizer, state, self.names(), path)
-
-
-def train_tower_processes(
-    model_config: AlexNetConfig,
-    data: DataConfig,
-    config: TrainConfig,
-    out: str | Path,
-    *,
-    resume: str | Path | None = None,
-    progress: bool = True,
-    tensorboard: bool = True,
-    overwrite: bool = False,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> dict:
-    """One rank of a tower-process run (torchrun, or `launch`, starts 2 x D of them): the same loop
-    and recipe as `engine.train`, on the `TowerRanks` placement. A collective that waits more than
-    `timeout` minutes for a rank ends the run, naming the rank. The process group this function
-    starts, it also ends (`destroy_process_group`), on every exit."""
-    if not dist.is_initialized() and "RANK" not in os.environ:
-        raise ValueError(
-            "--parallel tower-processes runs one tower per process: start it with "
-            "torchrun --nproc-per-node 2 -m alexnet2gpu train --parallel tower-processes ... (make train-dist)"
-        )
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    started = not dist.is_initialized()
-    if started:
-        if cuda:  # NCCL by the book: this rank's GPU set, and named to the process group
-            torch.cuda.set_device(device)
-        backend, device_id = ("nccl", device) if cuda else ("gloo", None)
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout), device_id=device_id)
-    try:
-        world = dist.get_world_size()
-        mesh = mesh_for(world, "cuda" if cuda else "cpu")
-        if config.batch_size % (world // 2):
-            raise ValueError(f"--batch-size {config.batch_size} must split evenly over {world // 2} tower pairs")
-        placement = TowerRanks(mesh, device, timeout)
-        options = dict(resume=resume, progress=progress, tensorboard=tensorboard, overwrite=overwrite)
-        try:
-            result = fit(placement, model_config, data, config, out, **options)
-        except RuntimeError as error:  # a timeout inside a step (the towers' exchanges, DDP) names the rank too
-            raise placement.timed_out(error) from None
-        return {**result, "rank": placement.rank}
-    finally:
-        if started:
-            dist.destroy_process_group()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexnet2gpu.config import AlexNetConfig
-from alexnet2gpu.layers import (
+from alexnet2gpu.model.layers import (
     LAYERS,
     Dropout,
     LocalResponseNorm,
@@ -41,6 +41,7 @@ from alexnet2gpu.layers import (
     lrn_across,
 )
 
+TOWERS = ("tower_a", "tower_b")  # the towers' attribute names: the prefixes of every two-tower state dict
 Device = torch.device | str
 Masks = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -251,9 +252,9 @@ def towers_to_fused(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     """`tower_a.conv1.weight` + `tower_b.conv1.weight` -> `conv1.weight`, on tower A's device."""
     fused = {}
     for key, a in state.items():
-        if key.startswith("tower_a."):
-            name = key.removeprefix("tower_a.")
-            b = state.get("tower_b." + name)
+        if key.startswith(TOWERS[0] + "."):
+            name = key.removeprefix(TOWERS[0] + ".")
+            b = state.get(f"{TOWERS[1]}.{name}")
             fused[name] = a if b is None else torch.cat([a, b.to(a.device)])
     return fused
 
@@ -266,7 +267,14 @@ def fused_to_towers(state: Mapping[str, torch.Tensor], config: AlexNetConfig) ->
         if layer not in LAYERS:
             raise KeyError(f"unexpected fused parameter {key!r}")
         sizes = config.fc8_out if layer == "fc8" else (value.shape[0] // 2, value.shape[0] // 2)
-        for tower, part in zip(("tower_a", "tower_b"), value.split(sizes), strict=True):
+        for tower, part in zip(TOWERS, value.split(sizes), strict=True):
             if part.shape[0]:
                 towers[f"{tower}.{key}"] = part
     return towers
+
+
+def build_model(config: AlexNetConfig, devices: tuple[torch.device, torch.device]) -> nn.Module:
+    """The two towers on `devices`, or a one-tower net (towers=1) on the first device."""
+    if config.towers == 2:
+        return AlexNet2GPU(config, devices)
+    return AlexNetFused(config, device=devices[0])

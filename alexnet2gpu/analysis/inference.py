@@ -10,14 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alexnet2gpu import checkpoint as ckpt
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import Categories
+from alexnet2gpu.data.base import Categories
+from alexnet2gpu.data.stats import DataStats
+from alexnet2gpu.data.transforms import Pipeline
 from alexnet2gpu.devices import DeviceError, resolve_devices
-from alexnet2gpu.model import AlexNet2GPU, AlexNetFused
-from alexnet2gpu.placement import build_model
-from alexnet2gpu.stats import DataStats
-from alexnet2gpu.transforms import Pipeline
+from alexnet2gpu.model.alexnet import AlexNet2GPU, AlexNetFused, build_model
+from alexnet2gpu.train import checkpoint as ckpt
 
 
 @dataclass

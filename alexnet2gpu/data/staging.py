@@ -1,8 +1,8 @@
-"""`python -m alexnet2gpu stage`: ImageNet decoded once to the staged format (alexnet2gpu.staged), from
-the ImageFolder tree, the official archives or Kaggle's copy (alexnet2gpu.archives), read in place.
+"""`python -m alexnet2gpu stage`: ImageNet decoded once to the staged format (alexnet2gpu.data.staged), from
+the ImageFolder tree, the official archives or Kaggle's copy (alexnet2gpu.data.archives), read in place.
 
 Sources are split into shards of `shard_images` in listing order; worker processes decode a shard
-each with the live path's `stage_image` and write it whole (PATH.tmp, then renamed) with a record
+each with the live path's `stage_image` and write it whole (`files.atomic_write`) with a record
 of its rows. A stage is safe to interrupt and to run again:
 
 - one process writes a folder at a time: an flock on OUT/.lock, which the kernel releases on any
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
-import fcntl
 import hashlib
 import importlib.metadata
 import io
@@ -26,7 +25,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,17 +36,17 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from alexnet2gpu import archives
-from alexnet2gpu.archives import Listing, Sample
+from alexnet2gpu import files
 from alexnet2gpu.config import StageConfig
-from alexnet2gpu.dataset_base import DatasetError
-from alexnet2gpu.datasets import imagenet_dataset
-from alexnet2gpu.images import UnreadableImage, is_ignored, stage_image
-from alexnet2gpu.staged import (
+from alexnet2gpu.data import archives
+from alexnet2gpu.data.archives import Listing, Sample
+from alexnet2gpu.data.base import DatasetError
+from alexnet2gpu.data.datasets import imagenet_dataset
+from alexnet2gpu.data.images import UnreadableImage, is_ignored, stage_image
+from alexnet2gpu.data.staged import (
     FORMAT,
     FORMAT_VERSION,
     INDEX_DTYPE,
-    LOCK,
     MANIFEST,
     PLAN,
     SPLITS,
@@ -58,6 +56,7 @@ from alexnet2gpu.staged import (
     sha256,
     shard_paths,
 )
+from alexnet2gpu.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -79,28 +78,18 @@ def encode(image: torch.Tensor, quality: int, subsampling: str) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomically(path: Path, write) -> None:
-    """`write(file)` into PATH.tmp, flushed to disk, then renamed: PATH is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-
-
 def stage_shard(job: ShardJob) -> dict:
     """Decodes one shard's sources with the live path's function, writes their JPEGs, then the
     shard's record (.done.json), the mark that the shard is complete. Returns the record's summary."""
     data_path, done_path = shard_paths(Path(job.folder), job.shard)
     images, skipped, offset = [], [], 0
-    files: dict[str, BinaryIO] = {}
+    sources: dict[str, BinaryIO] = {}
 
     def write(file) -> None:
         nonlocal offset
         for sample in job.samples:
             try:
-                pixels = stage_image(archives.open_sample(sample, files), job.config.size)
+                pixels = stage_image(archives.open_sample(sample, sources), job.config.size)
                 blob = encode(pixels, job.config.quality, job.config.subsampling)
             except UnreadableImage as error:
                 if job.strict:
@@ -114,12 +103,14 @@ def stage_shard(job: ShardJob) -> dict:
             offset += len(blob)
 
     try:
-        _write_atomically(data_path, write)
+        with atomic_write(data_path) as tmp, open(tmp, "wb") as file:
+            write(file)
     finally:
-        for file in files.values():
+        for file in sources.values():
             file.close()
     record = {"images": images, "skipped": skipped}
-    _write_atomically(done_path, lambda file: file.write(json.dumps(record).encode()))
+    with atomic_write(done_path) as tmp:
+        tmp.write_text(json.dumps(record))
     return {"folder": job.folder, "sources": len(job.samples), "skipped": skipped}
 
 
@@ -217,7 +208,8 @@ def _adopt_plan(out: Path, plan: dict) -> None:
         return
     if any(not is_ignored(p.name) for p in out.iterdir()):
         raise DatasetError(f"{out} is not empty and holds no stage; --out needs a new or empty folder")
-    _write_atomically(plan_path, lambda file: file.write(json.dumps(plan, indent=1).encode()))
+    with atomic_write(plan_path) as tmp:
+        tmp.write_text(json.dumps(plan, indent=1))
 
 
 def _refuse_out_in_data(paths: Sequence[Path], out: Path) -> None:
@@ -233,37 +225,28 @@ def _refuse_out_in_data(paths: Sequence[Path], out: Path) -> None:
 
 
 @contextlib.contextmanager
-def claim(out: Path) -> Iterator[None]:
+def holding(out: Path) -> Iterator[None]:
     """Holds OUT/.lock (an flock) while this process stages into `out`; a folder this claim created
     and that holds nothing else when it ends is removed (a refused start leaves nothing behind)."""
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / LOCK, "a+")  # noqa: SIM115 - held open while staging
+        lock = files.claim(out)
     except OSError as error:
         raise DatasetError(f"cannot write in --out {out}: {error.strerror}; choose another folder") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise DatasetError(f"{out} is being staged by {holder}; wait for it to end or choose another --out") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    except files.Busy as busy:
+        raise DatasetError(
+            f"{out} is being staged by {busy.holder}; wait for it to end or choose another --out"
+        ) from None
     try:
         yield
     finally:
-        if created and [p.name for p in out.iterdir()] == [LOCK]:
-            (out / LOCK).unlink()
+        if created and [p.name for p in out.iterdir()] == [files.LOCK]:
+            (out / files.LOCK).unlink()
             for folder in created:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-        else:
-            lock.truncate(0)
-        lock.close()  # the flock goes with the file
+        files.release(lock)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +267,7 @@ def stage(
     paths = [Path(p) for p in ([raw] if isinstance(raw, str | Path) else raw)]
     out, config = Path(out), config or StageConfig()
     _refuse_out_in_data(paths, out)
-    with claim(out), _workers(workers) as map_jobs:
+    with holding(out), _workers(workers) as map_jobs:
         listing = sources(paths, config, map_jobs)
         plan = plan_stage(listing, config)
         _adopt_plan(out, plan)
@@ -296,7 +279,7 @@ def stage(
         for split, samples in listing.splits.items():
             folder = out / split
             folder.mkdir(exist_ok=True)
-            for tmp in folder.glob("*.tmp"):  # what an interrupted stage was writing
+            for tmp in folder.glob(f"*{files.TEMPORARY}"):  # what an interrupted stage was writing
                 tmp.unlink()
             for shard, start in enumerate(range(0, len(samples), config.shard_images)):
                 part = samples[start : start + config.shard_images]
@@ -360,9 +343,10 @@ def _finish(out: Path, plan: dict) -> dict:
         records = [json.loads(shard_paths(folder, k)[1].read_text()) for k in range(shards)]
         rows = [(k, *row[:4]) for k, record in enumerate(records) for row in record["images"]]
         index = np.array(rows, dtype=INDEX_DTYPE) if rows else np.zeros(0, INDEX_DTYPE)
-        _write_atomically(folder / "index.npy", lambda file, index=index: np.save(file, index))
-        files = [row[4] for record in records for row in record["images"]]
-        _write_atomically(folder / "files.json", lambda file, files=files: file.write(json.dumps(files).encode()))
+        with atomic_write(folder / "index.npy") as tmp, open(tmp, "wb") as file:
+            np.save(file, index)
+        with atomic_write(folder / "files.json") as tmp:
+            tmp.write_text(json.dumps([row[4] for record in records for row in record["images"]]))
         manifest["splits"][split] = {
             "images": len(index),
             "sources": planned["sources"],
@@ -371,7 +355,8 @@ def _finish(out: Path, plan: dict) -> dict:
             "index_sha256": sha256(folder / "index.npy"),
             "skipped": [item for record in records for item in record["skipped"]],
         }
-    _write_atomically(out / MANIFEST, lambda file: file.write(json.dumps(manifest, indent=1).encode()))
+    with atomic_write(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
     for split in plan["splits"]:
         for done in (out / split).glob("*.done.json"):
             done.unlink()

@@ -1,7 +1,7 @@
 """A run directory belongs to one run: claimed with a lock for as long as a process trains into it.
 
-RUN_DIR/last.pt      the checkpoint (alexnet2gpu.checkpoint)
-RUN_DIR/train.csv    RUN_DIR/val.csv    RUN_DIR/tb/    the logs (alexnet2gpu.logs)
+RUN_DIR/last.pt      the checkpoint (alexnet2gpu.train.checkpoint)
+RUN_DIR/train.csv    RUN_DIR/val.csv    RUN_DIR/tb/    the logs (alexnet2gpu.train.logs)
 RUN_DIR/.lock        the claim: an flock held by the training process, with its PID and host
 
 A fresh run refuses a directory that holds a checkpoint (forgetting `--resume` after a crash would
@@ -12,11 +12,10 @@ lock file left behind by a dead process is stale by construction and is simply t
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shutil
-import socket
 from pathlib import Path
+
+from alexnet2gpu import files
 
 RUN_FILES = ("last.pt", "train.csv", "val.csv", "events.log")
 RUN_DIRS = ("tb",)
@@ -46,7 +45,7 @@ class RunDir:
             ) from None
         self._lock()
         try:
-            for stale in self.path.glob(".*.tmp"):  # a save cut by SIGKILL or a power cut
+            for stale in self.path.glob(f".*{files.TEMPORARY}"):  # a save cut by SIGKILL or a power cut
                 stale.unlink(missing_ok=True)
             self._check_fresh()
         except BaseException:
@@ -59,7 +58,7 @@ class RunDir:
         # lock file goes while still held, so a process starting meanwhile makes its own and keeps it.
         wrote_nothing = bool(self.created) and self.lock_file is not None and self._holds_only_the_lock()
         if wrote_nothing:
-            (self.path / ".lock").unlink(missing_ok=True)
+            (self.path / files.LOCK).unlink(missing_ok=True)
         self._unlock()
         for folder in self.created if wrote_nothing else []:
             try:
@@ -69,37 +68,25 @@ class RunDir:
 
     def _holds_only_the_lock(self) -> bool:
         try:
-            return [p.name for p in self.path.iterdir()] == [".lock"]
+            return [p.name for p in self.path.iterdir()] == [files.LOCK]
         except OSError:  # the folder went away during the run: nothing to tidy, and no error to add
             return False
 
     def _lock(self) -> None:
         try:
-            self.lock_file = open(self.path / ".lock", "a+")  # noqa: SIM115 - held open for the whole run
+            self.lock_file = files.claim(self.path)
         except OSError as error:
             raise RunDirError(
                 f"cannot write in run directory {self.path}: {error.strerror}; choose another --out"
             ) from None
-        try:
-            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.lock_file.seek(0)
-            holder = self.lock_file.read().strip() or "another process"
-            self.lock_file.close()
-            self.lock_file = None
+        except files.Busy as busy:
             raise RunDirError(
-                f"run directory {self.path} is in use by {holder}; wait for it to end or choose another --out"
+                f"run directory {self.path} is in use by {busy.holder}; wait for it to end or choose another --out"
             ) from None
-        self.lock_file.seek(0)
-        self.lock_file.truncate()
-        self.lock_file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        self.lock_file.flush()
 
     def _unlock(self) -> None:
         if self.lock_file is not None:
-            self.lock_file.truncate(0)
-            fcntl.flock(self.lock_file, fcntl.LOCK_UN)
-            self.lock_file.close()
+            files.release(self.lock_file)
             self.lock_file = None
 
     def _check_fresh(self) -> None:

@@ -1,7 +1,7 @@
-"""Training and evaluation: one loop for every placement of the towers.
+"""The one training loop, for every placement of the towers.
 
-`fit` runs (or resumes) a run on a placement (`alexnet2gpu.placement`): both towers in this process
-(`train`, `make train-1gpu` / `train-2gpu`) or one tower per process (`alexnet2gpu.distributed`,
+`fit` runs (or resumes) a run on a placement (`alexnet2gpu.train.placement`): both towers in this process
+(`train`, `make train-1gpu` / `train-2gpu`) or one tower per process (`alexnet2gpu.train.tower_ranks`,
 `make train-dist`). The placement supplies what differs between them; the recipe (the paper's
 schedule, warm-up, both optimisers, bf16, channels-last, compile), the NaN guard, signals, logs,
 progress and resume exist here once.
@@ -15,10 +15,8 @@ would be, in either placement.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,188 +27,24 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from alexnet2gpu import checkpoint as ckpt
-from alexnet2gpu.alarm import LossAlarm
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import (
-    Categories,
-    DatasetError,
-    InMemory,
-    batches,
-    build_dataset,
-    check_classes,
-    num_batches,
-)
-from alexnet2gpu.logs import RunLog
-from alexnet2gpu.optim import make_optimizer, make_scheduler, set_lr
-from alexnet2gpu.placement import Placement, build_model
-from alexnet2gpu.rundir import RunDir
-from alexnet2gpu.stats import DataStats, load_or_fit
-from alexnet2gpu.transforms import Pipeline
+from alexnet2gpu.data.base import Categories, DatasetError
+from alexnet2gpu.data.datasets import batches, check_classes, datasets_for, num_batches
+from alexnet2gpu.data.sampling import sample_note, take
+from alexnet2gpu.data.stats import DataStats, load_or_fit
+from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.model.layers import step_seed
+from alexnet2gpu.train import checkpoint as ckpt
+from alexnet2gpu.train.alarm import LossAlarm
+from alexnet2gpu.train.errors import EvaluationError, TrainingError
+from alexnet2gpu.train.evaluate import autocast, evaluate, percent, topk_errors
+from alexnet2gpu.train.logs import RunLog
+from alexnet2gpu.train.optim import make_optimizer, make_scheduler, set_lr
+from alexnet2gpu.train.panel import log_predictions, panel_images
+from alexnet2gpu.train.placement import Placement
+from alexnet2gpu.train.rundir import RunDir
 
-__all__ = ["TrainingError", "build_model", "evaluate", "fit", "train"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the step and the checkpoint."""
-
-
-class EvaluationError(ValueError):
-    """No number worth reporting: no images were evaluated, or the model's outputs are not finite."""
-
-
-def input_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-SAMPLE_SEED = 0  # --subset and --val-subset: the same sample in every run, resume, placement and evaluate
-
-
-def take(dataset, n: int | None, *, stratified: bool = False):
-    """`n` images of a dataset (all when None). Sets stored in random order (MNIST, Fashion-MNIST,
-    the fake set) give their first `n`; the others (ImageNet, stored class by class) a fixed, seeded
-    sample over all classes, with `stratified` as even over the classes as `n` allows; in file order."""
-    if n is None or n >= len(dataset):
-        return dataset
-    if isinstance(dataset, InMemory):
-        return part(dataset, 0, n)
-    labels, generator = dataset.labels, torch.Generator().manual_seed(SAMPLE_SEED)
-    order = torch.randperm(len(labels), generator=generator)
-    if stratified:  # round robin over the classes, each in its shuffled order
-        shuffled = labels[order]
-        by_class = torch.sort(shuffled, stable=True).indices  # positions in `order`, class by class
-        counts = torch.bincount(shuffled, minlength=dataset.num_classes)
-        starts = counts.cumsum(0) - counts
-        rank = torch.empty_like(by_class)
-        rank[by_class] = torch.arange(len(order)) - starts[shuffled[by_class]]  # place within its class
-        order = order[torch.argsort(rank * len(order) + torch.arange(len(order)))]
-    subset = torch.utils.data.Subset(dataset, order[:n].sort().values.tolist())
-    subset.num_classes, subset.channels, subset.categories = (
-        dataset.num_classes,
-        dataset.channels,
-        getattr(dataset, "categories", None),
-    )
-    subset.name = f"{getattr(dataset, 'name', 'the dataset')}, sample of {n:,}"
-    return subset
-
-
-def sample_note(flag: str, n: int | None, full, taken) -> str | None:
-    """One line on what --subset / --val-subset N took, for the run's output (None when not asked)."""
-    if n is None:
-        return None
-    if taken is full:
-        return f"{flag} {n:,}: all {len(full):,} images (the set holds no more)"
-    if isinstance(full, InMemory):
-        return f"{flag}: the first {len(taken):,} of {len(full):,} images (stored in random order)"
-    classes = len(set(full.labels[taken.indices].tolist()))
-    return (
-        f"{flag}: a fixed sample (seed {SAMPLE_SEED}) of {len(taken):,} of {len(full):,} images, "
-        f"{classes} of {full.num_classes} classes"
-    )
-
-
-def part(dataset, start: int, stop: int):
-    """Images `start` to `stop` of a dataset, keeping its class and channel counts."""
-    if isinstance(dataset, InMemory):
-        return InMemory(
-            dataset.images[start:stop],
-            dataset.labels[start:stop],
-            dataset.num_classes,
-            dataset.name,
-            dataset.categories,
-        )
-    subset = torch.utils.data.Subset(dataset, range(start, stop))
-    subset.num_classes, subset.channels, subset.categories = (
-        dataset.num_classes,
-        dataset.channels,
-        getattr(dataset, "categories", None),
-    )
-    return subset
-
-
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**63)
-
-
-def autocast(model: nn.Module, amp: str) -> contextlib.ExitStack:
-    """bfloat16 autocast on every device type the model spans (a no-op for amp="none")."""
-    stack = contextlib.ExitStack()
-    if amp == "bf16":
-        for kind in sorted({p.device.type for p in model.parameters()}):
-            stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
-    return stack
-
-
-def topk_errors(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
-    """(len(ks),) counts of images whose label is not among the top-k scores, on the scores' device
-    (reading them is left to the caller: a read waits for the device)."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, k)
-    hit = top == labels[:, None]
-    return torch.stack([(~hit[:, :k].any(1)).sum() for k in ks])
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset,
-    pipeline: Pipeline,
-    *,
-    batch_size: int = 128,
-    ten_crop: bool = False,
-    amp: str = "none",
-    workers: int = 0,
-    progress: bool = True,
-    placement: Placement | None = None,
-) -> dict[str, float]:
-    """Loss and top-1 / top-5 error. With `ten_crop`, the softmax averaged over the paper's ten
-    patches (P 4.1), computed in chunks of at most `batch_size` crops so memory stays bounded.
-    With a `placement` of several replicas, each scores its share of the set and the sums are added."""
-    placement = placement or Placement(())
-    model.eval()
-    n = len(dataset)
-    mine = part(dataset, n * placement.replica // placement.replicas, n * (placement.replica + 1) // placement.replicas)
-    chunk = max(1, batch_size // 10) if ten_crop else batch_size
-    device = input_device(model)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 errors, top-5 errors, non-finite
-    images = 0
-    bar = tqdm(total=len(mine), desc="evaluating", unit="img", leave=False, disable=not progress)
-    for batch, labels in batches(mine, chunk, shuffle=False, workers=workers):
-        labels = labels.to(device, non_blocking=True)
-        with autocast(model, amp):
-            if ten_crop:
-                crops = pipeline.ten_crops(batch)  # (n, 10, C, 224, 224)
-                log_probs = F.log_softmax(model(crops.flatten(0, 1)).float(), dim=1)  # (n * 10, classes)
-                # log of the mean of the ten softmaxes, without underflow
-                log_probs = log_probs.view(len(labels), 10, -1).logsumexp(1) - math.log(10)  # (n, classes)
-            else:
-                log_probs = F.log_softmax(model(pipeline(batch)).float(), dim=1)
-        probs = log_probs.exp()
-        loss = F.nll_loss(log_probs, labels, reduction="sum")  # the cross-entropy itself, however small p is
-        bad = (~torch.isfinite(probs)).any(1).sum()  # a softmax of finite logits never is NaN
-        sums += torch.cat([loss[None], topk_errors(probs, labels), bad[None]]).double()  # stays on the device
-        images += len(labels)
-        bar.update(len(labels))
-    bar.close()
-    sums = torch.cat([sums.cpu(), torch.tensor([images], dtype=torch.float64)])  # the one wait on the device
-    loss, top1, top5, bad, images = placement.sum_replicas(sums).tolist()  # every replica sees the same
-    if not images:
-        raise EvaluationError(f"no images to evaluate in {getattr(dataset, 'name', 'the validation set')}")
-    if bad:
-        raise EvaluationError(
-            f"the model's outputs are NaN or inf for {int(bad)} of {int(images)} images: its weights hold NaN or "
-            "inf, or its activations overflow; no error rate is reported"
-        )
-    top5_err = top5 / images if probs.shape[1] > 5 else None  # with 5 classes or fewer, always 0: not a number
-    return {"loss": loss / images, "top1_err": top1 / images, "top5_err": top5_err, "images": int(images)}
-
-
-def percent(error: float | None) -> str:
-    """An error rate as a percentage, "n/a" where there is none (top-5 of 5 classes or fewer)."""
-    return "n/a" if error is None else f"{error:.2%}"
+__all__ = ["fit", "train"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +153,7 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
         return checkpoint
 
     checkpoint = placement.on_rank0(read)
-    sets = dict(stage_size=data.stage_size, strict=data.strict, gpu_decode=data.gpu_decode, squash=data.squash)
-    full_train = build_dataset(data.dataset, "train", data.data, **sets)
-    full_val = build_dataset(data.dataset, "val", data.data, **sets)
+    full_train, full_val = datasets_for(data, "train"), datasets_for(data, "val")
     if checkpoint is not None:
         for dataset in (full_train, full_val):
             check_classes(dataset, ckpt.categories(checkpoint), model_config.num_classes, resume)
@@ -404,41 +236,6 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
         panel=panel_images(val_set, writer) if tensorboard else None,
     )
     return run, train_set, val_set
-
-
-PANEL_IMAGES = 4  # validation images whose top 5 TensorBoard shows at each epoch end
-
-
-def panel_images(val_set, writer: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The fixed validation images (spread over the classes) of TensorBoard's top-5 panel, on every
-    process (the towers may live in two); None, with a warning from the writer, if they cannot be read."""
-    from alexnet2gpu import figures
-
-    try:
-        return figures.load_images(val_set, figures.spread(figures.labels_of(val_set), PANEL_IMAGES))
-    except Exception as error:  # noqa: BLE001 - a figure never stops a run
-        if writer:
-            tqdm.write(f"warning: no top-5 panel in TensorBoard: {type(error).__name__}: {error}", file=sys.stderr)
-        return None
-
-
-def log_predictions(run: Run) -> None:
-    """TensorBoard's top-5 panel of the fixed validation images (Figure 4's left half), so that a user
-    watches the predictions change epoch by epoch. Every process runs the network; the writer draws.
-    An error is a warning, never the end of the run."""
-    from alexnet2gpu import figures
-
-    images, labels = run.panel
-    try:
-        probs, classes = figures.top5(run.runner, run.val_pipe, images)
-        if run.log is not None and run.log.writer is not None:
-            categories = run.categories or Categories.numbered(run.configs["model"].num_classes)
-            title = f"epoch {run.state.epoch + 1}, step {run.state.step}"
-            fig = figures.top5_figure(images.cpu(), labels, probs, classes, categories, title)
-            run.log.writer.add_figure("val/top5", fig, run.state.step)  # closes the figure
-    except Exception as error:  # noqa: BLE001 - a figure never stops a run
-        if run.placement.writer:
-            tqdm.write(f"warning: the top-5 panel was not drawn: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 def save(run: Run) -> None:
@@ -681,7 +478,7 @@ def fit(
 ) -> dict:
     """Train (or resume) a run in `out` on `placement`; returns the last validation metrics and the state.
 
-    Rank 0 claims `out` for the run (`alexnet2gpu.rundir`): a fresh run refuses a directory holding
+    Rank 0 claims `out` for the run (`alexnet2gpu.train.rundir`): a fresh run refuses a directory holding
     a checkpoint unless `overwrite`, and no two processes train into one directory at once."""
     claim = RunDir(out, resume=resume, overwrite=overwrite)
     placement.on_rank0(lambda: claim.__enter__() and None)

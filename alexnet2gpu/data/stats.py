@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from alexnet2gpu.datasets import batches, num_batches
+from alexnet2gpu.data.datasets import batches, num_batches
+from alexnet2gpu.files import atomic_write
 
 # ALEXNET-SPEC.md: ImageNet's RGB covariance of [0, 1] pixels, as fb.resnet.torch uses it
 IMAGENET_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
@@ -143,14 +144,11 @@ def load_or_fit(
 
 def _cache(stats: DataStats, path: Path) -> None:
     """Write the statistics to `path` atomically, or warn (once, naming the folder) that they are not cached."""
-    tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(stats.to_dict(), tmp)
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            torch.save(stats.to_dict(), tmp)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         reason = getattr(error, "strerror", None) or type(error).__name__
         print(
             f"warning: cannot cache the data statistics in {path.parent} ({reason}); going on without a cache "

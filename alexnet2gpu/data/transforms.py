@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet2gpu.config import DataConfig
-from alexnet2gpu.stats import DataStats
+from alexnet2gpu.data.stats import DataStats
 
 
 def resize(x: torch.Tensor, size: int, antialias: bool | None = None) -> torch.Tensor:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import torch
 from torch import nn
 
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.datasets import Categories
+from alexnet2gpu.data.base import Categories
+from alexnet2gpu.files import atomic_write
 
 KEYS = ("model", "optimizer", "scheduler", "rng", "step", "epoch", "batch", "config", "best_val_top1")
 CONFIGS = {"model": AlexNetConfig, "data": DataConfig, "train": TrainConfig}
@@ -38,17 +38,13 @@ def save(checkpoint: dict, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     checkpoint = to_cpu(checkpoint)
     need = tensor_bytes(checkpoint)
     free = check_room(path, need)
     try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except BaseException as error:  # also KeyboardInterrupt / SystemExit: no partial file is left
-        tmp.unlink(missing_ok=True)
-        if not isinstance(error, (OSError, RuntimeError)):
-            raise
+        with atomic_write(path) as tmp:  # also KeyboardInterrupt / SystemExit: no partial file is left
+            torch.save(checkpoint, tmp)
+    except (OSError, RuntimeError) as error:
         # `free` as measured before the write: measured now, the space the failed write took may not be
         # back yet (its file can stay open through the traceback), and a full disk would read 0
         raise CheckpointError(

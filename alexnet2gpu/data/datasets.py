@@ -2,7 +2,7 @@
 IDX files, and a deterministic fake set for dry runs.
 
 Every dataset yields uint8 images (C, H, W) at their stored size and an integer label; the
-batched, on-device steps of `alexnet2gpu.transforms` do the rest. Sets small enough to hold in
+batched, on-device steps of `alexnet2gpu.data.transforms` do the rest. Sets small enough to hold in
 memory (`InMemory`) are batched by indexing, with no per-image work at all.
 """
 
@@ -21,16 +21,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from alexnet2gpu import staged
-from alexnet2gpu.dataset_base import (  # noqa: F401 - re-exported: every dataset's names, imported from here
-    WORD_FILES,
-    Categories,
-    DatasetError,
-    SkippingDataset,
-    imagenet_words,
-)
-from alexnet2gpu.images import IMAGE_EXTENSIONS, UnreadableImage, is_ignored, is_image_name, stage_image
-from alexnet2gpu.prefetch import prefetch
+from alexnet2gpu.config import DataConfig
+from alexnet2gpu.data import staged
+from alexnet2gpu.data.base import Categories, DatasetError, SkippingDataset, imagenet_words
+from alexnet2gpu.data.images import IMAGE_EXTENSIONS, UnreadableImage, is_ignored, is_image_name, stage_image
+from alexnet2gpu.data.prefetch import prefetch
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +269,7 @@ class ImageFolderStaged(SkippingDataset):
     """`root/<class>/<image>` (torchvision's ImageFolder layout), each image rescaled so its short
     side is `stage_size` and centre-cropped to a square (P 2), as uint8 (3, S, S).
 
-    Every mode PIL opens decodes to correct RGB (`alexnet2gpu.images.stage_image`); files that do
+    Every mode PIL opens decodes to correct RGB (`alexnet2gpu.data.images.stage_image`); files that do
     not decode are skipped with their path and reason, or stop the run with `strict=True`.
     """
 
@@ -365,6 +360,21 @@ def build_dataset(
     raise DatasetError(f"unknown dataset {name!r}; choose imagenet, mnist, fashion-mnist or fake")
 
 
+def datasets_for(config: DataConfig, split: str, data: str | None = None, *, host_decode: bool = False) -> Dataset:
+    """A run's `split` as its DataConfig reads it (the one place its dataset arguments are spelled out):
+    `data` replaces the run's folder; `host_decode` decodes on the CPU whatever the run chose (evaluation
+    and figures run where the run's GPUs may not be)."""
+    return build_dataset(
+        config.dataset,
+        split,
+        data or config.data,
+        stage_size=config.stage_size,
+        strict=config.strict,
+        gpu_decode=config.gpu_decode and not host_decode,
+        squash=config.squash,
+    )
+
+
 def check_classes(dataset: Dataset, saved: Categories | None, num_classes: int, checkpoint: str | Path) -> None:
     """Refuse a dataset whose classes are not the checkpoint's (by id, in label order; by count for a
     checkpoint that holds no names): its labels would be out of range (a crash mid-step) or name other
@@ -416,7 +426,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def _collate_skipping(items: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+def collate_skipping(items: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
     """Stacks the images that decoded (None marks a skipped one); encoded images (1-D bytes, for
     decoding on the GPU) stay a list."""
     items = [item for item in items if item is not None]
@@ -476,7 +486,7 @@ def batches(
         batch_size=part,
         sampler=order.tolist(),
         num_workers=workers,
-        collate_fn=_collate_skipping,
+        collate_fn=collate_skipping,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         worker_init_fn=_ignore_interrupts if workers else None,

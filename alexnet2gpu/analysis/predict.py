@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from alexnet2gpu.engine import EvaluationError
-from alexnet2gpu.images import IMAGE_EXTENSIONS, UnreadableImage, is_ignored, is_image_name, stage_image
-from alexnet2gpu.inference import Trained, load_trained
+from alexnet2gpu.analysis.inference import Trained, load_trained
+from alexnet2gpu.data.images import IMAGE_EXTENSIONS, UnreadableImage, is_ignored, is_image_name, stage_image
+from alexnet2gpu.train.errors import EvaluationError
+from alexnet2gpu.train.evaluate import log_probabilities
 
 TOP = 5
 # the side at which datasets.py stores each set's images (idx_dataset, fake_dataset); ImageNet: the
@@ -130,14 +130,9 @@ def read_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
 @torch.no_grad()
 def probabilities(trained: Trained, images: torch.Tensor, *, ten_crop: bool = False) -> torch.Tensor:
     """The softmax (N, classes), on the CPU, of uint8 images (N, C, S, S) in the stored form: of the
-    centre crop, or averaged over the ten patches (P 4.1), as `engine.evaluate` scores them."""
-    model, pipeline = trained.model.eval(), trained.pipeline
-    if ten_crop:
-        crops = pipeline.ten_crops(images)  # (N, 10, C, 224, 224)
-        probs = F.softmax(model(crops.flatten(0, 1)).float(), dim=1)  # (N * 10, classes)
-        probs = probs.view(len(images), 10, -1).mean(1)  # (N, classes)
-    else:
-        probs = F.softmax(model(pipeline(images)).float(), dim=1)  # (N, classes)
+    centre crop, or averaged over the ten patches (P 4.1), as `train.evaluate` scores them."""
+    model = trained.model.eval()
+    probs = log_probabilities(model, trained.pipeline, images, ten_crop=ten_crop).exp()  # (N, classes)
     probs = probs.cpu()
     if not torch.isfinite(probs).all():
         raise EvaluationError(

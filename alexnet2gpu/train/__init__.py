@@ -1,0 +1,1 @@
+"""A run: the one training loop, its placements, evaluation, checkpoints, logs and run folders."""
