@@ -172,3 +172,31 @@ def test_train_dist_runs_four_ranks_two_pairs_through_make(tmp_path: Path):
     rows = (tmp_path / "run" / "train.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]  # rank 0 logged both steps of the 4-rank run
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_every_parser_default_is_its_config_field_and_help_shows_it():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from alexnet2gpu import cli
+    from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    computed = {"batch_size", "init", "help"}  # None: the dataset's batch, the net's own init
+    fields = {}
+    for config in (DataConfig(), AlexNetConfig(), TrainConfig()):
+        fields.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    checked = 0
+    for action in train._actions:
+        if action.dest in computed or action.dest not in fields:
+            continue
+        default = cli.FLIPS[action.default] if action.dest == "flip" else action.default
+        assert default == fields[action.dest], action.dest
+        checked += 1
+    assert checked >= 25
+    out = subprocess.run([sys.executable, "-m", "alexnet2gpu", "train", "--help"], capture_output=True, text=True)
+    text = " ".join(out.stdout.split())
+    for section in ("data (DataConfig):", "model (AlexNetConfig):", "training (TrainConfig):"):
+        assert section in text
+    assert "(default: 90)" in text and "(default: 0.01)" in text and "default: imagenet" in text
