@@ -309,7 +309,7 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 10
     # Where and how the CLI runs it, kept so that a resume without the flags runs as the run did:
-    # `--devices` as given (None: the default placement) and `--no-tensorboard`. engine.train takes
+    # `--devices` as given (None: the default placement) and `--no-tensorboard`. loop.train takes
     # its devices and tensorboard as arguments and does not read these.
     devices: str | None = None
     tensorboard: bool = True

@@ -55,7 +55,7 @@ def train_tower_processes(
     timeout: float = DIST_TIMEOUT,
 ) -> dict:
     """One rank of a tower-process run (torchrun, or `launch`, starts 2 x D of them): the same loop
-    and recipe as `engine.train`, on the `TowerRanks` placement. A collective that waits more than
+    and recipe as `loop.train`, on the `TowerRanks` placement. A collective that waits more than
     `timeout` minutes for a rank ends the run, naming the rank. The process group this function
     starts, it also ends (`destroy_process_group`), on every exit."""
     if not dist.is_initialized() and "RANK" not in os.environ:
