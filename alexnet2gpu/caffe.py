@@ -326,6 +326,7 @@ def build_checkpoint(
 ) -> tuple[dict, dict]:
     """A checkpoint of our format holding CF's weights, and what was imported (sha1, shapes, mean)."""
     from alexnet2gpu.model.alexnet import AlexNet2GPU, fused_to_towers
+    from alexnet2gpu.train.checkpoint import record
     from alexnet2gpu.train.optim import make_optimizer, make_scheduler
     from alexnet2gpu.train.placement import named_optimizer_state
 
@@ -347,19 +348,15 @@ def build_checkpoint(
     provenance["mean"] = str(mean) if mean is not None else f"per channel, BGR {CAFFE_MEAN_BGR}"
     stats = DataStats(mean_rgb.float().contiguous(), IMAGENET_EIGVEC.clone(), IMAGENET_EIGVAL.clone(), provenance)
     classes = read_words(words, config.num_classes) if words is not None else None
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": named_optimizer_state(optimizer, names),
-        "scheduler": make_scheduler(optimizer, train).state_dict(),
-        "rng": {"cpu": torch.get_rng_state()},
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "best_val_top1": math.inf,
-        "config": {"model": config.to_dict(), "data": data.to_dict(), "train": train.to_dict()},
-        "stats": stats.to_dict(),
-        "classes": classes.to_dict() if classes is not None else None,  # None: checked by count only
-    }
+    checkpoint = record(
+        model=model.state_dict(),
+        optimizer=named_optimizer_state(optimizer, names),
+        scheduler=make_scheduler(optimizer, train).state_dict(),
+        configs={"model": config, "data": data, "train": train},
+        stats=stats,
+        classes=classes,
+        rng={"cpu": torch.get_rng_state()},
+    )
     summary = {
         "sha1": sha1,
         "bvlc_alexnet": sha1 == BVLC_ALEXNET_SHA1,

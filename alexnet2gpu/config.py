@@ -26,10 +26,30 @@ class ConfigError(ValueError):
 
 
 def check_fields(config, checks: list[tuple[str, bool, str]]) -> None:
-    """Raise a ConfigError for the first (field, ok, expected) that is not ok."""
+    """Raise a ConfigError for the first (field, ok, expected) that is not ok: the one way every config
+    checks its fields."""
     for field, ok, expected in checks:
         if not ok:
             raise ConfigError(type(config).__name__, field, getattr(config, field), expected)
+
+
+class Fields:
+    """to_dict and from_dict, shared by the configs: what a checkpoint stores and reads back."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """The config from its saved fields; unknown ones (another version's) are refused by name, and
+        lists (JSON's, torch.save's of a tuple) become tuples again."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} fields {unknown} (written by another version?); known: {sorted(known)}"
+            )
+        return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
 
 
 def finite(x) -> bool:
@@ -38,7 +58,7 @@ def finite(x) -> bool:
 
 
 @dataclass(frozen=True)
-class AlexNetConfig:
+class AlexNetConfig(Fields):
     """What the network is. The defaults are the paper's 1000-class, two-tower ImageNet model.
 
     Channel and feature counts are for the whole network; each tower holds `1 / towers` of every
@@ -83,39 +103,47 @@ class AlexNetConfig:
     init: str = "caffe"
 
     def __post_init__(self) -> None:
-        def fail(field: str, expected: str) -> None:
-            raise ConfigError("AlexNetConfig", field, getattr(self, field), expected)
-
-        if self.num_classes < 1:
-            fail("num_classes", "a positive number of classes")
-        if self.in_channels < 1:
-            fail("in_channels", "a positive number of input channels (3 for RGB, 1 for grayscale)")
-        if self.input_size not in INPUT_SIZES:
-            fail("input_size", "224 (right/bottom zero padding of 3, as cuda-convnet) or 227")
-        if self.conv1_padding not in CONV1_PADDINGS:
-            fail("conv1_padding", "c2 (zeros up to 227, as cuda-convnet) or none (the seed's 54x54 conv1)")
-        if self.towers not in (1, 2):
-            fail("towers", "2 (the paper's network) or 1 (one tower)")
-        if len(self.conv_channels) != 5 or any(c % self.towers for c in self.conv_channels):
-            fail("conv_channels", f"five channel counts, each divisible by towers={self.towers}")
-        if len(self.fc_features) != 2 or any(f % self.towers for f in self.fc_features):
-            fail("fc_features", f"two feature counts (fc6, fc7), each divisible by towers={self.towers}")
-        if self.fc_hidden is not None and (self.fc_hidden < 1 or self.towers != 1):
-            fail("fc_hidden", "None, or a positive width with towers=1 (P's towers have no such layer)")
-        if self.fc8_split and self.towers == 2 and self.num_classes < 2:
-            fail("num_classes", "at least 2 when fc8 is split between the towers")
-        if self.pooling not in POOLINGS:
-            fail("pooling", " or ".join(POOLINGS))
-        if self.activation not in ACTIVATIONS:
-            fail("activation", " or ".join(ACTIVATIONS))
-        if not 0.0 <= self.dropout < 1.0:
-            fail("dropout", "a probability in [0, 1)")
-        if self.lrn_size < 1:
-            fail("lrn_size", "a positive window size")
-        if self.lrn_scope not in LRN_SCOPES:
-            fail("lrn_scope", "tower (per tower, as P) or all (across both towers, as Caffe)")
-        if self.init not in INITS:
-            fail("init", " or ".join(INITS))
+        basics = [
+            ("num_classes", self.num_classes >= 1, "a positive number of classes"),
+            ("in_channels", self.in_channels >= 1, "a positive number of input channels (3 for RGB, 1 for grayscale)"),
+            ("input_size", self.input_size in INPUT_SIZES, "224 (zeros right and bottom, as cuda-convnet) or 227"),
+            (
+                "conv1_padding",
+                self.conv1_padding in CONV1_PADDINGS,
+                "c2 (zeros up to 227, as cuda-convnet) or none (the seed's 54x54 conv1)",
+            ),
+            ("towers", self.towers in (1, 2), "2 (the paper's network) or 1 (one tower)"),
+        ]
+        check_fields(self, basics)  # towers first: the checks below divide by it
+        checks = [
+            (
+                "conv_channels",
+                len(self.conv_channels) == 5 and not any(c % self.towers for c in self.conv_channels),
+                f"five channel counts, each divisible by towers={self.towers}",
+            ),
+            (
+                "fc_features",
+                len(self.fc_features) == 2 and not any(f % self.towers for f in self.fc_features),
+                f"two feature counts (fc6, fc7), each divisible by towers={self.towers}",
+            ),
+            (
+                "fc_hidden",
+                self.fc_hidden is None or (self.fc_hidden >= 1 and self.towers == 1),
+                "None, or a positive width with towers=1 (P's towers have no such layer)",
+            ),
+            (
+                "num_classes",
+                not (self.fc8_split and self.towers == 2) or self.num_classes >= 2,
+                "at least 2 when fc8 is split between the towers",
+            ),
+            ("pooling", self.pooling in POOLINGS, " or ".join(POOLINGS)),
+            ("activation", self.activation in ACTIVATIONS, " or ".join(ACTIVATIONS)),
+            ("dropout", 0.0 <= self.dropout < 1.0, "a probability in [0, 1)"),
+            ("lrn_size", self.lrn_size >= 1, "a positive window size"),
+            ("lrn_scope", self.lrn_scope in LRN_SCOPES, "tower (per tower, as P) or all (across the towers, as CF)"),
+            ("init", self.init in INITS, " or ".join(INITS)),
+        ]
+        check_fields(self, checks)
 
     @classmethod
     def one_gpu(cls, **overrides) -> AlexNetConfig:
@@ -176,18 +204,6 @@ class AlexNetConfig:
         a = (self.num_classes + 1) // 2
         return (a, self.num_classes - a)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> AlexNetConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown AlexNetConfig fields {unknown}; known: {sorted(known)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**values)
-
 
 DATASETS = ("imagenet", "mnist", "fashion-mnist", "fake")
 PRESETS = ("paper", "seed", "caffe")
@@ -195,7 +211,7 @@ PCA_SCALES = ("eigenvalue", "stdev")
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Fields):
     """Where the images come from and how they reach the network (P 2, 4.1 by default)."""
 
     dataset: str = "imagenet"
@@ -253,9 +269,6 @@ class DataConfig:
     def flips(self) -> bool:
         return self.flip if self.flip is not None else self.dataset in ("imagenet", "fake")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 # The batch when none is named: P 5's 128, except for the 28x28 sets (MNIST, Fashion-MNIST), which
 # take the batch of 60 of the seed's MNIST run (`--preset seed`). Their 60,000 images make an epoch
@@ -277,7 +290,7 @@ LR_SCALINGS = ("none", "linear")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Fields):
     """How the network is trained (P 5 by default)."""
 
     epochs: int = 90
@@ -356,15 +369,12 @@ class TrainConfig:
         ]
         check_fields(self, checks)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 SUBSAMPLINGS = ("4:2:0", "4:4:4")
 
 
 @dataclass(frozen=True)
-class StageConfig:
+class StageConfig(Fields):
     """How `python -m alexnet2gpu stage` stores a folder's images once at the paper's size."""
 
     size: int = 256  # P 2: short side rescaled to 256, centre 256x256 kept
@@ -382,9 +392,4 @@ class StageConfig:
             ("subsampling", self.subsampling in SUBSAMPLINGS, " or ".join(SUBSAMPLINGS)),
             ("shard_images", self.shard_images > 0, "a positive number of images"),
         ]
-        for field, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"StageConfig.{field}={getattr(self, field)!r}: expected {expected}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        check_fields(self, checks)

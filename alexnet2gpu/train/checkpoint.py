@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.data.base import Categories
+from alexnet2gpu.data.stats import DataStats
 from alexnet2gpu.files import atomic_write
 
 KEYS = ("model", "optimizer", "scheduler", "rng", "step", "epoch", "batch", "config", "best_val_top1")
@@ -25,6 +26,42 @@ CONFIGS = {"model": AlexNetConfig, "data": DataConfig, "train": TrainConfig}
 
 class CheckpointError(RuntimeError):
     """The checkpoint cannot be used; the message says why and what to do."""
+
+
+def record(
+    *,
+    model: dict,
+    optimizer: dict,
+    scheduler: dict,
+    configs: dict,
+    stats: DataStats | None,
+    classes: Categories | None,
+    rng: dict,
+    step: int = 0,
+    epoch: int = 0,
+    batch: int = 0,
+    best_val_top1: float = math.inf,
+    **extra,
+) -> dict:
+    """The checkpoint of the layout above, from its parts: the one builder, for a run's every save and
+    for `import-caffe`. `configs` maps "model", "data" and "train" to their configs; `extra` holds a
+    run's own entries (its epoch totals, its alarm)."""
+    if set(configs) != set(CONFIGS):
+        raise ValueError(f"a checkpoint's configs are {', '.join(CONFIGS)}; got {', '.join(configs)}")
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "rng": rng,
+        "step": step,
+        "epoch": epoch,
+        "batch": batch,
+        "best_val_top1": best_val_top1,
+        **extra,
+        "config": {name: configs[name].to_dict() for name in CONFIGS},
+        "stats": stats.to_dict() if stats is not None else None,
+        "classes": classes.to_dict() if classes is not None else None,  # None: checked by class count only
+    }
 
 
 def save(checkpoint: dict, path: str | Path) -> Path:
@@ -145,18 +182,9 @@ def read_configs(checkpoint: dict, path: str | Path) -> tuple[AlexNetConfig, Dat
     if "bias_rule" not in parts["train"]:  # written before the field: one rule for every parameter
         parts = {**parts, "train": {**parts["train"], "bias_rule": "paper"}}
     try:
-        return tuple(_from_dict(cls, parts[name]) for name, cls in CONFIGS.items())
+        return tuple(cls.from_dict(parts[name]) for name, cls in CONFIGS.items())
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its config cannot be used: {error}") from None
-
-
-def _from_dict(cls, values: dict):
-    """A config dataclass from its saved fields: unknown ones (another version's) are refused by name."""
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown} (written by another version?)")
-    return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
 
 
 def categories(checkpoint: dict) -> Categories | None:

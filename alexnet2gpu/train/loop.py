@@ -248,21 +248,21 @@ def save(run: Run) -> None:
     model, optimizer = run.placement.model_state(), run.placement.optimizer_state(run.optimizer)
     if run.placement.writer:
         state = run.state
-        checkpoint = {
-            "model": model,
-            "optimizer": optimizer,
-            "scheduler": run.scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "step": state.step,
-            "epoch": state.epoch,
-            "batch": state.batch,
-            "best_val_top1": state.best_val_top1,
-            "epoch_totals": run.totals.to_list(),
-            "alarm": run.alarm.state_dict(),
-            "config": {name: c.to_dict() for name, c in run.configs.items()},
-            "stats": run.stats.to_dict() if run.stats is not None else None,
-            "classes": run.categories.to_dict() if run.categories is not None else None,
-        }
+        checkpoint = ckpt.record(
+            model=model,
+            optimizer=optimizer,
+            scheduler=run.scheduler.state_dict(),
+            configs=run.configs,
+            stats=run.stats,
+            classes=run.categories,
+            rng=ckpt.rng_state(),
+            step=state.step,
+            epoch=state.epoch,
+            batch=state.batch,
+            best_val_top1=state.best_val_top1,
+            epoch_totals=run.totals.to_list(),
+            alarm=run.alarm.state_dict(),
+        )
         ckpt.save(checkpoint, run.last)
     run.placement.barrier()
     run.saved_step = run.state.step
