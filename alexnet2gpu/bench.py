@@ -141,8 +141,8 @@ def main_data(args) -> None:
 
 IMAGENET_SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (333, 500), (500, 500))  # common in ImageNet
 # ImageNet's 1.28M training images take about 140 GB: about 110 KB each, at a typical 500x375
-GPU_STEP_RATES = {"V100 fp32": 5_000, "A100 fp16": 16_000}  # img/s of AlexNet-sized nets, as issue 13 cites them
-# issue 22: 1.2 M images x 90 epochs (P 5) in 3 hours = 10,700 img/s, what two H100-class GPUs need to be fed
+GPU_STEP_RATES = {"V100 fp32": 5_000, "A100 fp16": 16_000}  # img/s, public benchmarks (docs/DATA.md)
+# 1.2 M images x 90 epochs (P 5) in 3 hours = 10,700 img/s, what two H100-class GPUs need to be fed
 TARGET_IMG_PER_S = 10_700
 
 
@@ -321,7 +321,7 @@ def print_imagenet_table(result: dict) -> None:
     )
     cores = result["sixteen_cores_img_per_s"]
     print(
-        f"16 cores would feed {cores['staged']:,} img/s staged, {cores['raw']:,} live; GPU steps (issue 13): "
+        f"16 cores would feed {cores['staged']:,} img/s staged, {cores['raw']:,} live; GPU steps: "
         + ", ".join(f"{k} {v:,} img/s" for k, v in result["gpu_step_rates_img_per_s"].items())
     )
     need = result["cores_for_img_per_s"]

@@ -237,8 +237,8 @@ class DataConfig(Fields):
     subset: int | None = None  # first N training images, for short runs
     strict: bool = False  # an unreadable image stops the run instead of being skipped
     workers: int = 4  # decoding processes for image folders
-    # Not in P: a staged folder's JPEGs decoded on the GPU (torchvision decode_jpeg, device="cuda";
-    # pytorch/vision PR 8496 measured about 8,000 img/s on an A100); off until measured here (issue 13).
+    # Not in P: a staged folder's JPEGs decoded on the GPU (torchvision decode_jpeg, device="cuda"); off
+    # until a GPU has measured it (docs/DATA.md).
     gpu_decode: bool = False
 
     def __post_init__(self) -> None:
@@ -271,10 +271,7 @@ class DataConfig(Fields):
 
 
 # The batch when none is named: P 5's 128, except for the 28x28 sets (MNIST, Fashion-MNIST), which
-# take the batch of 60 of the seed's MNIST run (`--preset seed`). Their 60,000 images make an epoch
-# of 469 steps of 128, too few updates for the first epoch to get far: one epoch of Fashion-MNIST
-# with the paper's pipeline and this recipe reached 83.6% test accuracy at batch 128 and 85.9% at
-# batch 60 (experiments/RESULTS.md, "One epoch: the batch, and flips").
+# take the seed's 60: an epoch of 469 steps of 128 is too few updates (docs/TRAINING.md).
 SEED_BATCH = 60
 
 
@@ -326,22 +323,14 @@ class TrainConfig(Fields):
     # its devices and tensorboard as arguments and does not read these.
     devices: str | None = None
     tensorboard: bool = True
-    # The stuck-loss alarm (alexnet2gpu.train.alarm) judges mean losses, never one noisy batch.
+    # The stuck-loss alarm (alexnet2gpu.train.alarm) judges mean losses, never one noisy batch; why
+    # these thresholds: docs/TRAINING.md.
     alarm_window: int = 10  # diverging: the mean of the last 10 steps
     alarm_after_steps: int = 20  # the first steps may overshoot and come back: "diverging" waits for them
-    # diverging: that mean above 1.5 ln(classes). A run that learns starts at about ln(classes) and
-    # goes down; the paper's init on Fashion-MNIST averaged 15 (6.6 ln 10) over its first 5 steps.
-    alarm_diverge_factor: float = 1.5
-    # flat: the mean loss of the last alarm_flat_epochs of an epoch (at least alarm_flat_steps steps)
-    # within 2% of ln(classes): 0.05 for 10 classes, 0.14 for 1000. A net stuck at chance outputs
-    # about the uniform distribution, whose loss is ln(classes). Runs that learn: Caffe's init on
-    # Fashion-MNIST leaves chance after about 25 steps (experiments/RESULTS.md); Caffe's ImageNet
-    # runs that worked left 6.9 after about 1,000 steps of 256, and its maintainers advised a restart
-    # when none had after 5,000 (BVLC/caffe issues 401, 59). Half an epoch is 234 steps of 128 on
-    # Fashion-MNIST, 5,005 on ImageNet. alarm_flat_steps=0 turns it off.
-    alarm_flat_margin: float = 0.02
-    alarm_flat_epochs: float = 0.5
-    alarm_flat_steps: int = 100
+    alarm_diverge_factor: float = 1.5  # diverging: that mean above 1.5 ln(classes)
+    alarm_flat_margin: float = 0.02  # flat: within 2% of ln(classes), chance's loss
+    alarm_flat_epochs: float = 0.5  # ... over the last half epoch
+    alarm_flat_steps: int = 100  # ... and at least 100 steps (0: no flat alarm)
 
     @property
     def base_lr(self) -> float:
@@ -379,9 +368,8 @@ class StageConfig(Fields):
 
     size: int = 256  # P 2: short side rescaled to 256, centre 256x256 kept
     quality: int = 95  # C2 stores its 256x256 images as JPEG quality 95 (make-data/pyext/include/pyext.h)
-    # Full colour resolution. C2's encoder (OpenCV) halves it (4:2:0), which leaves the staged pixels 2.2
-    # grey levels from the live path's on average against 1.7 here (issue 13 asks under 2); 4:2:0
-    # decodes 1.25x faster and takes 18% less disk (docs/BENCHMARKS.md)
+    # Full colour resolution, where C2's encoder (OpenCV) halves it (4:2:0): closer to the live path's
+    # pixels, slower to decode (docs/DATA.md, "The staged format")
     subsampling: str = "4:4:4"
     shard_images: int = 2048  # sources per shard: about 80 MB of JPEGs, seconds of one core's work
 

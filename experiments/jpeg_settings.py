@@ -1,4 +1,4 @@
-"""Staging's JPEG settings against issue 13's two goals: decoding at least 6x the live path per
+"""Staging's JPEG settings against two goals: decoding at least 6x the live path per
 worker, and staged pixels within 2 grey levels (mean absolute difference) of the live path's.
 For each setting: staged size, `decode_jpeg` speed over the live path (CPU-seconds of this process,
 one thread, the two timed in alternation), and the mean difference, on the bench's generated

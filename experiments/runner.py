@@ -18,15 +18,12 @@ from pathlib import Path
 
 import torch
 
+from alexnet2gpu.analysis.inference import load_trained
 from alexnet2gpu.bench import machine
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
-from alexnet2gpu.data.datasets import build_dataset
+from alexnet2gpu.data.datasets import datasets_for
 from alexnet2gpu.data.sampling import take
-from alexnet2gpu.data.stats import DataStats
-from alexnet2gpu.data.transforms import Pipeline
 from alexnet2gpu.devices import resolve_devices
-from alexnet2gpu.model.alexnet import build_model
-from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.evaluate import evaluate, percent
 from alexnet2gpu.train.logs import read_csv
 from alexnet2gpu.train.loop import train
@@ -87,14 +84,9 @@ def run(name: str, args, model: AlexNetConfig, data: DataConfig, config: TrainCo
 
 def ten_crop_error(run_dir: Path, args) -> dict:
     """Centre crop and ten-crop on the same test images, from a run's checkpoint."""
-    saved = ckpt.load(run_dir / "last.pt")
-    model_cfg = AlexNetConfig.from_dict(saved["config"]["model"])
-    data = DataConfig(**saved["config"]["data"])
-    model = build_model(model_cfg, resolve_devices(args.devices))
-    model.load_state_dict(saved["model"])
-    stats = DataStats.from_dict(saved["stats"]) if saved.get("stats") else None
-    test = take(build_dataset(data.dataset, "val", data.data), SIZES[args.size].ten_crop)
-    pipeline = Pipeline(data, stats, next(model.parameters()).device, train=False)
+    trained = load_trained(run_dir / "last.pt", args.devices)
+    test = take(datasets_for(trained.configs[1], "val", host_decode=True), SIZES[args.size].ten_crop)
+    model, pipeline = trained.model, trained.pipeline
     return {
         crop: evaluate(model, test, pipeline, batch_size=100, ten_crop=crop == "ten-crop", progress=False)
         for crop in ("centre", "ten-crop")

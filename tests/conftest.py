@@ -1,10 +1,20 @@
-"""Helpers shared by the tests: random weights that make every layer matter, and comparisons."""
+"""Helpers shared by the tests: the CPU placement and the small network and fake data most training
+tests run, random weights that make every layer matter, and comparisons. The file builders (Caffe's
+files, image trees, ImageNet's archives) are in tests/builders/."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
+
+from alexnet2gpu.config import AlexNetConfig, DataConfig
+
+CPU = (torch.device("cpu"), torch.device("cpu"))  # both towers on the CPU
+# the paper's layout, narrower: a training step takes tens of milliseconds on the CPU
+SMALL = AlexNetConfig(num_classes=10, init="he", conv_channels=(16, 32, 48, 48, 32), fc_features=(64, 64))
+# a generated set, its statistics fitted on 64 images, decoded in this process
+FAKE = DataConfig(dataset="fake", preset="paper", subset=16, fit_images=64, pixel_scale=1.0, workers=0)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import torch
+from conftest import CPU
 
 import alexnet2gpu.train.loop as loop
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
@@ -13,7 +14,6 @@ from alexnet2gpu.train.alarm import LossAlarm
 from alexnet2gpu.train.logs import RunLog, read_csv
 
 CHANCE = math.log(10)
-CPU = (torch.device("cpu"), torch.device("cpu"))
 
 
 def warnings(losses: list[float], config: TrainConfig | None = None, steps_per_epoch: int = 0) -> list[tuple[int, str]]:
@@ -100,8 +100,6 @@ def test_a_resumed_run_hears_what_the_alarm_heard_and_never_repeats_a_warning(tm
     """The alarm's windows and the warnings it gave are in the checkpoint: a run cut and resumed
     writes the events.log of an uninterrupted one."""
     import dataclasses
-
-    import torch
 
     from alexnet2gpu.config import AlexNetConfig, DataConfig
     from alexnet2gpu.train.loop import train

@@ -1,4 +1,4 @@
-"""Staging ImageNet as it is downloaded (issue 22): the official archives and Kaggle's copy stage to the
+"""Staging ImageNet as it is downloaded: the official archives and Kaggle's copy stage to the
 bytes the extracted ImageFolder tree stages to, val labels through the devkit; a staged folder is
 written by one process at a time, a killed stage leaves no worker and resumes to the same bytes, a
 flipped label is caught, and replaced data is fitted again."""
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from imagenet_archives import CLASSES, IDS, VAL_CLASSES, WORDS, image_folder, kaggle, official
+from builders.imagenet_archives import CLASSES, IDS, VAL_CLASSES, WORDS, image_folder, kaggle, official
 
 from alexnet2gpu.cli import main
 from alexnet2gpu.config import StageConfig

@@ -1,4 +1,4 @@
-"""Caffe's bvlc_alexnet in the towers: caffemodels written here from random weights (tests/caffe_files.py),
+"""Caffe's bvlc_alexnet in the towers: caffemodels written here from random weights (tests/builders/caffe_files.py),
 imported, and compared with an independent reference written from CF's deploy.prototxt."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from caffe_files import REAL, SMALL, caffe_weights, caffemodel, mean_image, write_mean, write_model
+from builders.caffe_files import REAL, SMALL, caffe_weights, caffemodel, mean_image, write_mean, write_model
+from builders.image_trees import photo_tree
 from conftest import rel_diff
-from image_trees import photo_tree
 from torch import nn
 
 from alexnet2gpu import caffe

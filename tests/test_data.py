@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from image_trees import awkward_images, leftovers, unreadable_images
+from builders.image_trees import awkward_images, leftovers, unreadable_images
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from alexnet2gpu.config import DataConfig
@@ -267,7 +267,7 @@ def test_imagenet_without_folders_says_what_layout_it_needs(tmp_path: Path) -> N
 
 
 # ---------------------------------------------------------------------------------------------
-# every image a class folder may hold (issue 11, principle 6)
+# every image a class folder may hold
 
 
 @pytest.fixture(scope="module")

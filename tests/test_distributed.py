@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CPU, SMALL
 
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig
 from alexnet2gpu.config import DataConfig, TrainConfig
@@ -100,10 +101,8 @@ def test_each_trap_breaks_the_equality(tmp_path: Path, mistake: str) -> None:
 # training: the one loop on tower processes is the single-process run, numbers and schedule alike
 
 # a narrow two-tower net (the paper's layer pattern, few channels) so that several epochs take seconds
-SMALL = AlexNetConfig(num_classes=10, init="he", conv_channels=(16, 32, 48, 48, 32), fc_features=(64, 64))
 # the paper's pipeline (random crops, flips, PCA noise) at unit pixel scale; 32 images: 4 steps an epoch
 FAKE = DataConfig(dataset="fake", preset="paper", subset=32, fit_images=64, pixel_scale=1.0, workers=0)
-CPU = (torch.device("cpu"), torch.device("cpu"))
 
 
 def recipe(**overrides) -> TrainConfig:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU
 
 from alexnet2gpu.cli import main
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
@@ -23,7 +24,6 @@ from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.errors import EvaluationError
 from alexnet2gpu.train.evaluate import evaluate
 
-CPU = (torch.device("cpu"), torch.device("cpu"))
 # two towers of a few channels: every layer of the paper's net, built and run in milliseconds
 TINY = AlexNetConfig(num_classes=10, init="he", conv_channels=(4, 4, 4, 4, 4), fc_features=(8, 8))
 FAKE = DataConfig(dataset="fake", preset="seed")
@@ -352,14 +352,14 @@ def test_usage_errors_are_one_line_on_every_command(capsys, argv: list[str], pat
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 20: found by a hostile try
+# found by a hostile try
 
 
 @pytest.fixture
 def looped_tree(tmp_path: Path, request) -> Path:
     """A small ImageNet tree with a symbolic link to itself (`ln -s loop loop`) where a class folder
     (train/) or an image (in a class folder of each split) belongs."""
-    from image_trees import photo_tree
+    from builders.image_trees import photo_tree
 
     root = photo_tree(tmp_path / "imagenet", per_class=2)
     for folder in [root / "train"] if request.param == "class" else [root / "train" / "ant", root / "val" / "ant"]:
@@ -390,7 +390,7 @@ def test_a_cache_folder_that_cannot_be_written_leaves_the_run_going_without_it(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """As root, permission bits do not stop a write: a cache path under a file does."""
-    from image_trees import photo_tree
+    from builders.image_trees import photo_tree
 
     (tmp_path / "a-file").write_text("x")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file" / "cache"))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from image_trees import photo_tree
+from builders.image_trees import photo_tree
+from conftest import CPU, FAKE, SMALL
 
 import alexnet2gpu.train.loop as loop
 from alexnet2gpu.analysis import figures
@@ -23,9 +24,6 @@ from alexnet2gpu.data.datasets import build_dataset
 from alexnet2gpu.train import panel
 from alexnet2gpu.train.panel import PANEL_IMAGES
 
-CPU = (torch.device("cpu"), torch.device("cpu"))
-SMALL = AlexNetConfig(num_classes=10, init="he", conv_channels=(16, 32, 48, 48, 32), fc_features=(64, 64))
-FAKE = DataConfig(dataset="fake", preset="paper", subset=16, fit_images=64, pixel_scale=1.0, workers=0)
 SHORT = TrainConfig(epochs=1, batch_size=8, max_steps=2, val_subset=8, seed=3, log_every=1)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU
 from torch import nn
 
 import alexnet2gpu.train.loop as loop
@@ -17,7 +18,6 @@ from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.optim import PaperSGD, make_optimizer, make_scheduler, set_lr
 
 LR, WD, MOMENTUM = 0.1, 0.01, 0.9
-CPU = (torch.device("cpu"), torch.device("cpu"))
 
 
 def tiny() -> nn.Module:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from image_trees import awkward_images, photo, unreadable_images
+from builders.image_trees import awkward_images, photo, unreadable_images
+from conftest import CPU, FAKE, SMALL
 from PIL import Image
 
 import alexnet2gpu.train.loop as loop
@@ -23,10 +24,7 @@ from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.data.datasets import DEBIAN, FASHION_MNIST, build_dataset
 from alexnet2gpu.data.images import stage_image
 
-CPU = (torch.device("cpu"), torch.device("cpu"))
 # tests/test_runs.py's narrow two-tower net: a step takes a fraction of a second
-SMALL = AlexNetConfig(num_classes=10, init="he", conv_channels=(16, 32, 48, 48, 32), fc_features=(64, 64))
-FAKE = DataConfig(dataset="fake", preset="paper", subset=16, fit_images=64, pixel_scale=1.0, workers=0)
 SHORT = TrainConfig(epochs=1, batch_size=8, max_steps=2, val_subset=8, seed=3, log_every=1)
 
 

@@ -1,4 +1,4 @@
-"""Work done ahead in a background thread (issue 19: the GPU decode overlapped with the step): the
+"""Work done ahead in a background thread (the GPU decode overlapped with the step): the
 same items in the same order, exceptions that reach the consumer as themselves, no thread left
 behind by a consumer that stops early, real overlap, and the CUDA stream hand-over, imitated."""
 

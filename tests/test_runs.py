@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU, FAKE, SMALL
 
 import alexnet2gpu.train.loop as loop
-from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.config import DataConfig, TrainConfig
 from alexnet2gpu.data.sampling import sample_note, take
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.errors import TrainingError
@@ -23,10 +24,7 @@ from alexnet2gpu.train.logs import read_csv
 from alexnet2gpu.train.optim import PaperSGD
 from alexnet2gpu.train.rundir import RunDir, RunDirError
 
-CPU = (torch.device("cpu"), torch.device("cpu"))
 # a narrow two-tower net and the paper's pipeline at unit pixel scale: a step takes a fraction of a second
-SMALL = AlexNetConfig(num_classes=10, init="he", conv_channels=(16, 32, 48, 48, 32), fc_features=(64, 64))
-FAKE = DataConfig(dataset="fake", preset="paper", subset=16, fit_images=64, pixel_scale=1.0, workers=0)
 
 
 def run(out: Path, max_steps: int, resume: Path | None = None, **options) -> dict:
@@ -323,7 +321,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path: Path) 
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 20: nothing lost, round two
+# nothing lost: resume, signals and the disk
 
 
 def big_logs(run_dir: Path) -> dict[str, bytes]:
@@ -415,13 +413,13 @@ def test_resume_keeps_no_tensorboard_and_devices_unless_given(tmp_path: Path, mo
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 20, round two: samples over all classes, the disk checked first, validation that diverges,
+# samples over all classes, the disk checked first, validation that diverges,
 # a dataset of another class count
 
 
 def test_subsets_of_imagenet_are_a_fixed_sample_over_all_classes(tmp_path: Path) -> None:
     """Stored class by class, the first N images of ImageNet would be one class: a short run's 0% error."""
-    from image_trees import photo_tree
+    from builders.image_trees import photo_tree
 
     from alexnet2gpu.data.datasets import build_dataset
 
@@ -492,7 +490,7 @@ def test_validation_without_a_number_keeps_finite_weights(tmp_path: Path, monkey
     ids=["more", "fewer", "renamed"],
 )
 def test_a_dataset_of_other_classes_is_refused_by_evaluate_and_resume(tmp_path: Path, classes, words) -> None:
-    from image_trees import photo_tree
+    from builders.image_trees import photo_tree
 
     photo_tree(tmp_path / "trained", classes=("ant", "bee", "cow"), per_class=4)
     photo_tree(tmp_path / "other", classes=classes, per_class=4)
@@ -509,7 +507,7 @@ def test_a_dataset_of_other_classes_is_refused_by_evaluate_and_resume(tmp_path: 
 
 
 def test_class_names_travel_with_the_data_and_the_checkpoint(tmp_path: Path) -> None:
-    from image_trees import photo_tree
+    from builders.image_trees import photo_tree
 
     from alexnet2gpu.data.datasets import build_dataset
 
@@ -554,7 +552,7 @@ def test_the_disk_check_counts_the_new_checkpoint_beside_the_old(tmp_path: Path,
 
 
 def test_a_run_directory_inside_an_imagenet_split_is_refused(tmp_path: Path) -> None:
-    from image_trees import photo_tree
+    from builders.image_trees import photo_tree
 
     root = photo_tree(tmp_path / "inet", classes=("ant", "bee"), per_class=2)
     flags = ["--dataset", "imagenet", "--data", str(root), "--preset", "seed", "--net", "one-gpu", "-b", "2"]

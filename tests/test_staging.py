@@ -1,4 +1,4 @@
-"""Staging (issue 13): the staged images are the live path's, nothing is lost without a line in the
+"""Staging: the staged images are the live path's, nothing is lost without a line in the
 manifest, an interrupted stage resumes, a damaged staged folder is one line, training reads it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from image_trees import awkward_images, leftovers, photo_tree, unreadable_images
+from builders.image_trees import awkward_images, leftovers, photo_tree, unreadable_images
 
 from alexnet2gpu.cli import main
 from alexnet2gpu.config import AlexNetConfig, DataConfig, StageConfig, TrainConfig

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU
 
 import alexnet2gpu.train.loop as loop
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
@@ -19,7 +20,6 @@ from alexnet2gpu.train.errors import TrainingError
 from alexnet2gpu.train.logs import read_csv
 from alexnet2gpu.train.optim import PaperSGD, make_scheduler
 
-CPU = (torch.device("cpu"), torch.device("cpu"))
 MODEL = AlexNetConfig(num_classes=10, init="he")
 # 16 fake images in batches of 8: two steps an epoch, so runs cross epoch ends
 DATA = DataConfig(dataset="fake", preset="seed", subset=16)

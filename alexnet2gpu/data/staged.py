@@ -14,17 +14,7 @@ A staged folder:
     val/...
     .lock                   an flock held by the one process that writes the folder (alexnet2gpu.data.staging)
 
-Why this container: a run reads its images in an order that is a function of (seed, epoch), and
-a resumed run must read the same images from the same batch on (exact resume), so every image must
-be reachable by its index. Shards of plain JPEGs and an offset table give that with one memory map
-per shard and no new dependency. Considered: WebDataset (tar shards) is read as a stream and
-shuffled through a buffer, so an epoch's order is not a function of the index; FFCV's .beton
-files have random access and fast decoding but bring numba and a loader of their own in place of
-torch's DataLoader and this package's batched pipeline; LMDB gives random access too, through a
-B-tree and a C library, for what an offset table does here.
-
-Decoding is torchvision's `decode_jpeg` (libjpeg-turbo on the CPU, nvJPEG on CUDA). torchvision 0.29
-deprecates its image codecs in favour of TorchCodec; they remain in every version setup.cfg allows.
+Why this container, and the JPEG settings: docs/DATA.md, "The staged format".
 """
 
 from __future__ import annotations

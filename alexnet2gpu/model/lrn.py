@@ -1,4 +1,4 @@
-"""Local response normalisation (P 3.3) with a hand-written backward, 4-5x faster than PyTorch's on CPU.
+"""Local response normalisation (P 3.3) with a hand-written backward, faster than PyTorch's on CPU.
 
 P 3.3 of Krizhevsky et al. (2012) normalises each activation by the energy of its `size` neighbouring
 channels at the same pixel:
@@ -8,7 +8,7 @@ channels at the same pixel:
 
 which is `torch.nn.functional.local_response_norm` exactly, its window for even sizes included.
 PyTorch builds it from generic ops (pad, avg_pool3d, pow, div) and autograd differentiates them one
-by one; on CPU that was 37-39% of an AlexNet training step. The backward, written out:
+by one, a large share of a CPU training step (docs/BENCHMARKS.md). The backward, written out:
 
     grad_a = g * d^-beta - 2 * beta * alpha/size * a * S^T(g * a * d^(-beta-1)),
 
@@ -25,11 +25,7 @@ backward allocate two tensors each. For the paper's beta = 0.75, d^-0.75 is sqrt
 cheap passes) rather than the generic pow, which costs about three times as much.
 Only a (which the ReLU before LRN keeps anyway) and d are saved; d^-beta is recomputed in the backward.
 
-Window-sum strategies tried, fwd+bwd for (64, 48, 55, 55) and (64, 128, 27, 27) float32 on 2 CPU threads
-(F.local_response_norm: 423 and 158 ms): in-place shifted addcmul_ (kept: 88 and 31 ms; 97 and 34 with
-the generic pow), `size` shifted slices of one padded buffer (124, 40), pairwise sums of such slices
-(150, 43), cumsum then difference (159, 41, and float32 cancellation costs ~3e-6 relative). Alone,
-avg_pool3d and a (size, 1, 1) conv3d were slower than the shifted slices.
+The other window-sum strategies tried, and their timings: docs/BENCHMARKS.md.
 
 Float16 and bfloat16 inputs are computed in float32 (their squares overflow or lose too much) and the
 result returned in the input's dtype; float64 stays float64. Pure torch ops, so CPU and CUDA alike,

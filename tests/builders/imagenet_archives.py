@@ -13,8 +13,9 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from image_trees import photo
 from PIL import Image
+
+from builders.image_trees import photo
 
 WORDS = {
     "n01440764": "tench, Tinca tinca",
