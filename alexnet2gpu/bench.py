@@ -28,7 +28,7 @@ from alexnet2gpu.data.datasets import InMemory, batches, build_dataset, collate_
 from alexnet2gpu.data.staged import StagedImages
 from alexnet2gpu.data.staging import stage
 from alexnet2gpu.data.stats import fit_stats
-from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.data.transforms import input_pipeline
 
 
 def machine() -> str:
@@ -80,7 +80,7 @@ def bench_data(
     if not isinstance(train, InMemory) or train.channels != 1:
         raise ValueError("the data bench compares against the seed's grayscale pipeline: use mnist or fashion-mnist")
     train = train.subset(min(images, len(train)))
-    paper = Pipeline(DataConfig(dataset=dataset), fit_stats(train), dev, train=True)
+    paper = input_pipeline(DataConfig(dataset=dataset), fit_stats(train), dev, train=True)
     generator = torch.Generator().manual_seed(0)
 
     def run_paper() -> int:

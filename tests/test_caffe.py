@@ -23,7 +23,7 @@ from alexnet2gpu.cli import main
 from alexnet2gpu.config import AlexNetConfig, DataConfig
 from alexnet2gpu.data.images import stage_image
 from alexnet2gpu.data.stats import DataStats
-from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.data.transforms import input_pipeline
 from alexnet2gpu.model.alexnet import AlexNet2GPU, AlexNetFused
 from alexnet2gpu.model.tower_process import TowerProcess
 from alexnet2gpu.train import checkpoint as ckpt
@@ -102,7 +102,7 @@ def test_imported_towers_give_the_prototxt_network_logits(tmp_path: Path, fmt: s
     assert (data.preset, data.crop_size, data.stage_size) == ("caffe", 227, 256)
 
     rgb = images()
-    pipeline = Pipeline(data, DataStats.from_dict(checkpoint["stats"]), "cpu", train=False)
+    pipeline = input_pipeline(data, DataStats.from_dict(checkpoint["stats"]), "cpu", train=False)
     x = pipeline(rgb)
     assert torch.allclose(x, caffe_input(rgb, mean), atol=1e-4)
     with torch.no_grad():
@@ -306,8 +306,8 @@ def test_caffe_preset_training_crops_are_the_papers_in_bgr() -> None:
     stats = DataStats(mean_image().flip(0), torch.eye(3), torch.tensor([0.2, 0.02, 0.004]))
     rgb = images(4)
     common = dict(dataset="imagenet", crop_size=227)
-    paper = Pipeline(DataConfig(**common), stats, "cpu", train=True)(rgb, torch.Generator().manual_seed(5))
-    ours = Pipeline(DataConfig(**common, preset="caffe"), stats, "cpu", train=True)(
+    paper = input_pipeline(DataConfig(**common), stats, "cpu", train=True)(rgb, torch.Generator().manual_seed(5))
+    ours = input_pipeline(DataConfig(**common, preset="caffe"), stats, "cpu", train=True)(
         rgb, torch.Generator().manual_seed(5)
     )
     assert torch.equal(ours, paper.flip(1))

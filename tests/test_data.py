@@ -21,7 +21,7 @@ from alexnet2gpu.data.base import DatasetError, SkippingDataset
 from alexnet2gpu.data.datasets import InMemory, batches, build_dataset, epoch_order, read_idx
 from alexnet2gpu.data.images import UnreadableImage, rescale_and_crop, stage_image
 from alexnet2gpu.data.stats import DataStats, fit_stats
-from alexnet2gpu.data.transforms import Pipeline, center_crop, crop, pca_noise, resize, resized_crop, ten_crop
+from alexnet2gpu.data.transforms import center_crop, crop, input_pipeline, pca_noise, resize, resized_crop, ten_crop
 
 # ---------------------------------------------------------------------------------------------
 # crops
@@ -97,7 +97,7 @@ def test_stats_fit_on_images_decoded_on_the_gpu_returns_cpu_tensors(monkeypatch)
 def test_mean_subtraction_is_exact() -> None:
     images = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
     mean = torch.rand(3, 256, 256) * 255
-    pipe = Pipeline(DataConfig(dataset="fake"), DataStats(mean, torch.eye(3), torch.ones(3)), "cpu", train=False)
+    pipe = input_pipeline(DataConfig(dataset="fake"), DataStats(mean, torch.eye(3), torch.ones(3)), "cpu", train=False)
     assert torch.equal(pipe.normalise(images), images.float() - mean)
     assert torch.equal(pipe(images), center_crop(images.float() - mean, 224))
 
@@ -122,8 +122,8 @@ def test_train_pipeline_adds_one_colour_shift_per_image() -> None:
     stats = DataStats(
         torch.full((3, 256, 256), 100.0), torch.linalg.qr(torch.randn(3, 3))[0], torch.tensor([0.2, 0.02, 0.004])
     )
-    with_noise = Pipeline(DataConfig(dataset="fake"), stats, "cpu", train=True)
-    without = Pipeline(DataConfig(dataset="fake", pca_noise=False), stats, "cpu", train=True)
+    with_noise = input_pipeline(DataConfig(dataset="fake"), stats, "cpu", train=True)
+    without = input_pipeline(DataConfig(dataset="fake", pca_noise=False), stats, "cpu", train=True)
     a = with_noise(images, torch.Generator().manual_seed(5))
     b = without(images, torch.Generator().manual_seed(5))
     shift = a - b  # (N, 3, 224, 224): the same crop and flip, plus the noise
@@ -135,7 +135,7 @@ def test_train_pipeline_adds_one_colour_shift_per_image() -> None:
 
 def test_seed_preset_is_resize_and_normalise() -> None:
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
-    out = Pipeline(DataConfig(dataset="mnist", preset="seed"), None, "cpu", train=True)(images)
+    out = input_pipeline(DataConfig(dataset="mnist", preset="seed"), None, "cpu", train=True)(images)
     expected = (resize(images.float() / 255, 224) - 0.1307) / 0.3081
     assert out.shape == (2, 1, 224, 224) and torch.allclose(out, expected, atol=1e-5)
 

@@ -18,7 +18,7 @@ from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.data.base import DatasetError
 from alexnet2gpu.data.datasets import InMemory, find_idx
 from alexnet2gpu.data.stats import DataStats
-from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.data.transforms import input_pipeline
 from alexnet2gpu.model.alexnet import build_model
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.errors import EvaluationError
@@ -203,7 +203,7 @@ def test_evaluate_of_an_empty_set_is_an_error_not_zero_percent(tmp_path: Path, c
     path = write_checkpoint(tmp_path / "last.pt", model, DataConfig(dataset="mnist", data=str(folder), preset="seed"))
     fails(capsys, ["evaluate", "--checkpoint", str(path)], "no images to evaluate in mnist val", alone=False)
     with pytest.raises(EvaluationError, match="no images to evaluate in fake val"):
-        evaluate(build_model(TINY, CPU), _fake_val(0), Pipeline(FAKE, None, "cpu", train=False), progress=False)
+        evaluate(build_model(TINY, CPU), _fake_val(0), input_pipeline(FAKE, None, "cpu", train=False), progress=False)
 
 
 def _fake_val(n: int) -> InMemory:
@@ -218,7 +218,7 @@ def test_a_model_with_nan_weights_is_not_scored(ten_crop: bool) -> None:
     with torch.no_grad():
         model.tower_b.fc7.weight[0, 0] = math.nan  # one weight: every logit of every image turns NaN
     stats = DataStats(torch.zeros(3, 32, 32), torch.eye(3), torch.ones(3))  # ten-crop needs the paper's pipeline
-    pipeline = Pipeline(DataConfig(dataset="fake") if ten_crop else FAKE, stats, "cpu", train=False)
+    pipeline = input_pipeline(DataConfig(dataset="fake") if ten_crop else FAKE, stats, "cpu", train=False)
     with pytest.raises(EvaluationError, match=r"outputs are NaN or inf for (\d+) of \1 images"):
         evaluate(model, _fake_val(6), pipeline, batch_size=40 if ten_crop else 4, ten_crop=ten_crop, progress=False)
 

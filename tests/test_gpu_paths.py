@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig, AlexNetFused
 from alexnet2gpu.config import DataConfig, TrainConfig
 from alexnet2gpu.data.stats import DataStats
-from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.data.transforms import Pipeline, input_pipeline
 from alexnet2gpu.model.layers import LocalResponseNorm, dropout_generator, init_weights
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train import loop
@@ -127,7 +127,7 @@ def test_the_towers_compile_to_one_graph() -> None:
 def paper_pipeline(device: str, channels_last: bool = False, train: bool = True) -> Pipeline:
     data = DataConfig(dataset="fake", preset="paper")
     stats = DataStats(torch.full((3, 32, 32), 120.0), torch.eye(3), torch.tensor([0.2, 0.02, 0.004]))
-    return Pipeline(data, stats, device, train=train, channels_last=channels_last)
+    return input_pipeline(data, stats, device, train=train, channels_last=channels_last)
 
 
 def test_augmentation_parameters_cross_to_the_device_in_one_asynchronous_copy(monkeypatch) -> None:

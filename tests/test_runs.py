@@ -564,7 +564,7 @@ def test_a_run_directory_inside_an_imagenet_split_is_refused(tmp_path: Path) -> 
 def test_validation_loss_is_the_cross_entropy_however_small_the_probability(tmp_path: Path) -> None:
     """A clamped log(p) capped every such image's loss at -ln(1e-12) = 27.63."""
     from alexnet2gpu.data.datasets import fake_dataset
-    from alexnet2gpu.data.transforms import Pipeline
+    from alexnet2gpu.data.transforms import input_pipeline
 
     class Sure(torch.nn.Module):  # certain of class 0, by 1000 logits
         def __init__(self, classes: int = 10) -> None:
@@ -576,7 +576,7 @@ def test_validation_loss_is_the_cross_entropy_however_small_the_probability(tmp_
             return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), self.classes).float() * 1000
 
     val = fake_dataset("val")
-    pipeline = Pipeline(DataConfig(dataset="fake", preset="seed"), None, "cpu", train=False)
+    pipeline = input_pipeline(DataConfig(dataset="fake", preset="seed"), None, "cpu", train=False)
     result = evaluate(Sure(), take(val, 20), pipeline, progress=False)
     assert result["loss"] == pytest.approx(1000 * 18 / 20, rel=1e-4)  # 18 of 20 images are not of class 0
     four = take(fake_dataset("val", num_classes=4), 8)

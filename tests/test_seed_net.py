@@ -14,7 +14,7 @@ from torch import nn
 from alexnet2gpu import AlexNet2GPU, AlexNetConfig, AlexNetFused
 from alexnet2gpu.cli import add_model_args, model_config
 from alexnet2gpu.config import DataConfig
-from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.data.transforms import input_pipeline
 from alexnet2gpu.model.layers import init_weights
 
 
@@ -137,6 +137,6 @@ def test_cli_net_seed_builds_the_seeds_network() -> None:
 def test_seed_pipeline_is_torchvisions_normalize_then_resize(train: bool) -> None:
     transforms = pytest.importorskip("torchvision.transforms")
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
-    ours = Pipeline(DataConfig(dataset="fashion-mnist", preset="seed"), None, "cpu", train=train)(images)
+    ours = input_pipeline(DataConfig(dataset="fashion-mnist", preset="seed"), None, "cpu", train=train)(images)
     seed = transforms.Compose([transforms.Normalize((0.1307,), (0.3081,)), transforms.Resize((224, 224))])
     assert torch.equal(ours, seed(images.float() / 255))

@@ -13,7 +13,7 @@ from torch import nn
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.data.base import Categories
 from alexnet2gpu.data.stats import DataStats
-from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.data.transforms import Pipeline, input_pipeline
 from alexnet2gpu.devices import DeviceError, resolve_devices
 from alexnet2gpu.model.alexnet import AlexNet2GPU, AlexNetFused, build_model
 from alexnet2gpu.train import checkpoint as ckpt
@@ -51,7 +51,7 @@ def load_trained(path: str | Path, devices: str | None = None) -> Trained:
     model = build_model(model_config, placed)
     ckpt.load_weights(model, saved["model"], path)
     stats = DataStats.from_dict(saved["stats"]) if saved.get("stats") else None
-    pipeline = Pipeline(data, stats, next(model.parameters()).device, train=False)
+    pipeline = input_pipeline(data, stats, next(model.parameters()).device, train=False)
     categories = ckpt.categories(saved) or Categories.numbered(model_config.num_classes)
     return Trained(path, saved, model.eval(), pipeline, categories, (model_config, data, train))
 

@@ -94,7 +94,8 @@ def pca_noise(
 
 
 class Pipeline:
-    """Stored uint8 batches -> network inputs, on `device`. `train` picks augmentation."""
+    """Stored uint8 batches -> network inputs, on `device`, for the paper's and Caffe's recipes
+    (P 2, 4.1); `train` picks augmentation. `input_pipeline()` picks this class or `SeedPipeline`."""
 
     def __init__(
         self,
@@ -105,10 +106,10 @@ class Pipeline:
         *,
         channels_last: bool = False,
     ) -> None:
-        if config.preset != "seed" and stats is None:
+        if stats is None:
             raise ValueError(f"the {config.preset} preset needs the training set's statistics (mean image, PCA)")
         self.config, self.stats, self.device, self.train = config, stats, torch.device(device), train
-        self.mean = stats.mean.to(self.device) if stats is not None else None
+        self.mean = stats.mean.to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.bgr = config.preset == "caffe"  # CF's networks take B, G, R (OpenCV's order)
 
@@ -119,23 +120,18 @@ class Pipeline:
             x = x.pin_memory()
         return x.to(self.device, non_blocking=True)
 
+    def as_float(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) uint8 -> float on the device (float32 unless a test sets float64)."""
+        return images.to(self.device, non_blocking=True).to(torch.get_default_dtype())
+
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) uint8 -> float at the stored size: mean image subtracted (P 2); in BGR order
         for the caffe preset (the mean is kept in RGB, as the stored images)."""
-        x = images.to(self.device, non_blocking=True).to(
-            torch.get_default_dtype()
-        )  # float32 unless a test sets float64
-        if self.config.preset == "seed":
-            return (x / 255.0 - self.config.seed_mean) / self.config.seed_std
-        x = (x - self.mean) * (self.config.pixel_scale / 255.0)
+        x = (self.as_float(images) - self.mean) * (self.config.pixel_scale / 255.0)
         return x.flip(1) if self.bgr else x  # (N, 3, h, w), RGB -> BGR for Caffe's weights
 
     def stage(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) uint8 -> (N, C, 256, 256) float, mean subtracted and resized (P 2). The
-        seed's pipeline has no crops: Normalize, then Resize((224, 224)) of the whole image, as the
-        seed writes it (torchvision's filter, so the values are torchvision's to the bit)."""
-        if self.config.preset == "seed":
-            return resize(self.normalise(images), self.config.crop_size, antialias=True)
+        """(N, C, h, w) uint8 -> (N, C, 256, 256) float, mean subtracted and resized (P 2)."""
         return resize(self.normalise(images), self.config.stage_size)
 
     def __call__(
@@ -148,8 +144,6 @@ class Pipeline:
         draws are made for the whole batch and this part takes its own, so a process feeding part of
         the batch augments its rows exactly as one process feeding all of it would."""
         config, size = self.config, self.config.crop_size
-        if config.preset == "seed":
-            return self.stage(images).contiguous(memory_format=self.memory_format)
         if not self.train:
             return center_crop(self.stage(images), size).contiguous(memory_format=self.memory_format)
         start, total = rows or (0, images.shape[0])
@@ -179,6 +173,36 @@ class Pipeline:
 
     def ten_crops(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) uint8 -> (N, 10, C, 224, 224): the paper's test-time patches."""
-        if self.config.preset == "seed":
-            raise ValueError("ten-crop needs the paper's pipeline (--preset paper): the seed's has no crops")
         return ten_crop(self.stage(images), self.config.crop_size)  # the caller flattens, then copies
+
+
+class SeedPipeline(Pipeline):
+    """The seed's recipe: Normalize, then Resize((224, 224)) of the whole image, as the seed writes
+    it (torchvision's filter, so the values are torchvision's to the bit); no crops, flips or noise."""
+
+    def __init__(
+        self, config: DataConfig, stats: None, device: torch.device | str, train: bool, *, channels_last: bool = False
+    ) -> None:
+        self.config, self.stats, self.device, self.train = config, None, torch.device(device), train
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.bgr = False
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.as_float(images) / 255.0 - self.config.seed_mean) / self.config.seed_std
+
+    def stage(self, images: torch.Tensor) -> torch.Tensor:
+        return resize(self.normalise(images), self.config.crop_size, antialias=True)
+
+    def __call__(self, images: torch.Tensor, generator=None, rows=None) -> torch.Tensor:
+        return self.stage(images).contiguous(memory_format=self.memory_format)
+
+    def ten_crops(self, images: torch.Tensor) -> torch.Tensor:
+        raise ValueError("ten-crop needs the paper's pipeline (--preset paper): the seed's has no crops")
+
+
+def input_pipeline(
+    config: DataConfig, stats: DataStats | None, device: torch.device | str, train: bool, *, channels_last: bool = False
+) -> Pipeline:
+    """The input pipeline of `config.preset`: the seed's, or the paper's (and Caffe's, its BGR twin)."""
+    recipe = SeedPipeline if config.preset == "seed" else Pipeline
+    return recipe(config, stats, device, train, channels_last=channels_last)

@@ -32,7 +32,7 @@ from alexnet2gpu.data.base import Categories, DatasetError
 from alexnet2gpu.data.datasets import batches, check_classes, datasets_for, num_batches
 from alexnet2gpu.data.sampling import sample_note, take
 from alexnet2gpu.data.stats import DataStats, load_or_fit
-from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.data.transforms import Pipeline, input_pipeline
 from alexnet2gpu.model.layers import step_seed
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.alarm import LossAlarm
@@ -224,8 +224,8 @@ def start(placement, model_config, data, config, out, *, resume, progress, tenso
         configs={"model": model_config, "data": data, "train": config},
         stats=stats,
         categories=getattr(train_set, "categories", None),
-        train_pipe=Pipeline(data, stats, placement.device, train=True, channels_last=config.channels_last),
-        val_pipe=Pipeline(data, stats, placement.device, train=False, channels_last=config.channels_last),
+        train_pipe=input_pipeline(data, stats, placement.device, train=True, channels_last=config.channels_last),
+        val_pipe=input_pipeline(data, stats, placement.device, train=False, channels_last=config.channels_last),
         log=log,
         last=Path(out) / "last.pt",
         say=say,

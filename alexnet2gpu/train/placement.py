@@ -12,6 +12,19 @@ asks a placement for:
 - numbers agreed over processes: on the host at every step (`agree`: rows to train on, a stop asked),
   and at logging steps and epoch ends (`gather`, `sum_replicas`, `broadcast`);
 - checkpoint state in the single-process layout (`model_state`, `optimizer_state`) and back.
+
+The order of the loop's calls (`loop.train`), so a new placement knows when each member runs:
+
+    on_rank0(claim the run directory), on_rank0(read checkpoint), on_rank0(fit statistics)
+    build -> checkpoint_bytes -> on_rank0(check disk room) -> load_model_state, load_optimizer_state
+          (on resume) -> runner -> writer (whether this process logs and saves)
+    per epoch:   `replica` of `replicas` picks the share of the images this pair trains on
+      per step:  agree(rows, stop) -> shard(n).start -> dropout_masks -> forward, loss * loss_scale
+      logging:   gather(losses and errors of the steps since the last log) / copies
+    epoch end:   evaluate: sum_replicas(loss, top-1, top-5) over replicas
+                 gather(weights finite?) -> model_state, optimizer_state -> (writer) save -> barrier
+
+`on_rank0` runs a step on rank 0 alone and hands every process its result or its error (`broadcast`).
 """
 
 from __future__ import annotations
