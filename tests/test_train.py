@@ -15,6 +15,7 @@ from conftest import CPU
 
 import alexnet2gpu.train.loop as loop
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.data.transforms import SeedPipeline  # DATA is the seed preset: its class does the crops
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.errors import TrainingError
 from alexnet2gpu.train.logs import read_csv
@@ -103,7 +104,7 @@ def test_resume_after_ctrl_c_ends_bit_identical(tmp_path: Path, monkeypatch) -> 
     run(straight, max_steps=5)
 
     interrupted = tmp_path / "interrupted"
-    real = loop.Pipeline.__call__
+    real = SeedPipeline.__call__
     calls = []
 
     def ctrl_c_on_third_step(self, images, generator=None, rows=None):
@@ -112,10 +113,10 @@ def test_resume_after_ctrl_c_ends_bit_identical(tmp_path: Path, monkeypatch) -> 
             os.kill(os.getpid(), signal.SIGINT)  # the step goes on; the loop stops after it
         return real(self, images, generator, rows)
 
-    monkeypatch.setattr(loop.Pipeline, "__call__", ctrl_c_on_third_step)
+    monkeypatch.setattr(SeedPipeline, "__call__", ctrl_c_on_third_step)
     with pytest.raises(KeyboardInterrupt):
         run(interrupted, max_steps=5)
-    monkeypatch.setattr(loop.Pipeline, "__call__", real)
+    monkeypatch.setattr(SeedPipeline, "__call__", real)
     saved = ckpt.load(interrupted / "last.pt")
     assert (saved["step"], saved["epoch"], saved["batch"]) == (3, 1, 1)
 
@@ -137,7 +138,7 @@ def test_resume_mid_epoch_from_max_steps_ends_bit_identical(tmp_path: Path) -> N
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    real, calls = loop.Pipeline.__call__, []
+    real, calls = SeedPipeline.__call__, []
 
     def sigterm_on_second_step(self, images, generator=None, rows=None):
         calls.extend([1] if self.train else [])
@@ -145,7 +146,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, images, generator, rows)
 
-    monkeypatch.setattr(loop.Pipeline, "__call__", sigterm_on_second_step)
+    monkeypatch.setattr(SeedPipeline, "__call__", sigterm_on_second_step)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, max_steps=5)
     assert ckpt.load(tmp_path / "last.pt")["step"] == 2  # the step under way when the signal came
