@@ -30,7 +30,14 @@ TCMALLOC_LIB ?= $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_min
 ALLOC_ENV_keep := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 ALLOC_ENV_tcmalloc = $(if $(TCMALLOC_LIB),LD_PRELOAD=$(TCMALLOC_LIB),$(error ALLOC=tcmalloc: no libtcmalloc found; apt-get install libtcmalloc-minimal4))
 RUN = $(if $(ALLOC),$(ALLOC_ENV_$(ALLOC))) $(PY)
-TRAIN := $(RUN) -m alexnet2gpu train --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT)
+# Every variable reaches the shell quoted ($(call q,...)), so OUT='x; rm -rf ~' is a folder's name, never a
+# command; the numbers are checked to be whole numbers ($(call whole,...)). ARGS alone is passed as written:
+# it is the flags themselves, split by the shell as typed.
+q = '$(subst ','"'"',$(1))'
+no_digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+whole = $(if $(and $(filter 1,$(words $(1))),$(if $(call no_digits,$(1)),,yes)),$(1),$(error $(2)=$(1) is not a whole number, e.g. $(2)=2))
+TRAIN = $(RUN) -m alexnet2gpu train --dataset $(call q,$(DATASET)) $(if $(DATA),--data $(call q,$(DATA))) \
+  --epochs $(call whole,$(EPOCHS),EPOCHS) --out $(call q,$(OUT))
 CUDA_COUNT = $(or $(shell $(PY) -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"),0)
 # One line on why torch sees no GPU where nvidia-smi lists some (alexnet2gpu.devices.why_no_cuda); nothing otherwise.
 SAY_WHY_NO_CUDA = $(PY) -c 'from alexnet2gpu.devices import why_no_cuda; why = why_no_cuda(); why and print("warning:", why)'
@@ -89,16 +96,17 @@ NNODES ?= 1
 NPROC ?= $(shell n=$(CUDA_COUNT); [ "$$n" -ge 2 ] && echo $$((n / 2 * 2)) || echo 2)
 RDZV ?= --standalone
 train-dist: setup
-	@if [ $$(( $(NPROC) % 2 )) -ne 0 ] || [ $(NPROC) -lt 2 ]; then \
+	@if [ $$(( $(call whole,$(NPROC),NPROC) % 2 )) -ne 0 ] || [ $(NPROC) -lt 2 ]; then \
 	  echo "train-dist: NPROC=$(NPROC): tower processes come in pairs, give an even number of ranks a node"; exit 2; fi
-	$(VENV)/bin/torchrun --nnodes $(NNODES) --nproc-per-node $(NPROC) $(RDZV) -m alexnet2gpu train --parallel tower-processes \
-	  --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --epochs $(EPOCHS) --out $(OUT) $(ARGS)
+	$(VENV)/bin/torchrun --nnodes $(call whole,$(NNODES),NNODES) --nproc-per-node $(NPROC) $(RDZV) -m alexnet2gpu train \
+	  --parallel tower-processes --dataset $(call q,$(DATASET)) $(if $(DATA),--data $(call q,$(DATA))) \
+	  --epochs $(call whole,$(EPOCHS),EPOCHS) --out $(call q,$(OUT)) $(ARGS)
 
 evaluate: setup
-	$(RUN) -m alexnet2gpu evaluate --checkpoint $(OUT)/last.pt $(if $(DATA),--data $(DATA)) $(ARGS)
+	$(RUN) -m alexnet2gpu evaluate --checkpoint $(call q,$(OUT)/last.pt) $(if $(DATA),--data $(call q,$(DATA))) $(ARGS)
 
 plot: setup
-	$(PY) -m alexnet2gpu plot $(OUT) $(ARGS)
+	$(PY) -m alexnet2gpu plot $(call q,$(OUT)) $(ARGS)
 
 # About two minutes on 2 CPU cores: the two-tower net on 3,000 Fashion-MNIST images, one epoch, the
 # seed's input scaling and He init, which leave chance within the first tens of steps at batch 32;
@@ -116,17 +124,17 @@ demo: setup
 # gpu-check/ (or OUT=... given on the command line). Without registry access: make setup TORCH_PIN= first.
 GPU_CHECK_OUT = $(if $(filter command line,$(origin OUT)),$(OUT),gpu-check)
 gpu-check: setup
-	PY=$(PY) OUT=$(GPU_CHECK_OUT) bash tools/gpu_check.sh
+	PY=$(call q,$(PY)) OUT=$(call q,$(GPU_CHECK_OUT)) bash tools/gpu_check.sh
 
 # ImageNet decoded once to 256x256 JPEG shards (hours for a million images; resumable), read straight
 # out of the downloaded archives (or Kaggle's folder, or an ImageFolder tree):
 #   make stage DATA=/data/ilsvrc2012 OUT=/data/imagenet-staged [ARGS="-j 16 --quality 95"]
 # then train with DATA=/data/imagenet-staged
 stage: setup
-	@if [ -z "$(DATA)" ] || [ "$(origin OUT)" = "file" ]; then \
+	@if [ -z $(call q,$(DATA)) ] || [ "$(origin OUT)" = "file" ]; then \
 	  echo "make stage needs DATA=DOWNLOADS and OUT=NEW_FOLDER, e.g. make stage DATA=/data/ilsvrc2012 OUT=/data/imagenet-staged"; \
 	  exit 2; fi
-	$(RUN) -m alexnet2gpu stage --data $(DATA) --out $(OUT) $(ARGS)
+	$(RUN) -m alexnet2gpu stage --data $(call q,$(DATA)) --out $(call q,$(OUT)) $(ARGS)
 
 # The model bench (CPU unless a GPU is present); `make bench ARGS=--data` for the data pipeline.
 bench: setup

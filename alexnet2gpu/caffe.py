@@ -18,8 +18,10 @@ BGR on 0-255 minus the 256x256 mean image `imagenet_mean.binaryproto` (`DataConf
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet2gpu import files
 from alexnet2gpu.config import AlexNetConfig, ConfigError, DataConfig, TrainConfig
 from alexnet2gpu.data.base import Categories
 from alexnet2gpu.data.stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC, DataStats
+from alexnet2gpu.files import read_regular
 from alexnet2gpu.model.layers import LAYERS
+from alexnet2gpu.train.rundir import RunDir
 
 BVLC_ALEXNET_SHA1 = "9116a64c0fbe4459d18f4bb6b56d647b63920377"  # CF models/bvlc_alexnet/readme.md
 # CF's ImageNet mean per channel, B, G, R (about; the mean image's averages): used without --mean
@@ -200,10 +205,17 @@ def read_caffemodel(path: str | Path) -> tuple[dict[str, list[torch.Tensor]], st
     return read_layers(data, path), hashlib.sha1(data).hexdigest()
 
 
+# What a file may hold, read whole: bvlc_alexnet.caffemodel holds 233 MB, imagenet_mean.binaryproto 786 KB
+READ_LIMITS = {"Caffe model": 4 << 30, "mean image": 64 << 20, "class list": 16 << 20}
+
+
 def _read(path: Path, what: str) -> bytes:
-    if not path.is_file():
+    if not path.exists():
         raise CaffeError(f"no {what} at {path}")
-    data = path.read_bytes()
+    try:
+        data = read_regular(path, READ_LIMITS[what])  # a FIFO or a device is refused, not read
+    except OSError as error:
+        raise CaffeError(f"cannot read {what} {path}: {error.strerror}") from None
     if not data:
         raise CaffeError(f"{path} is empty (0 bytes), not a {what}")
     return data
@@ -312,9 +324,8 @@ def fused_state(layers: dict[str, list[torch.Tensor]], config: AlexNetConfig, pa
 def read_words(path: str | Path, num_classes: int) -> Categories:
     """CF's `synset_words.txt` ("n01440764 tench, Tinca tinca" per line, in label order)."""
     path = Path(path)
-    if not path.is_file():
-        raise CaffeError(f"no class list at {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    text = _read(path, "class list").decode("utf-8", errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) != num_classes:
         raise CaffeError(f"{path} names {len(lines)} classes; the model's fc8 has {num_classes}")
     split = [line.partition(" ") for line in lines]
@@ -366,3 +377,32 @@ def build_checkpoint(
         "mean": provenance["mean"],
     }
     return checkpoint, summary
+
+
+@contextlib.contextmanager
+def claim_out(out: Path, *, overwrite: bool) -> Iterator[None]:
+    """Hold the folder `--out` is written into, as a training run would: RUN_DIR/last.pt claims the run
+    folder (`RunDir`: a run there is refused, or with `overwrite` removed, logs included); any other name
+    takes the folder's lock and refuses an existing file without `overwrite`. A device, FIFO or folder at
+    `out` is refused in every case (`files.check_replaceable`)."""
+    try:
+        files.check_replaceable(out)
+    except OSError as error:
+        raise CaffeError(f"--out {out} {error.strerror}; name a new checkpoint file") from None
+    if out.name == "last.pt":
+        with RunDir(out.parent, overwrite=overwrite):
+            yield
+        return
+    if os.path.lexists(out) and not overwrite:
+        raise CaffeError(f"--out {out} exists; choose another name, or pass --overwrite to replace it")
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(files.holding(out.parent))
+    except OSError as error:
+        raise CaffeError(f"cannot write in {out.parent}: {error.strerror}; choose another --out") from None
+    except files.Busy as busy:
+        raise CaffeError(
+            f"{out.parent} is in use by {busy.holder}; wait for it to end or choose another --out"
+        ) from None
+    with held:
+        yield

@@ -40,10 +40,11 @@ from alexnet2gpu.config import (
 from alexnet2gpu.data.base import DatasetError
 from alexnet2gpu.data.datasets import datasets_for
 from alexnet2gpu.devices import DeviceError, resolve_devices, why_no_cuda
+from alexnet2gpu.files import NotRegularFile
 from alexnet2gpu.train.checkpoint import CheckpointError
 from alexnet2gpu.train.rundir import RunDirError
 
-USER_ERRORS = (DatasetError, DeviceError, CheckpointError, RunDirError, ValueError, FileNotFoundError)
+USER_ERRORS = (DatasetError, DeviceError, CheckpointError, RunDirError, ValueError, FileNotFoundError, NotRegularFile)
 
 M, D, T, S = AlexNetConfig, DataConfig, TrainConfig, StageConfig  # every default below is one of theirs
 FLIPS = {"auto": None, "on": True, "off": False}  # --flip -> DataConfig.flip
@@ -311,6 +312,9 @@ def add_import_caffe(sub) -> None:
     )
     p.add_argument("--words", default=None, metavar="TXT", help="synset_words.txt: the classes' WordNet ids and words")
     p.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint to write (RUN_DIR/last.pt for plot)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (and, for RUN_DIR/last.pt, the run's logs)"
+    )
 
 
 def data_config(args, **extra) -> DataConfig:
@@ -532,7 +536,8 @@ def cmd_import_caffe(args) -> None:
     from alexnet2gpu.train import checkpoint as ckpt
 
     checkpoint, summary = caffe.build_checkpoint(args.weights, args.mean, args.words)
-    path = ckpt.save(checkpoint, args.out)
+    with caffe.claim_out(Path(args.out), overwrite=args.overwrite):
+        path = ckpt.save(checkpoint, args.out)
     if summary["bvlc_alexnet"]:
         print(f"{args.weights}: sha1 {summary['sha1']}, the BVLC model zoo's bvlc_alexnet")
     else:

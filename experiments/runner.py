@@ -71,13 +71,10 @@ def run(name: str, args, model: AlexNetConfig, data: DataConfig, config: TrainCo
     data = replace(data, subset=size.subset, data=args.data or data.data, workers=0)
     config = replace(config, epochs=size.epochs, max_steps=size.max_steps, val_subset=size.val)
     out = Path(args.out) / args.size / name
-    if (out / "last.pt").exists():
-        (out / "last.pt").unlink()
-    for stale in ("train.csv", "val.csv"):
-        (out / stale).unlink(missing_ok=True)
     devices = resolve_devices(args.devices)
     start = time.perf_counter()
-    result = train(model, data, config, devices, out, progress=False, tensorboard=False)
+    # a rerun replaces the variant's own earlier run, under the run folder's lock (RunDir), and nothing else
+    result = train(model, data, config, devices, out, progress=False, tensorboard=False, overwrite=True)
     seconds = time.perf_counter() - start
     return {"name": name, "dir": out, "seconds": seconds, "val": result["val"], "curve": read_csv(out / "train.csv")}
 

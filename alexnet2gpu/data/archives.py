@@ -26,7 +26,9 @@ import csv
 import io
 import os
 import re
+import struct
 import tarfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -40,6 +42,10 @@ GROUND_TRUTH, META = "data/ILSVRC2012_validation_ground_truth.txt", "data/meta.m
 KAGGLE = Path("ILSVRC/Data/CLS-LOC")
 KAGGLE_VAL, KAGGLE_WORDS = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.")
+# Bounds from what the files hold: the devkit has a few dozen files, a 2 MB meta.mat (also inflated) and
+# a ground truth of 50,000 short lines; anything far larger is damage or hostile, refused before it is read.
+DEVKIT_MAX_MEMBERS = 10_000
+META_MAX_BYTES, META_MAX_INFLATED, TRUTH_MAX_BYTES = 64 << 20, 256 << 20, 16 << 20
 
 
 class Sample(NamedTuple):
@@ -136,12 +142,26 @@ def read_devkit(devkit: Path) -> tuple[dict[int, str], dict[str, str], list[int]
 
     try:
         with tarfile.open(devkit, "r:*") as tar:
-            members = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
+            members = {}
+            for count, member in enumerate(tar, 1):
+                if count > DEVKIT_MAX_MEMBERS:
+                    raise DatasetError(f"{devkit} holds more than {DEVKIT_MAX_MEMBERS} files: not ILSVRC2012's devkit")
+                if member.isfile():
+                    members.setdefault(member.name.split("/", 1)[-1], []).append(member)
             if META not in members or GROUND_TRUTH not in members:
                 lacks = [name for name in (META, GROUND_TRUTH) if name not in members]
                 raise DatasetError(f"{devkit} lacks {' and '.join(lacks)}: is it ILSVRC2012's devkit (t12)?")
-            meta = tar.extractfile(members[META]).read()
-            truth = tar.extractfile(members[GROUND_TRUTH]).read().decode()
+            for name, limit in ((META, META_MAX_BYTES), (GROUND_TRUTH, TRUTH_MAX_BYTES)):
+                if len(members[name]) > 1:
+                    raise DatasetError(f"{devkit} holds {name} {len(members[name])} times; download it again")
+                if members[name][0].size > limit:
+                    raise DatasetError(
+                        f"{devkit}: {name} holds {members[name][0].size:,} bytes, more than the {limit:,} the "
+                        "devkit's has room for; download it again"
+                    )
+            meta = tar.extractfile(members[META][0]).read()
+            truth = tar.extractfile(members[GROUND_TRUTH][0]).read().decode()
+        check_mat_inflates(meta, devkit)
         synsets = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
         leaves = [s for s in synsets.ravel() if int(s["num_children"]) == 0]
         ids = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
@@ -152,6 +172,28 @@ def read_devkit(devkit: Path) -> tuple[dict[int, str], dict[str, str], list[int]
             f"{devkit}: unreadable devkit ({type(error).__name__}: {error}); download it again"
         ) from None
     return ids, words, ground_truth
+
+
+def check_mat_inflates(mat: bytes, devkit: Path) -> None:
+    """Refuse a MAT-file (v5) whose compressed elements inflate past META_MAX_INFLATED in all, before
+    scipy inflates them: a few kilobytes of zlib can hold gigabytes. Each element is a tag (type, size)
+    and its bytes; type 15 is zlib-compressed. Inflated here with a bound, then dropped."""
+    position, total = 128, 0  # past the text header, whose last two bytes say the byte order
+    order = ">" if mat[126:128] == b"MI" else "<"
+    while position + 8 <= len(mat):
+        kind, size = struct.unpack_from(f"{order}II", mat, position)
+        if kind == 15:  # miCOMPRESSED
+            inflate = zlib.decompressobj()
+            try:
+                total += len(inflate.decompress(mat[position + 8 : position + 8 + size], META_MAX_INFLATED - total + 1))
+            except zlib.error:
+                return  # scipy's own error names the damage
+            if total > META_MAX_INFLATED:
+                raise DatasetError(
+                    f"{devkit}: {META} inflates to more than {META_MAX_INFLATED:,} bytes (ILSVRC2012's to about "
+                    "2 MB): not the devkit's; download it again"
+                )
+        position += 8 + size + (-size % 8 if kind != 15 else 0)
 
 
 class _Window(io.RawIOBase):
@@ -186,15 +228,26 @@ class _Window(io.RawIOBase):
 def _images_in_tar(tar: tarfile.TarFile, where: str, base: int = 0) -> list[tuple[str, int, int]]:
     """(file name, offset of its bytes, size) of the images in a tar, sorted by name as a folder
     listing is; tool leftovers are skipped, any other non-image is an error (as in a folder)."""
-    found = []
+    found, seen = [], set()
     for member in tar:
         name = member.name.rsplit("/", 1)[-1]
         if not member.isfile() or is_ignored(name):
             continue
+        check_member_name(member.name, where)
         if not is_image_name(name):
             raise DatasetError(f"{where}/{member.name} is not an image (by its extension); is the archive complete?")
+        if name in seen:
+            raise DatasetError(f"{where} holds {name} twice; download the archive again")
+        seen.add(name)
         found.append((name, base + member.offset_data, member.size))
     return sorted(found)
+
+
+def check_member_name(name: str, where: str) -> None:
+    """Refuse an archive member whose name is absolute or climbs (`/x`, `../x`): no archive of ImageNet
+    has one, and staging it would take a file from outside the dataset's own tree as one of its images."""
+    if name.startswith("/") or ".." in name.split("/"):
+        raise DatasetError(f"{where}: member {name!r} is absolute or climbs out of the archive; download it again")
 
 
 def list_inner_tar(job: tuple[str, str, int, int]) -> tuple[str, list[tuple[str, int, int]]]:
@@ -221,7 +274,17 @@ def list_official(files: dict[str, Path], map_jobs: Callable) -> Listing:
             val_images = _images_in_tar(tar, val.name)
     except tarfile.TarError as error:
         raise DatasetError(f"{error}: {train} or {val} is not a readable tar; download it again") from None
-    classes = sorted(Path(name).stem for _, name, _, _ in inner)
+    for _, name, _, _ in inner:
+        check_member_name(name, train.name)
+    stems: dict[str, str] = {}
+    for _, name, _, _ in inner:
+        if Path(name).stem in stems:
+            raise DatasetError(
+                f"{train.name} holds class {Path(name).stem} twice ({stems[Path(name).stem]} and {name}): every label "
+                "after it would shift; download the archive again"
+            )
+        stems[Path(name).stem] = name
+    classes = sorted(stems)
     if not classes:
         raise DatasetError(f"{train} holds no class tars (n01440764.tar ...)")
     unknown = sorted(set(classes) - set(ids.values()))
@@ -235,6 +298,14 @@ def list_official(files: dict[str, Path], map_jobs: Callable) -> Listing:
         if not images:
             raise DatasetError(f"{train.name}/{name} holds no images; download the archive again")
         samples += [Sample(f"{train.name}/{name}/{f}", str(train), o, s, label[Path(name).stem]) for f, o, s in images]
+    numbers = sorted(int(m[1]) for m in (VAL_NAME.match(name) for name, _, _ in val_images) if m)
+    if numbers != list(range(1, len(ground_truth) + 1)):
+        absent = sorted(set(range(1, len(ground_truth) + 1)) - set(numbers))
+        detail = f"ILSVRC2012_val_{absent[0]:08d} ... absent" if absent else "images the ground truth has no line for"
+        raise DatasetError(
+            f"{val.name} holds {len(val_images)} images, the devkit's ground truth names {len(ground_truth)} "
+            f"({detail}): each val image needs its line; download the val archive (or the devkit) again"
+        )
     val_samples = []
     for name, offset, size in val_images:
         match = VAL_NAME.match(name)

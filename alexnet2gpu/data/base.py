@@ -15,6 +15,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from alexnet2gpu.files import read_regular
+
 log = logging.getLogger("alexnet2gpu.data.datasets")
 
 
@@ -67,6 +69,7 @@ class SkippingDataset(Dataset):
 
 
 WORD_FILES = ("synset_words.txt", "LOC_synset_mapping.txt")  # "n01440764 tench, Tinca tinca" per line
+WORDS_MAX_BYTES = 16 << 20  # ImageNet's synset_words.txt holds 31 KB
 
 
 def imagenet_words(root: Path, wnids: list[str]) -> list[str]:
@@ -76,8 +79,11 @@ def imagenet_words(root: Path, wnids: list[str]) -> list[str]:
     for folder in (root, root.parent):
         for name in WORD_FILES:
             try:
-                lines = (folder / name).read_text(encoding="utf-8", errors="replace").splitlines()
-            except OSError:
+                lines = read_regular(folder / name, WORDS_MAX_BYTES).decode("utf-8", errors="replace").splitlines()
+            except FileNotFoundError:
+                continue
+            except OSError as error:  # a FIFO, a device, a link to /dev/zero: never read
+                log.warning("ignoring %s: %s; classes are named by their WordNet ids", folder / name, error.strerror)
                 continue
             for line in lines:
                 wnid, _, text = line.strip().partition(" ")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import gzip
 import logging
+import math
 import os
 import signal
 import struct
@@ -26,6 +27,7 @@ from alexnet2gpu.data import staged
 from alexnet2gpu.data.base import Categories, DatasetError, SkippingDataset, imagenet_words
 from alexnet2gpu.data.images import IMAGE_EXTENSIONS, UnreadableImage, is_ignored, is_image_name, stage_image
 from alexnet2gpu.data.prefetch import prefetch
+from alexnet2gpu.files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +49,48 @@ HOW_TO_GET = {
 }
 
 
+WORKER_TIMEOUT_S = 600  # seconds without a batch from a worker: it is stuck, not slow
+IDX_MAX_BYTES = 1 << 31  # the largest IDX file read: MNIST's largest holds 47 MB; a header beyond is refused
+
+
 def read_idx(path: str | Path) -> torch.Tensor:
-    """An IDX file of unsigned bytes (gzipped or not) as a uint8 tensor of its stored shape."""
+    """An IDX file of unsigned bytes (gzipped or not) as a uint8 tensor of its stored shape. Reads no
+    more than its header declares (and at most IDX_MAX_BYTES), so a gzip bomb cannot fill memory."""
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
+    try:
+        file = open_regular(path)
+    except OSError as error:
+        raise DatasetError(f"cannot read {path}: {error.strerror}; put the IDX file itself there") from None
+    with file:
+        gzipped = file.read(2) == b"\x1f\x8b"
+        file.seek(0)
+        stream = gzip.GzipFile(fileobj=file) if gzipped else file
         try:
-            raw = gzip.decompress(raw)
+            head = stream.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                raise DatasetError(
+                    f"{path} is not an IDX file of unsigned bytes: magic number {head.hex() or 'missing'}, "
+                    "expected 0000080N (N = number of dimensions)"
+                )
+            dims = stream.read(4 * head[3])
+            if len(dims) < 4 * head[3]:
+                raise DatasetError(f"{path}: its header is cut off ({len(dims) // 4} of {head[3]} sizes); fetch again")
+            shape = struct.unpack(f">{head[3]}I", dims)
+            count = math.prod(shape)
+            if count > IDX_MAX_BYTES:
+                raise DatasetError(
+                    f"{path}: header says {shape} = {count:,} bytes, more than the {IDX_MAX_BYTES:,} an IDX file "
+                    "read here may hold; is it an MNIST-like file?"
+                )
+            body = stream.read(count + 1)  # one byte past the header's size tells a longer file
         except (OSError, EOFError) as error:
             raise DatasetError(f"{path}: corrupt gzip data ({error}); fetch the file again") from None
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-        raise DatasetError(
-            f"{path} is not an IDX file of unsigned bytes: magic number {raw[:4].hex() or 'missing'}, "
-            "expected 0000080N (N = number of dimensions)"
-        )
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    count = 1
-    for size in shape:
-        count *= size
-    if len(raw) - header != count:
-        raise DatasetError(f"{path}: header says {shape} = {count} bytes, file holds {len(raw) - header}; truncated?")
+    if len(body) != count:
+        holds = "more" if len(body) > count else str(len(body))
+        raise DatasetError(f"{path}: header says {shape} = {count} bytes, file holds {holds}; truncated?")
     if not count:  # a valid file of no images; frombuffer refuses an empty buffer
         return torch.empty(shape, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
 
 
 def find_idx(name: str, data: str | None) -> Path:
@@ -490,6 +509,7 @@ def batches(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         worker_init_fn=_ignore_interrupts if workers else None,
+        timeout=WORKER_TIMEOUT_S if workers else 0,  # no worker holds a run forever (a hung disk, a network mount)
     )
     source = dataset.dataset if isinstance(dataset, Subset) else dataset
     stream = loader
@@ -501,6 +521,13 @@ def batches(
                 yield images, labels
     except DatasetError as error:
         raise (_one_line(error) if workers else error) from None
+    except RuntimeError as error:
+        if "timed out" not in str(error):
+            raise
+        raise DatasetError(
+            f"a data worker gave no batch for {WORKER_TIMEOUT_S} s (a file that never finishes reading: a hung "
+            "disk or network mount?); fix the data folder, then resume from the run's last.pt"
+        ) from None
     finally:
         if stream is not loader:  # a consumer that stopped early: the decode thread ends now, not at collection
             stream.close()

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageCms, ImageFile
 
+from alexnet2gpu.files import open_regular
+
 # Transparent pixels are composited on white. A transparent pixel's stored colour is arbitrary
 # (often black, sometimes leftovers of an edit), so it cannot be kept; white is what a viewer or a
 # web page shows behind a cut-out product photo or logo, the kind of image that carries alpha.
@@ -78,6 +80,12 @@ def stage_image(source: str | Path | bytes | BinaryIO, size: int = 256, squash: 
     reason when it cannot."""
     if isinstance(source, bytes | bytearray | memoryview):
         source = io.BytesIO(source)
+    elif isinstance(source, str | Path):
+        try:  # a FIFO or a device named like an image is refused, not read (a read could wait forever)
+            with open_regular(source) as file:
+                return stage_image(file, size, squash)
+        except OSError as error:  # PIL's own OSErrors come back as UnreadableImage, not here
+            raise UnreadableImage(error.strerror or str(error)) from None
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; a header that large is

@@ -31,11 +31,15 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from alexnet2gpu.data.base import Categories, DatasetError, SkippingDataset, imagenet_words
+from alexnet2gpu.files import read_regular
 
 FORMAT, FORMAT_VERSION = "alexnet2gpu staged JPEG", 2  # 2: the index's SHA-256 in the manifest
 MANIFEST, PLAN = "manifest.json", "staging.json"
 SPLITS = ("train", "val")
 INDEX_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("label", "<i4"), ("crc32", "<u4")])
+
+
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists classes, their words and counts: far less than this
 
 
 def shard_paths(folder: Path, shard: int) -> tuple[Path, Path]:
@@ -66,7 +70,7 @@ def refuse_unfinished(root: Path) -> None:
 
 def read_manifest(root: Path) -> dict:
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = json.loads(read_regular(root / MANIFEST, MANIFEST_MAX_BYTES))
         ok = manifest.get("format") == FORMAT and isinstance(manifest.get("classes"), list)
     except (OSError, ValueError, AttributeError) as error:
         raise DatasetError(f"{root / MANIFEST} is unreadable ({error}); {restage(root)}") from None
@@ -108,12 +112,29 @@ class StagedImages(SkippingDataset):
         self.num_classes, self.channels, self.name = len(self.classes), 3, f"imagenet staged ({root / split})"
         self.decode_device = torch.device("cuda") if gpu_decode else None
         folder = root / split
+        self._check_counts(folder, manifest["splits"][split])
         self.shards = [shard_paths(folder, k)[0] for k in range(manifest["splits"][split]["shards"])]
         self.index_sha256 = manifest["splits"][split].get("index_sha256")
         self.index = self._read_index(folder / "index.npy", manifest["splits"][split]["images"])
         self._check_shards()
         self._maps: dict[int, mmap.mmap] = {}
         self._files: list[str] | None = None
+
+    def _check_counts(self, folder: Path, split: dict) -> None:
+        """The manifest's counts, bounded by what is on disk before anything is sized by them: every
+        shard holds an image, and every image a row of index.npy (a damaged manifest declaring millions
+        of shards is refused here, not after building their list)."""
+        shards, images = split.get("shards"), split.get("images")
+        try:
+            rows = (folder / "index.npy").stat().st_size // INDEX_DTYPE.itemsize
+        except OSError:
+            rows = None  # _read_index names the missing index
+        counts_ok = isinstance(shards, int) and isinstance(images, int) and 0 <= shards <= max(images, 1)
+        if not counts_ok or (rows is not None and images > rows):
+            raise DatasetError(
+                f"{self.root / MANIFEST}: {folder.name} declares {shards} shards of {images} images, which its "
+                f"index.npy cannot hold; {restage(self.root, self.source)}"
+            )
 
     def _read_index(self, path: Path, images: int) -> np.ndarray:
         """The index, checked against the manifest's SHA-256: its labels carry no CRC of their own."""

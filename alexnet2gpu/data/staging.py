@@ -226,27 +226,19 @@ def _refuse_out_in_data(paths: Sequence[Path], out: Path) -> None:
 
 @contextlib.contextmanager
 def holding(out: Path) -> Iterator[None]:
-    """Holds OUT/.lock (an flock) while this process stages into `out`; a folder this claim created
-    and that holds nothing else when it ends is removed (a refused start leaves nothing behind)."""
-    created = [p for p in (out, *out.parents) if not p.exists()]
+    """Holds OUT/.lock (an flock) while this process stages into `out` (`files.holding`): a refused start
+    leaves neither its lock file nor a folder it made."""
+    held = contextlib.ExitStack()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = files.claim(out)
+        held.enter_context(files.holding(out))  # the claim alone: errors of the stage itself pass as they are
     except OSError as error:
         raise DatasetError(f"cannot write in --out {out}: {error.strerror}; choose another folder") from None
     except files.Busy as busy:
         raise DatasetError(
             f"{out} is being staged by {busy.holder}; wait for it to end or choose another --out"
         ) from None
-    try:
+    with held:
         yield
-    finally:
-        if created and [p.name for p in out.iterdir()] == [files.LOCK]:
-            (out / files.LOCK).unlink()
-            for folder in created:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-        files.release(lock)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import stat
+import zipfile
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.data.base import Categories
 from alexnet2gpu.data.stats import DataStats
-from alexnet2gpu.files import atomic_write
+from alexnet2gpu.files import atomic_write, what_is
 
 KEYS = ("model", "optimizer", "scheduler", "rng", "step", "epoch", "batch", "config", "best_val_top1")
 CONFIGS = {"model": AlexNetConfig, "data": DataConfig, "train": TrainConfig}
@@ -143,15 +145,35 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:120]}" if lines else type(error).__name__
 
 
+def _check_stored(path: Path) -> None:
+    """torch.save writes its zip entries stored, never compressed: a compressed entry (which could
+    inflate to any size when read) is refused from the zip's directory alone, before anything is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip: torch.load's own error says what it is
+    if packed:
+        raise CheckpointError(
+            f"{path} holds compressed entries ({packed[0]}{' ...' if len(packed) > 1 else ''}), which torch.save "
+            "never writes: it is not a checkpoint of ours; resume from another one"
+        )
+
+
 def load(path: str | Path, *, mmap: bool = False) -> dict:
     """A checkpoint, checked for the keys every checkpoint has; `mmap` reads tensors only when used."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; a training run writes RUN_DIR/last.pt")
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise CheckpointError(f"no checkpoint at {path}; a training run writes RUN_DIR/last.pt") from None
+    if not stat.S_ISREG(mode):  # a FIFO would hang the read, a device would be read forever
+        raise CheckpointError(f"{path} is {what_is(mode)}, not a checkpoint file; name a checkpoint (RUN_DIR/last.pt)")
     if path.stat().st_size == 0:  # torch.load's error for it has no text (or, with mmap, is about mmap)
         raise CheckpointError(
             f"checkpoint {path} is empty (0 bytes), not a checkpoint: resume from another one or start a new run"
         )
+    _check_stored(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - any failure to unpickle means the file is unusable

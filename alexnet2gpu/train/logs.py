@@ -12,7 +12,7 @@ import csv
 import sys
 from pathlib import Path
 
-from alexnet2gpu.files import atomic_write
+from alexnet2gpu.files import atomic_write, open_append, read_regular
 
 TRAIN_FIELDS = ("step", "epoch", "lr", "loss", "top1_err", "img_per_s")
 VAL_FIELDS = ("epoch", "step", "lr", "train_loss", "loss", "top1_err", "top5_err")
@@ -32,7 +32,7 @@ class RunLog:
     def _append(self, name: str, fields: tuple[str, ...], row: dict) -> None:
         path = self.dir / name
         new = not path.exists()
-        with path.open("a", newline="") as f:
+        with open_append(path) as f:  # never through a link, never into a FIFO
             writer = csv.DictWriter(f, fieldnames=fields)
             if new:
                 writer.writeheader()
@@ -53,7 +53,7 @@ class RunLog:
 
     def note(self, step: int, message: str) -> None:
         """A line for people to read later: RUN_DIR/events.log and TensorBoard's text tab."""
-        with (self.dir / "events.log").open("a") as f:
+        with open_append(self.dir / "events.log") as f:
             f.write(f"{step}\t{message}\n")
         if self.writer:
             self.writer.add_text("events", message, step)
@@ -94,7 +94,7 @@ def _read_lines(path: Path) -> tuple[list[str], bool]:
     """The whole lines of a log, and whether its last line was torn. A write cut by a crash leaves a
     last line without its newline (the row's last character): it is dropped, with one warning line
     naming the file. A short row that ends in its newline was written so: an error where it is read."""
-    pieces = path.read_bytes().decode(errors="surrogateescape").split("\n")  # bytes kept as written (csv's \r\n)
+    pieces = read_regular(path).decode(errors="surrogateescape").split("\n")  # bytes kept as written (csv's \r\n)
     lines = [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
     torn = bool(lines) and not lines[-1].endswith("\n")
     if torn:
