@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
 import socket
 import stat
@@ -107,6 +108,13 @@ def check_replaceable(path: str | Path) -> None:
 def temporary_name(path: Path) -> Path:
     """A hidden name beside `path`, unique to this process and call: two writers never share one."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMPORARY}")
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """The temporary files `atomic_write` left in `folder` (a write cut by SIGKILL or a power cut): only
+    names of its own form (.NAME.PID.HEX.tmp), so a user's own `.notes.tmp` is never among them."""
+    own = re.compile(rf"^\..+\.\d+\.[0-9a-f]{{8}}{re.escape(TEMPORARY)}$")
+    return [path for path in folder.glob(f".*{TEMPORARY}") if own.match(path.name)]
 
 
 def fsync_dir(folder: Path) -> None:

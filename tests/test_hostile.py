@@ -428,3 +428,14 @@ def test_a_manifest_declaring_millions_of_shards_is_refused_at_once(tmp_path: Pa
     (out / "manifest.json").write_text(json.dumps(manifest))
     with within(20), pytest.raises(DatasetError, match="declares 30000000 shards of 30000000 images"):
         StagedImages(out, "train")
+
+
+def test_only_the_packages_own_temporary_files_are_swept(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".notes.tmp").write_text("the user's")
+    cut = files.temporary_name(out / "last.pt")
+    cut.write_bytes(b"half a checkpoint")  # what a SIGKILL during a save leaves
+    with RunDir(out):
+        pass
+    assert (out / ".notes.tmp").read_text() == "the user's" and not cut.exists()

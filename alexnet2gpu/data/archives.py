@@ -42,7 +42,7 @@ GROUND_TRUTH, META = "data/ILSVRC2012_validation_ground_truth.txt", "data/meta.m
 KAGGLE = Path("ILSVRC/Data/CLS-LOC")
 KAGGLE_VAL, KAGGLE_WORDS = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.")
-# Bounds from what the files hold: the devkit has a few dozen files, a 2 MB meta.mat (also inflated) and
+# Bounds far above what the files hold: the devkit has a few dozen files, a meta.mat of megabytes and
 # a ground truth of 50,000 short lines; anything far larger is damage or hostile, refused before it is read.
 DEVKIT_MAX_MEMBERS = 10_000
 META_MAX_BYTES, META_MAX_INFLATED, TRUTH_MAX_BYTES = 64 << 20, 256 << 20, 16 << 20
@@ -190,8 +190,8 @@ def check_mat_inflates(mat: bytes, devkit: Path) -> None:
                 return  # scipy's own error names the damage
             if total > META_MAX_INFLATED:
                 raise DatasetError(
-                    f"{devkit}: {META} inflates to more than {META_MAX_INFLATED:,} bytes (ILSVRC2012's to about "
-                    "2 MB): not the devkit's; download it again"
+                    f"{devkit}: {META} inflates to more than {META_MAX_INFLATED:,} bytes, far more than the "
+                    "devkit's: download it again"
                 )
         position += 8 + size + (-size % 8 if kind != 15 else 0)
 

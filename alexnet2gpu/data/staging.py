@@ -271,7 +271,7 @@ def stage(
         for split, samples in listing.splits.items():
             folder = out / split
             folder.mkdir(exist_ok=True)
-            for tmp in folder.glob(f"*{files.TEMPORARY}"):  # what an interrupted stage was writing
+            for tmp in files.leftovers(folder):  # what an interrupted stage was writing
                 tmp.unlink()
             for shard, start in enumerate(range(0, len(samples), config.shard_images)):
                 part = samples[start : start + config.shard_images]

@@ -53,7 +53,7 @@ class RunDir:
             ) from None
         self._lock()
         try:
-            for stale in self.path.glob(f".*{files.TEMPORARY}"):  # a save cut by SIGKILL or a power cut
+            for stale in files.leftovers(self.path):  # a save cut by SIGKILL or a power cut
                 stale.unlink(missing_ok=True)
             self._check_fresh()
         except BaseException:
