@@ -290,7 +290,10 @@ def test_a_resume_without_out_goes_on_in_the_checkpoints_directory(tmp_path: Pat
 def test_a_last_pt_that_is_not_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "run" / "last.pt").mkdir(parents=True)
     flags = ["--dataset", "fake", "--preset", "seed", "--net", "one-gpu", "--devices", "cpu", "--overwrite"]
-    one_line(cli("train", *flags, "--out", str(tmp_path / "run"), cwd=tmp_path), "is not a file")
+    one_line(
+        cli("train", *flags, "--out", str(tmp_path / "run"), cwd=tmp_path),
+        "is a folder, where the run writes its last.pt",
+    )
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_saves(tmp_path: Path) -> None:
