@@ -30,6 +30,14 @@ def test_weights_are_normal_with_std_001_and_biases_as_the_paper() -> None:
             check_layer(getattr(tower, name), 0.01, 1.0 if name in BIAS_ONE else 0.0, name)
 
 
+def test_k12_init_is_the_2012_codes() -> None:
+    model = build(0, "k12")  # K12 layers-145: initW 0.03 on conv3-conv5, 0.01 elsewhere; initB 1 as P's
+    for tower in (model.tower_a, model.tower_b):
+        for name in LAYERS:
+            std = 0.03 if name in ("conv3", "conv4", "conv5") else 0.01
+            check_layer(getattr(tower, name), std, 1.0 if name in BIAS_ONE else 0.0, name)
+
+
 def test_caffe_init_is_bvlc_alexnets() -> None:
     model = build(0, "caffe")  # CF: N(0, 0.01), fc6 and fc7 N(0, 0.005); biases 0.1 where P has 1
     for tower in (model.tower_a, model.tower_b):

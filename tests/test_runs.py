@@ -89,7 +89,9 @@ def test_out_naming_a_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_a_stale_temporary_checkpoint_is_removed(tmp_path: Path) -> None:
-    (tmp_path / ".last.pt.tmp").write_bytes(b"half a checkpoint")
+    from alexnet2gpu.files import temporary_name
+
+    temporary_name(tmp_path / "last.pt").write_bytes(b"half a checkpoint")  # a save cut by SIGKILL
     run(tmp_path, max_steps=1)
     assert not list(tmp_path.glob(".*.tmp"))
 

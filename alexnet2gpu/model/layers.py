@@ -138,6 +138,13 @@ def _paper(name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
     bias.fill_(1.0 if name in BIAS_ONE else 0.0)
 
 
+def _k12(name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """K12 layers-145.cfg (`initW`, `initB`): N(0, 0.03) for conv3, conv4 and conv5, N(0, 0.01) for the
+    others; biases 1 in conv2, conv4, conv5, fc6 and fc7, 0 elsewhere (as P 5's)."""
+    weight.normal_(0.0, 0.03 if name in ("conv3", "conv4", "conv5") else 0.01)
+    bias.fill_(1.0 if name in BIAS_ONE else 0.0)
+
+
 def _caffe(name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """CF bvlc_alexnet: biases of 1 "gave flat loss", so 0.1 where P has 1; fc6, fc7 N(0, 0.005)."""
     weight.normal_(0.0, 0.005 if name in ("fc6", "fc7") else 0.01)
@@ -159,7 +166,7 @@ def _torch(name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
 
 
 # One function per AlexNetConfig.init: (layer name as in P, weight, bias) -> None, in place on CPU tensors.
-INIT_SCHEMES = {"paper": _paper, "caffe": _caffe, "he": _he, "torch": _torch}
+INIT_SCHEMES = {"paper": _paper, "k12": _k12, "caffe": _caffe, "he": _he, "torch": _torch}
 
 
 @torch.no_grad()
@@ -168,7 +175,7 @@ def init_weights(module: nn.Module, scheme: str = "paper") -> None:
     the CPU from its default generator (so `torch.manual_seed` makes it reproducible) and copying it to
     the layer's device: the weights are a function of the seed alone, the same on every device. (Drawn
     on the devices, two GPUs seeded alike by `torch.manual_seed` would give both towers the same.)
-    "paper" is P 5; "caffe" is CF bvlc_alexnet's; "he" is He et al. 2015's N(0, 2 / fan_in) with zero
+    "paper" is P 5's text; "k12" is the 2012 code's (layers-145); "caffe" is CF bvlc_alexnet's; "he" is He et al. 2015's N(0, 2 / fan_in) with zero
     biases; "torch" is PyTorch's default."""
     init = INIT_SCHEMES[scheme]
     for name, layer in module.named_modules():
