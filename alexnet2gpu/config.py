@@ -95,8 +95,9 @@ class AlexNetConfig(Fields):
     activation: str = "relu"  # "tanh" for the paper's Figure 1 comparison
     dropout: float = 0.5  # P 4.2: on the outputs of fc6 and fc7
     # "paper": N(0, 0.01), biases 0/1 (P 5). "k12": the 2012 code's (K12 layers-145.cfg): N(0, 0.03) for
-    # conv3-conv5, N(0, 0.01) elsewhere, biases as P's (not yet the default: unmeasured here). "caffe": CF bvlc_alexnet's published fix (its readme:
-    # biases of 1 "gave flat loss"): N(0, 0.01), fc6/fc7 N(0, 0.005), biases 0.1 where P has 1.
+    # conv3-conv5, N(0, 0.01) elsewhere, biases as P's (not the default: see experiments/RESULTS.md).
+    # "caffe": CF bvlc_alexnet's published fix (its readme: biases of 1 "gave flat loss"): N(0, 0.01),
+    # fc6/fc7 N(0, 0.005), biases 0.1 where P has 1.
     # "he": He et al. 2015 normal init, biases 0 (the seed preset's inputs of unit scale).
     # "torch": PyTorch's default, each layer's reset_parameters (the seed's network, which sets none).
     # Default "caffe": on Fashion-MNIST with the paper's pipeline, P's init diverges and then sits at

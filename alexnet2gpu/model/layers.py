@@ -175,8 +175,8 @@ def init_weights(module: nn.Module, scheme: str = "paper") -> None:
     the CPU from its default generator (so `torch.manual_seed` makes it reproducible) and copying it to
     the layer's device: the weights are a function of the seed alone, the same on every device. (Drawn
     on the devices, two GPUs seeded alike by `torch.manual_seed` would give both towers the same.)
-    "paper" is P 5's text; "k12" is the 2012 code's (layers-145); "caffe" is CF bvlc_alexnet's; "he" is He et al. 2015's N(0, 2 / fan_in) with zero
-    biases; "torch" is PyTorch's default."""
+    "paper" is P 5's text; "k12" is the 2012 code's (layers-145); "caffe" is CF bvlc_alexnet's; "he" is
+    He et al. 2015's N(0, 2 / fan_in) with zero biases; "torch" is PyTorch's default."""
     init = INIT_SCHEMES[scheme]
     for name, layer in module.named_modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
