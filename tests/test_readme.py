@@ -120,10 +120,15 @@ def test_the_readmes_links_and_pictures_exist():
 
 @needs_make
 def test_make_defaults_follow_the_dataset_and_agree_with_the_cli():
-    one = make_dry("train-1gpu")
-    assert "--dataset fashion-mnist" in one and "--epochs 1 " in one and "--out runs/fashion-mnist" in one
-    imagenet = make_dry("train-2gpu", "DATASET=imagenet")
-    assert "--epochs 90 " in imagenet and "--out runs/imagenet" in imagenet and "--devices cuda:0,cuda:1" in imagenet
+    def flags(*argv: str) -> dict[str, str]:
+        """The first train call's flags and their values, as the shell would pass them (make quotes them)."""
+        call = cli_calls(make_dry(*argv))[0]
+        return dict(zip(call[1::2], call[2::2], strict=True))
+
+    one = flags("train-1gpu")
+    assert (one["--dataset"], one["--epochs"], one["--out"]) == ("fashion-mnist", "1", "runs/fashion-mnist")
+    imagenet = flags("train-2gpu", "DATASET=imagenet")
+    assert (imagenet["--epochs"], imagenet["--out"], imagenet["--devices"]) == ("90", "runs/imagenet", "cuda:0,cuda:1")
     assert "runs/DATASET" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
 
 

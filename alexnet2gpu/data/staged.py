@@ -130,10 +130,15 @@ class StagedImages(SkippingDataset):
         except OSError:
             rows = None  # _read_index names the missing index
         counts_ok = isinstance(shards, int) and isinstance(images, int) and 0 <= shards <= max(images, 1)
-        if not counts_ok or (rows is not None and images > rows):
+        if not counts_ok:
             raise DatasetError(
-                f"{self.root / MANIFEST}: {folder.name} declares {shards} shards of {images} images, which its "
-                f"index.npy cannot hold; {restage(self.root, self.source)}"
+                f"{self.root / MANIFEST}: {folder.name} declares {shards} shards of {images} images, which "
+                f"cannot be; {restage(self.root, self.source)}"
+            )
+        if rows is not None and images > rows:
+            raise DatasetError(
+                f"{folder / 'index.npy'}: corrupt index (room for at most {rows} rows, the manifest declares "
+                f"{images} images); {restage(self.root, self.source)}"
             )
 
     def _read_index(self, path: Path, images: int) -> np.ndarray:
