@@ -15,6 +15,8 @@ INPUT_SIZES = (224, 227)
 CONV1_PADDINGS = ("c2", "none")
 INITS = ("paper", "k12", "caffe", "he", "torch")
 LRN_SCOPES = ("tower", "all")
+LRN1_INPUTS = ("linear", "relu")
+DROPOUT_SCALES = ("test", "train")
 
 
 class ConfigError(ValueError):
@@ -91,9 +93,24 @@ class AlexNetConfig(Fields):
     # bvlc_alexnet (the only published weights of this network): in the towers a halo of the other
     # tower's size//2 edge channels at LRN1 and LRN2, an exchange the paper does not have.
     lrn_scope: str = "tower"
+    # What LRN1 normalises. "linear": conv1's output before its ReLU, then pool1, then the ReLU (K12
+    # layers-145.cfg: rnorm1 reads conv1, pool1 carries the relu; the squares include the negative
+    # pre-activations). "relu": conv1 -> ReLU -> LRN1 -> pool1 (P 3.3, 3.5's text; C2, CF).
+    lrn1_input: str = "relu"
+    # K12's normalisation within each map after LRN2, before pool2 (layers-145.cfg `cnorm2`, type rnorm,
+    # layer-params-145.cfg scale 0.001 pow 0.75): a / (1 + alpha/size^2 * sum of a^2 over the size x size
+    # window)^beta. Not in P's text, C2 or CF.
+    spatial_norm: bool = False
+    spatial_norm_size: int = 5
+    spatial_norm_alpha: float = 1e-3
+    spatial_norm_beta: float = 0.75
     pooling: str = "overlapping"
     activation: str = "relu"  # "tanh" for the paper's Figure 1 comparison
     dropout: float = 0.5  # P 4.2: on the outputs of fc6 and fc7
+    # Where dropout's factor goes. "test": a 0/1 mask in training, the outputs times (1 - dropout) at
+    # test (P 4.2's "multiply their outputs by 0.5"; K12 src/layer.cu, the `hs` layers). "train":
+    # PyTorch's inverted dropout, survivors times 1 / (1 - dropout) in training, nothing at test (C2, CF).
+    dropout_scale: str = "train"
     # "paper": N(0, 0.01), biases 0/1 (P 5). "k12": the 2012 code's (K12 layers-145.cfg): N(0, 0.03) for
     # conv3-conv5, N(0, 0.01) elsewhere, biases as P's (not the default: see experiments/RESULTS.md).
     # "caffe": CF bvlc_alexnet's published fix (its readme: biases of 1 "gave flat loss"): N(0, 0.01),
@@ -143,6 +160,15 @@ class AlexNetConfig(Fields):
             ("dropout", 0.0 <= self.dropout < 1.0, "a probability in [0, 1)"),
             ("lrn_size", self.lrn_size >= 1, "a positive window size"),
             ("lrn_scope", self.lrn_scope in LRN_SCOPES, "tower (per tower, as P) or all (across the towers, as CF)"),
+            ("lrn1_input", self.lrn1_input in LRN1_INPUTS, "linear (conv1's output, as K12) or relu (as P's text)"),
+            (
+                "spatial_norm_size",
+                self.spatial_norm_size >= 1 and self.spatial_norm_size % 2 == 1,
+                "an odd window size (K12's: 5)",
+            ),
+            ("spatial_norm_alpha", finite(self.spatial_norm_alpha) and self.spatial_norm_alpha >= 0, "a finite alpha"),
+            ("spatial_norm_beta", finite(self.spatial_norm_beta), "a finite power"),
+            ("dropout_scale", self.dropout_scale in DROPOUT_SCALES, "test (P 4.2, K12) or train (inverted, C2 and CF)"),
             ("init", self.init in INITS, " or ".join(INITS)),
         ]
         check_fields(self, checks)
@@ -160,7 +186,15 @@ class AlexNetConfig(Fields):
         padding before conv1 (224 -> 54 -> 26 -> 12 -> 5), fc6 and fc7 of 4096, a 1000-unit hidden
         layer, 10 logits, PyTorch's default init; 50,830,786 parameters."""
         fields = dict(
-            towers=1, lrn=False, in_channels=1, num_classes=10, conv1_padding="none", fc_hidden=1000, init="torch"
+            towers=1,
+            lrn=False,
+            spatial_norm=False,
+            in_channels=1,
+            num_classes=10,
+            conv1_padding="none",
+            fc_hidden=1000,
+            init="torch",
+            dropout_scale="train",  # nn.Dropout's
         )
         return cls(**{**fields, **overrides})
 
@@ -168,7 +202,16 @@ class AlexNetConfig(Fields):
     def caffe(cls, **overrides) -> AlexNetConfig:
         """CF's bvlc_alexnet as its deploy.prototxt has it: 227 inputs without padding, LRN k=1 over all
         channels, fc8 split between the towers as any imported fc8 is (its rows: tower A's first)."""
-        fields = dict(input_size=227, lrn_k=1.0, lrn_scope="all", init="caffe")
+        fields = dict(
+            input_size=227,
+            lrn_k=1.0,
+            lrn_scope="all",
+            lrn1_input="relu",
+            spatial_norm=False,
+            fc8_split=True,
+            dropout_scale="train",  # Caffe's dropout layer scales in training
+            init="caffe",
+        )
         return cls(**{**fields, **overrides})
 
     @property

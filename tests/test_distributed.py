@@ -29,16 +29,22 @@ from alexnet2gpu.train.logs import read_csv
 from alexnet2gpu.train.loop import train
 from alexnet2gpu.train.tower_ranks import mesh_for, wrap
 
-CONFIG = AlexNetConfig(num_classes=10)  # the paper's init: logits and gradients of order 1 and below
+# the paper's init: logits and gradients of order 1 and below
+K12 = dict(lrn1_input="linear", spatial_norm=True, dropout_scale="test")
+NETS = {
+    "paper": AlexNetConfig(num_classes=10),
+    "k12": AlexNetConfig(num_classes=10, fc8_split=False, **K12),  # one fc8 on tower A: its logits gathered
+    "k12-lrn-across": AlexNetConfig(num_classes=10, lrn_scope="all", **K12),
+}
 SEED, STEP = 7, 3
 
 
-def worker(rank: int, world: int, tmp: str, mistake: str) -> None:
+def worker(rank: int, world: int, tmp: str, mistake: str, net: str = "paper") -> None:
     tmp = Path(tmp)
     setup = torch.load(tmp / "setup.pt", weights_only=True)
     mesh = mesh_for(world, "cpu")
     tower, replica, replicas = mesh.get_local_rank("tower"), mesh.get_local_rank("dp"), world // 2
-    module = TowerProcess(CONFIG, tower, mesh.get_group("tower"), "cpu").double()
+    module = TowerProcess(NETS[net], tower, mesh.get_group("tower"), "cpu").double()
     module.load_from_towers(setup["state"])
     if mistake == "ddp-over-world":
         from torch.nn.parallel import DistributedDataParallel
@@ -60,16 +66,16 @@ def worker(rank: int, world: int, tmp: str, mistake: str) -> None:
     )
 
 
-def compare(tmp: Path, world: int, mistake: str = "none") -> float:
+def compare(tmp: Path, world: int, mistake: str = "none", net: str = "paper") -> float:
     """Largest absolute difference from a single-process AlexNet2GPU on the full batch."""
     torch.manual_seed(0)
-    reference = AlexNet2GPU(CONFIG, devices=("cpu", "cpu")).double()
+    reference = AlexNet2GPU(NETS[net], devices=("cpu", "cpu")).double()
     x, y = (
         torch.randn(2 * (world // 2), 3, 224, 224, dtype=torch.float64) * 30,
         torch.tensor([1, 8, 3, 5, 0, 9, 2, 4][: 2 * (world // 2)]),
     )
     torch.save({"state": reference.state_dict(), "x": x, "y": y}, tmp / "setup.pt")
-    launch(worker, world, str(tmp), mistake)
+    launch(worker, world, str(tmp), mistake, net)
     masks = tuple(
         tower.dropout_masks(dropout_generator(SEED, STEP, index, torch.device("cpu")), slice(0, len(y)), len(y))
         for index, tower in enumerate((reference.tower_a, reference.tower_b))
@@ -87,9 +93,9 @@ def compare(tmp: Path, world: int, mistake: str = "none") -> float:
     return worst
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_tower_processes_equal_the_single_process_model(tmp_path: Path, world: int) -> None:
-    assert compare(tmp_path, world) <= 1e-6
+@pytest.mark.parametrize(("world", "net"), [(2, "paper"), (4, "paper"), (2, "k12"), (4, "k12-lrn-across")])
+def test_tower_processes_equal_the_single_process_model(tmp_path: Path, world: int, net: str) -> None:
+    assert compare(tmp_path, world, net=net) <= 1e-6
 
 
 @pytest.mark.parametrize("mistake", ["loss-not-divided", "ddp-over-world", "shared-dropout"])

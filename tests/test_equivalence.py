@@ -39,6 +39,11 @@ CONFIGS = {
     # Caffe's bvlc_alexnet: LRN over all channels, across the towers (a 2-channel halo each way)
     "caffe-lrn-across-towers": AlexNetConfig.caffe(num_classes=10),
     "lrn-across-even-window": AlexNetConfig(num_classes=10, lrn_scope="all", lrn_size=4, lrn_k=1.0),
+    # K12 layers-145: LRN1 on conv1's linear output, a spatial norm before pool2, one fc8 on tower A
+    "k12": AlexNetConfig(num_classes=10, lrn1_input="linear", spatial_norm=True, fc8_split=False, init="k12"),
+    "k12-order-only": AlexNetConfig(num_classes=10, lrn1_input="linear"),
+    "spatial-norm-only": AlexNetConfig(num_classes=10, spatial_norm=True, spatial_norm_size=3),
+    "k12-lrn-across-towers": AlexNetConfig(num_classes=10, lrn_scope="all", lrn1_input="linear", spatial_norm=True),
 }
 
 
@@ -50,7 +55,9 @@ def test_towers_and_fused_give_the_same_logits(name: str) -> None:
     assert logits_diff(towers, fused, x) < TOL
 
 
-@pytest.mark.parametrize("name", ["paper", "fc8-on-tower-a", "caffe-lrn-across-towers"])
+@pytest.mark.parametrize(
+    "name", ["paper", "fc8-on-tower-a", "caffe-lrn-across-towers", "k12", "k12-order-only", "k12-lrn-across-towers"]
+)
 def test_towers_and_fused_give_the_same_gradients(name: str, images: torch.Tensor) -> None:
     config = CONFIGS[name]
     towers, fused = twins(AlexNetConfig(**{**config.to_dict(), "dropout": 0.0}))
@@ -83,6 +90,26 @@ def test_gradients_agree_with_dropout_under_the_same_masks(images: torch.Tensor)
         module.p = 0.0  # the hooks apply the masks (already scaled by 1 / (1 - 0.5))
     labels = torch.tensor([1, 2, 9])
     tower_grads, fused_grads = towers_to_fused(grads(towers, images, labels)), grads(fused, images, labels)
+    assert all(rel_diff(tower_grads[k], g) < TOL for k, g in fused_grads.items())
+
+
+@pytest.mark.parametrize("scale", ["test", "train"])
+def test_the_same_masks_give_the_same_logits_and_gradients_for_either_dropout_scale(scale: str, images) -> None:
+    """The masks passed in, as training passes them: tower A's features are the fused model's first."""
+    towers, fused = twins(AlexNetConfig(num_classes=10, dropout_scale=scale))
+    g = torch.Generator().manual_seed(6)
+    m6, m7 = (torch.bernoulli(torch.full((3, 4096), 0.5), generator=g) for _ in range(2))
+    tower_masks = tuple((m6[:, k * 2048 : (k + 1) * 2048], m7[:, k * 2048 : (k + 1) * 2048]) for k in (0, 1))
+    labels = torch.tensor([1, 2, 9])
+    results = []
+    for model, masks in ((towers, tower_masks), (fused, (m6, m7))):
+        model.train().zero_grad()
+        logits = model(images, masks)
+        F.cross_entropy(logits, labels).backward()
+        results.append((logits.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (tower_logits, tower_grads), (fused_logits, fused_grads) = results
+    assert rel_diff(tower_logits, fused_logits) < TOL
+    tower_grads = towers_to_fused(tower_grads)
     assert all(rel_diff(tower_grads[k], g) < TOL for k, g in fused_grads.items())
 
 

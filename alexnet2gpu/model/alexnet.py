@@ -5,6 +5,8 @@ P = Krizhevsky, Sutskever, Hinton, NIPS 2012. Per tower, as P 3.5 and Figure 2:
 
     conv1 11x11/4  48 -> ReLU -> LRN -> pool 3/2   (N, 48, 55, 55) -> (N, 48, 27, 27)
     conv2 5x5     128 -> ReLU -> LRN -> pool 3/2   (N, 128, 27, 27) -> (N, 128, 13, 13)
+    (K12, the 2012 code's layers-145.cfg: conv1 -> LRN -> pool -> ReLU, and a spatial norm within each
+    map between conv2's LRN and pool: `lrn1_input="linear"`, `spatial_norm=True`)
     conv3 3x3     192 -> ReLU     reads both towers (N, 256, 13, 13) in
     conv4 3x3     192 -> ReLU
     conv5 3x3     128 -> ReLU -> pool 3/2          (N, 128, 6, 6)
@@ -33,6 +35,7 @@ from alexnet2gpu.model.layers import (
     LAYERS,
     Dropout,
     LocalResponseNorm,
+    SpatialNorm,
     activation,
     dropout_masks,
     exchange,
@@ -63,6 +66,17 @@ def _lrn(config: AlexNetConfig, groups: int) -> nn.Module:
     return LocalResponseNorm(config.lrn_size, config.lrn_alpha, config.lrn_beta, config.lrn_k, groups)
 
 
+def _spatial_norm(config: AlexNetConfig) -> nn.Module:
+    if not config.spatial_norm:
+        return nn.Identity()
+    return SpatialNorm(config.spatial_norm_size, config.spatial_norm_alpha, config.spatial_norm_beta)
+
+
+def _relu_before_lrn1(config: AlexNetConfig) -> bool:
+    """Whether conv1's ReLU comes before LRN1 (P's text) or after pool1 (K12: LRN1 reads the linear output)."""
+    return config.lrn1_input == "relu"
+
+
 def _pool(config: AlexNetConfig) -> nn.MaxPool2d:
     kernel, stride = config.pool_kernel_stride
     return nn.MaxPool2d(kernel, stride)
@@ -87,24 +101,34 @@ class Tower(nn.Module):
         fc8_out = config.fc8_out[index]
         self.fc8 = nn.Linear(config.fc_features[1], fc8_out, **both) if fc8_out else None
         self.lrn1, self.lrn2 = _lrn(config, 1), _lrn(config, 1)
+        self.norm2 = _spatial_norm(config)
         self.pool1, self.pool2, self.pool5 = _pool(config), _pool(config), _pool(config)
         self.act = activation(config.activation)
-        self.drop = Dropout(config.dropout)
+        self.drop = Dropout(config.dropout, config.dropout_scale)
         self.conv1_pad = config.conv1_pad
+        self.relu_before_lrn1 = _relu_before_lrn1(config)
 
     def own_maps(self, x: torch.Tensor) -> torch.Tensor:
         """conv1 to pool2, which see only this tower's maps: (N, C, 227|224, ..) -> (N, 128, 13, 13)."""
         x = self.conv2_maps(self.lrn1(self.conv1_maps(x)))  # (N, 128, 27, 27)
-        return self.pool2(self.lrn2(x))  # (N, 128, 13, 13)
+        return self.pool2_maps(self.lrn2(x))  # (N, 128, 13, 13)
 
     def conv1_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """conv1 and its ReLU, before LRN1: (N, C, 227|224, ..) -> (N, 48, 55, 55)."""
+        """conv1 (and its ReLU, where it comes before LRN1), what LRN1 reads: (N, C, 227|224, ..) -> (N, 48, 55, 55)."""
         x = F.pad(x, (0, self.conv1_pad, 0, self.conv1_pad))  # C2: zeros past the right/bottom edge
-        return self.act(self.conv1(x))  # (N, 48, 55, 55)
+        x = self.conv1(x)  # (N, 48, 55, 55)
+        return self.act(x) if self.relu_before_lrn1 else x
 
     def conv2_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """pool1, conv2 and its ReLU, between LRN1 and LRN2: (N, 48, 55, 55) -> (N, 128, 27, 27)."""
-        return self.act(self.conv2(self.pool1(x)))  # (N, 48, 27, 27) -> (N, 128, 27, 27)
+        """pool1 (then conv1's ReLU in K12's order), conv2 and its ReLU, between LRN1 and LRN2:
+        (N, 48, 55, 55) -> (N, 128, 27, 27)."""
+        x = self.pool1(x)  # (N, 48, 27, 27)
+        x = x if self.relu_before_lrn1 else self.act(x)
+        return self.act(self.conv2(x))  # (N, 128, 27, 27)
+
+    def pool2_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """K12's spatial norm (where on) and pool2, after LRN2: (N, 128, 27, 27) -> (N, 128, 13, 13)."""
+        return self.pool2(self.norm2(x))
 
     def upper_maps(self, x: torch.Tensor) -> torch.Tensor:
         """conv3 (fed by both towers) to pool5: (N, 256, 13, 13) -> (N, 4608)."""
@@ -169,7 +193,7 @@ class AlexNet2GPU(nn.Module):
         if self.config.lrn_across:  # CF: LRN1 and LRN2 read the other tower's 2 edge channels
             a, b = lrn_across(ta.lrn1, tb.lrn1, ta.conv1_maps(x_a), tb.conv1_maps(x_b))  # (N, 48, 55, 55) per tower
             a, b = lrn_across(ta.lrn2, tb.lrn2, ta.conv2_maps(a), tb.conv2_maps(b))  # (N, 128, 27, 27) per tower
-            a, b = ta.pool2(a), tb.pool2(b)  # (N, 128, 13, 13)
+            a, b = ta.pool2_maps(a), tb.pool2_maps(b)  # (N, 128, 13, 13)
         else:
             a, b = ta.own_maps(x_a), tb.own_maps(x_b)
         a, b = exchange(a, b)  # conv3 reads both towers: (N, 256, 13, 13) on each device
@@ -208,9 +232,10 @@ class AlexNetFused(nn.Module):
             self.fc8 = nn.Linear(c.fc_hidden or f7, c.num_classes, device=device)
         lrn_groups = 1 if c.lrn_scope == "all" else g  # per group: the towers' LRN windows; "all": Caffe's
         self.lrn1, self.lrn2 = _lrn(c, lrn_groups), _lrn(c, lrn_groups)
+        self.norm2 = _spatial_norm(c)  # within each map: the same on the fused channels as per tower
         self.pool1, self.pool2, self.pool5 = _pool(c), _pool(c), _pool(c)
         self.act = activation(c.activation)
-        self.drop = Dropout(c.dropout)
+        self.drop = Dropout(c.dropout, c.dropout_scale)
         init_weights(self, self.config.init)  # drawn on the CPU, as the towers'
 
     def forward(self, x: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -227,8 +252,12 @@ class AlexNetFused(nn.Module):
         m6, m7 = masks or (None, None)
         pad = self.config.conv1_pad
         x = F.pad(x.to(self.conv1.weight.device), (0, pad, 0, pad))
-        x = self.pool1(self.lrn1(self.act(self.conv1(x))))  # (N, 96, 27, 27)
-        x = self.pool2(self.lrn2(self.act(self.conv2(x))))  # (N, 256, 13, 13)
+        x = self.conv1(x)  # (N, 96, 55, 55)
+        if _relu_before_lrn1(self.config):  # P's text: conv1 -> ReLU -> LRN1 -> pool1
+            x = self.pool1(self.lrn1(self.act(x)))  # (N, 96, 27, 27)
+        else:  # K12: conv1 -> LRN1 -> pool1 -> ReLU
+            x = self.act(self.pool1(self.lrn1(x)))  # (N, 96, 27, 27)
+        x = self.pool2(self.norm2(self.lrn2(self.act(self.conv2(x)))))  # (N, 256, 13, 13)
         x = self.act(self.conv3(x))  # (N, 384, 13, 13)
         x = self.act(self.conv4(x))  # (N, 384, 13, 13)
         x = self.pool5(self.act(self.conv5(x))).flatten(1)  # (N, 256, 6, 6) -> (N, 9216)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from alexnet2gpu.model.lrn import local_response_norm
+from alexnet2gpu.model.lrn import local_response_norm, spatial_response_norm
 
 
 class LocalResponseNorm(nn.Module):
@@ -36,8 +36,25 @@ class LocalResponseNorm(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, groups={self.groups}"
 
 
+class SpatialNorm(nn.Module):
+    """K12's normalisation within each map (`cnorm2`): b = a / (1 + alpha/size^2 * sum of a^2 over the
+    size x size window around the pixel)^beta. Each map alone, so the towers and the fused model agree."""
+
+    def __init__(self, size: int, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta = size, alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return spatial_response_norm(x, self.size, self.alpha, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}"
+
+
 class Dropout(nn.Module):
-    """P 4.2: zero each unit with probability p in training (inverted: survivors scaled by 1/(1-p)).
+    """P 4.2: zero each unit with probability p in training. `scale` says where the factor goes: "test"
+    (P 4.2, K12) keeps the survivors as they are and multiplies every output by 1 - p at test; "train"
+    (inverted, PyTorch's) scales the survivors by 1/(1-p) and leaves the test outputs alone.
 
     Without a mask, the mask comes from the global generator. Training passes `mask`, a 0/1 tensor
     of x's shape drawn before the forward (`dropout_masks`): a compiled model then stays one graph
@@ -45,19 +62,22 @@ class Dropout(nn.Module):
     batch applies exactly the masks one process feeding the whole batch would.
     """
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, scale: str = "train") -> None:
         super().__init__()
-        self.p = p
+        self.p, self.scale = p, scale
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if self.p == 0:
             return x
+        if not self.training:
+            return x * (1 - self.p) if self.scale == "test" else x
         if mask is None:
-            return nn.functional.dropout(x, self.p, training=True)
-        return x * mask.to(x.dtype) / (1 - self.p)  # (N, features)
+            mask = torch.empty_like(x).bernoulli_(1 - self.p)
+        kept = x * mask.to(x.dtype)  # (N, features)
+        return kept if self.scale == "test" else kept / (1 - self.p)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, scale={self.scale}"
 
 
 def step_seed(seed: int, step: int) -> int:

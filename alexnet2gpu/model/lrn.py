@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["local_response_norm"]
+__all__ = ["local_response_norm", "spatial_response_norm"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -164,3 +164,63 @@ def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k
     if x.numel() == 0:
         return x.clone()
     return _LocalResponseNorm.apply(x, int(size), float(alpha), float(beta), float(k))
+
+
+# Within a map (K12's `cnorm2`, a `type=rnorm` layer after LRN2 in layers-145.cfg, scale 0.001, pow 0.75):
+#
+#     b = a * d^-beta,    d = 1 + alpha/size^2 * W(a^2),
+#     W(v)[y, x] = sum of v over the size x size window centred on (y, x), zero past the map's edge
+#
+# (cuda-convnet divides its scale by size^2 and starts the denominator at 1). W is one avg_pool2d with
+# count_include_pad (a fused kernel on the CPU and the GPU) times size^2, so alpha/size^2 * W = alpha *
+# avg. For odd sizes W is its own adjoint, so the backward is
+#
+#     grad_a = g * d^-beta - 2 * beta * alpha * a * avg(g * a * d^(-beta-1)),
+#
+# one more avg_pool2d. Saved: a and d, as for the LRN across maps.
+
+
+def _window_mean(v: torch.Tensor, size: int) -> torch.Tensor:
+    """W(v) / size^2: the mean over the size x size window centred on each pixel, zeros past the edge."""
+    return torch.nn.functional.avg_pool2d(v, size, stride=1, padding=size // 2, count_include_pad=True)
+
+
+class _SpatialResponseNorm(torch.autograd.Function):
+    """b = a * d^-beta with d = 1 + alpha * mean of a^2 over the window; backward by hand (see above)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, size: int, alpha: float, beta: float) -> torch.Tensor:
+        xc = x.to(_compute_dtype(x.dtype))
+        d = _window_mean(xc * xc, size) * alpha + 1.0  # (N, C, H, W)
+        out = xc * d.pow(-beta) if torch.compiler.is_compiling() else _neg_pow(d, beta).mul_(xc)
+        ctx.save_for_backward(x, d)
+        ctx.size, ctx.alpha, ctx.beta = size, alpha, beta
+        return out.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        x, d = ctx.saved_tensors
+        xc = x.to(d.dtype)
+        u = g.to(d.dtype) * d.pow(-ctx.beta)  # g * d^-beta
+        grad = u - (2.0 * ctx.beta * ctx.alpha) * xc * _window_mean(u * xc / d, ctx.size)
+        return grad.to(x.dtype), None, None, None
+
+
+def spatial_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float) -> torch.Tensor:
+    """K12's normalisation within each map (`cnorm2`): x / (1 + alpha/size^2 * sum of x^2 over the
+    size x size window around each pixel, clipped at the map's edge)^beta, every map on its own.
+
+    x: (N, C, H, W), any float dtype (half and bfloat16 computed in float32), CPU or CUDA; size odd.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"spatial_response_norm expects a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"spatial_response_norm expects a floating-point tensor, got {x.dtype}")
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"spatial_response_norm needs an odd size >= 1 (a window centred on the pixel), got {size}")
+    if x.numel() == 0:
+        return x.clone()
+    return _SpatialResponseNorm.apply(x, int(size), float(alpha), float(beta))

@@ -20,8 +20,8 @@ class TowerProcess(nn.Module):
 
     def __init__(self, config: AlexNetConfig, index: int, group, device: torch.device | str | None = None) -> None:
         super().__init__()
-        if config.towers != 2 or not config.fc8_split or config.num_classes % 2:
-            raise ValueError("tower processes need two towers with fc8 split evenly (an even num_classes)")
+        if config.towers != 2 or (config.fc8_split and config.num_classes % 2):
+            raise ValueError("tower processes need two towers, and an even num_classes where fc8 is split")
         self.config, self.index, self.group = config, index, group
         self.tower = Tower(config, index, torch.device(device) if device is not None else None)
 
@@ -49,14 +49,22 @@ class TowerProcess(nn.Module):
         m6, m7 = masks or (None, None)
         if self.config.lrn_across:  # CF: LRN1 and LRN2 read the other tower's edge channels
             x = self.lrn_across(t.lrn1, t.conv1_maps(x))  # (N, 48, 55, 55)
-            x = t.pool2(self.lrn_across(t.lrn2, t.conv2_maps(x)))  # (N, 128, 13, 13)
+            x = t.pool2_maps(self.lrn_across(t.lrn2, t.conv2_maps(x)))  # (N, 128, 13, 13)
         else:
             x = t.own_maps(x)  # (N, 128, 13, 13)
         a = self.gather(x)  # conv3 reads both towers: (N, 256, 13, 13)
         a = self.gather(t.upper_maps(a))  # fc6: (N, 9216)
         a = self.gather(t.fc(t.fc6, a, m6))  # fc7: (N, 4096)
         a = self.gather(t.fc(t.fc7, a, m7))  # fc8: (N, 4096)
-        return self.gather(t.fc8(a))  # (N, 500 + 500)
+        if self.config.fc8_split:
+            return self.gather(t.fc8(a))  # (N, 500 + 500)
+        return self.from_tower_a(t.fc8(a) if t.fc8 is not None else a.new_zeros(len(a), self.config.num_classes))
+
+    def from_tower_a(self, x: torch.Tensor) -> torch.Tensor:
+        """Tower A's x on both ranks (one fc8 on tower A, K12's and C2's): an all-gather in which tower B
+        sends zeros of x's shape. Its backward sums both ranks' gradients into tower A's x, as `gather`'s."""
+        both = _all_gather(x.contiguous(), gather_dim=0, group=self.group)  # (2N, classes): A's rows, then B's
+        return both[: len(x)]  # (N, classes)
 
     def load_from_towers(self, state: dict[str, torch.Tensor]) -> None:
         """Take this tower's weights from an AlexNet2GPU state dict."""
