@@ -253,6 +253,7 @@ class AlexNetConfig(Fields):
 DATASETS = ("imagenet", "mnist", "fashion-mnist", "fake")
 PRESETS = ("paper", "seed", "caffe")
 PCA_SCALES = ("eigenvalue", "stdev")
+MEAN_CROPS = ("centre", "own")
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,16 @@ class DataConfig(Fields):
     # "eigenvalue": P's formula, eigenvalues of the covariance of [0, 1] pixels (fb.resnet.torch);
     # "stdev": Krizhevsky's code, square roots of those eigenvalues on the 0-255 scale (C2).
     pca_scale: str = "eigenvalue"
+    # K12 convdata_jpeg.py: the noised crop divided by 1 + pca_alpha_std ("so that the overall scale of
+    # the training data doesn't become too different from the test data"). Not in P's text.
+    pca_rescale: bool = False
+    # Which part of the mean image a crop loses. "centre": the centre crop_size square of the mean image,
+    # whatever the crop's offset, and from every test view (K12 convdata_jpeg.py `data_mean_crop`).
+    # "own": the crop's own region of the mean image (P 2's "from each pixel"; CF's data transformer).
+    mean_crop: str = "own"
+    # Images of a batch that share one crop offset and one flip: K12 draws one for each 32 consecutive
+    # images (convdata_jpeg.py `crop_chunk = 32`); 1: every image its own (P 4.1's text, C2, CF).
+    crop_chunk: int = 1
     pixel_scale: float = 255.0  # the network sees mean-subtracted 0-255 pixels, as cuda-convnet
     seed_mean: float = 0.1307
     seed_std: float = 0.3081
@@ -293,6 +304,8 @@ class DataConfig(Fields):
             ("preset", self.preset in PRESETS, " or ".join(PRESETS)),
             ("preset", self.preset != "caffe" or self.dataset == "imagenet", "paper or seed: caffe is for ImageNet"),
             ("pca_scale", self.pca_scale in PCA_SCALES, " or ".join(PCA_SCALES)),
+            ("mean_crop", self.mean_crop in MEAN_CROPS, "centre (K12's) or own (each crop's own region)"),
+            ("crop_chunk", self.crop_chunk >= 1, "a positive number of images (K12's: 32)"),
             ("crop_size", 0 < self.crop_size <= self.stage_size, f"a size up to stage_size={self.stage_size}"),
             ("subset", self.subset is None or self.subset > 0, "a positive number of images"),
             ("fit_images", self.fit_images is None or self.fit_images > 0, "a positive number of images"),

@@ -133,6 +133,72 @@ def test_train_pipeline_adds_one_colour_shift_per_image() -> None:
     assert per_image.flatten(1).std(0).min() > 0.01  # a different shift for each image
 
 
+def small_k12(**fields) -> tuple[DataConfig, DataStats, torch.Tensor]:
+    """40x40 images cropped to 32 (9 offsets each way), a mean image of random values, no noise or flips
+    unless asked: small enough to find every crop's offset by trying them all."""
+    fields = {"pca_noise": False, "flip": False, **fields}
+    config = DataConfig(dataset="fake", stage_size=40, crop_size=32, **fields)
+    g = torch.Generator().manual_seed(4)
+    stats = DataStats(torch.rand(3, 40, 40, generator=g) * 255, torch.eye(3), torch.tensor([0.2, 0.02, 0.004]))
+    return config, stats, torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8, generator=g)
+
+
+def window(image: torch.Tensor, top: int, left: int, flipped: bool) -> torch.Tensor:
+    patch = image[:, top : top + 32, left : left + 32]
+    return patch.flip(-1) if flipped else patch
+
+
+def where_cropped(out: torch.Tensor, images: torch.Tensor, mean: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Each output's (top, left, flipped), found as the window of its image that, minus `mean`, it is."""
+    found = []
+    for x, image in zip(out, images.float(), strict=True):
+        hits = [
+            (top, left, flipped)
+            for top in range(9)
+            for left in range(9)
+            for flipped in (False, True)
+            if torch.allclose(x, window(image, top, left, flipped) - mean, atol=1e-4)
+        ]
+        assert len(hits) == 1, hits
+        found += hits
+    return found
+
+
+def test_k12_mean_is_the_centre_of_the_mean_image_off_every_crop_and_view() -> None:
+    """K12 (convdata_jpeg.py data_mean_crop): whatever a crop's offset, it loses the mean image's centre."""
+    config, stats, images = small_k12(mean_crop="centre")
+    centre = stats.mean[:, 4:36, 4:36]
+    train = input_pipeline(config, stats, "cpu", train=True)
+    offsets = where_cropped(train(images, torch.Generator().manual_seed(1)), images, centre)
+    assert len({(top, left) for top, left, _ in offsets}) > 1  # crops away from the centre lose it too
+    test = input_pipeline(config, stats, "cpu", train=False)
+    assert torch.allclose(test(images), center_crop(images.float(), 32) - centre, atol=1e-4)
+    views = test.ten_crops(images)  # (N, 10, C, 32, 32): the mirrored views lose the unmirrored centre
+    assert torch.allclose(views[:, 9], center_crop(images.float(), 32).flip(-1) - centre, atol=1e-4)
+    own = input_pipeline(DataConfig(**{**config.to_dict(), "mean_crop": "own"}), stats, "cpu", train=False)
+    assert torch.allclose(own.ten_crops(images)[:, 0], (images.float() - stats.mean)[..., :32, :32], atol=1e-4)
+
+
+def test_k12_crop_chunks_share_one_offset_and_flip_and_split_over_processes_alike() -> None:
+    """K12 (convdata_jpeg.py crop_chunk = 32): one offset and one flip for each run of chunk images."""
+    config, stats, images = small_k12(mean_crop="centre", crop_chunk=4, flip=True)
+    pipe = input_pipeline(config, stats, "cpu", train=True)
+    out = pipe(images, torch.Generator().manual_seed(2))
+    found = where_cropped(out, images, stats.mean[:, 4:36, 4:36])
+    assert len(set(found[:4])) == 1 and len(set(found[4:])) == 1 and found[0] != found[4]
+    part = pipe(images[4:], torch.Generator().manual_seed(2), rows=(4, 8))  # the second process's rows
+    assert torch.equal(part, out[4:])
+
+
+def test_k12_pca_rescale_divides_the_noised_crop_by_one_point_one() -> None:
+    config, stats, images = small_k12(pca_scale="stdev")
+    noised = DataConfig(**{**config.to_dict(), "pca_noise": True})
+    shrunk = DataConfig(**{**noised.to_dict(), "pca_rescale": True})
+    a = input_pipeline(noised, stats, "cpu", train=True)(images, torch.Generator().manual_seed(3))
+    b = input_pipeline(shrunk, stats, "cpu", train=True)(images, torch.Generator().manual_seed(3))
+    assert torch.allclose(b * 1.1, a, atol=1e-4) and not torch.allclose(a, b, atol=1e-2)
+
+
 def test_seed_preset_is_resize_and_normalise() -> None:
     images = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     out = input_pipeline(DataConfig(dataset="mnist", preset="seed"), None, "cpu", train=True)(images)

@@ -5,6 +5,10 @@ uint8 images (N, C, h, w) as stored -> float network inputs (N, C, 224, 224):
     subtract the mean image -> resize to 256 (when stored smaller) -> random 224 crop + flip
     -> PCA colour noise (train);  centre crop or ten crops (evaluation)
 
+With `mean_crop="centre"` (K12) the mean is subtracted after cropping instead: the centre 224x224 of
+the mean image, from every crop and view; with `pca_rescale` the noised crop is divided by 1.1; with
+`crop_chunk=32` each run of 32 images shares one offset and one flip.
+
 Random draws (offsets, flips, alphas) are small and come from a CPU generator seeded per step,
 so the same seed gives the same augmentation on any device and after a resume; they reach the
 device in one pinned, non-blocking copy, so the host never waits for the device here. Inputs leave
@@ -112,6 +116,11 @@ class Pipeline:
         self.mean = stats.mean.to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.bgr = config.preset == "caffe"  # CF's networks take B, G, R (OpenCV's order)
+        self.centre_mean = None  # (C, 224, 224): K12's one mean crop, scaled and in the channels' order
+        if config.mean_crop == "centre":
+            mean = resize(self.mean[None].to(torch.get_default_dtype()), config.stage_size)  # as `stage` resizes
+            mean = center_crop(mean, config.crop_size)[0] * (config.pixel_scale / 255.0)
+            self.centre_mean = mean.flip(0) if self.bgr else mean
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A small host tensor on the device without waiting: pinned, then copied asynchronously (the
@@ -125,10 +134,16 @@ class Pipeline:
         return images.to(self.device, non_blocking=True).to(torch.get_default_dtype())
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) uint8 -> float at the stored size: mean image subtracted (P 2); in BGR order
-        for the caffe preset (the mean is kept in RGB, as the stored images)."""
-        x = (self.as_float(images) - self.mean) * (self.config.pixel_scale / 255.0)
+        """(N, C, h, w) uint8 -> float at the stored size: mean image subtracted (P 2), unless it is
+        subtracted from the crops (`mean_crop="centre"`); in BGR order for the caffe preset (the mean
+        is kept in RGB, as the stored images)."""
+        x = self.as_float(images)
+        x = (x if self.centre_mean is not None else x - self.mean) * (self.config.pixel_scale / 255.0)
         return x.flip(1) if self.bgr else x  # (N, 3, h, w), RGB -> BGR for Caffe's weights
+
+    def minus_centre_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """K12's mean: the centre crop of the mean image off every crop or view (..., C, 224, 224)."""
+        return x if self.centre_mean is None else x - self.centre_mean
 
     def stage(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) uint8 -> (N, C, 256, 256) float, mean subtracted and resized (P 2)."""
@@ -145,17 +160,19 @@ class Pipeline:
         the batch augments its rows exactly as one process feeding all of it would."""
         config, size = self.config, self.config.crop_size
         if not self.train:
-            return center_crop(self.stage(images), size).contiguous(memory_format=self.memory_format)
+            x = self.minus_centre_mean(center_crop(self.stage(images), size))
+            return x.contiguous(memory_format=self.memory_format)
         start, total = rows or (0, images.shape[0])
         n, span = images.shape[0], config.stage_size - size + 1
         total, mine = max(total, start + n), slice(start, start + n)
         generator = generator or torch.Generator().manual_seed(0)
+        chunks = -(-total // config.crop_chunk)  # one offset and flip per run of crop_chunk images (K12: 32)
         params = [
-            torch.randint(span, (total,), generator=generator),
-            torch.randint(span, (total,), generator=generator),
+            torch.randint(span, (chunks,), generator=generator),
+            torch.randint(span, (chunks,), generator=generator),
         ]
-        params.append(torch.rand(total, generator=generator) < 0.5 if config.flips else torch.zeros(total))
-        params = [p.float()[:, None] for p in params]  # offsets below 2^24: exact in float32
+        params.append(torch.rand(chunks, generator=generator) < 0.5 if config.flips else torch.zeros(chunks))
+        params = [p.float().repeat_interleave(config.crop_chunk)[:total, None] for p in params]  # exact in float32
         if config.pca_noise:
             noise = pca_noise(total, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
             params.append(noise.flip(1) if self.bgr else noise)  # (N, C) in the channels' order
@@ -166,14 +183,16 @@ class Pipeline:
             x = crop(x, top, left, size, flip)
         else:
             x = resized_crop(x, config.stage_size, top, left, size, flip)
-        x = x.contiguous(memory_format=self.memory_format)
+        x = self.minus_centre_mean(x).contiguous(memory_format=self.memory_format)
         if config.pca_noise:
             x.add_(params[:, 3:, None, None])  # (N, C, 1, 1), in place: x is this call's own tensor
+            if config.pca_rescale:  # K12: the noised crop shrunk by 1 + the noise's coefficient
+                x.div_(1.0 + config.pca_alpha_std)
         return x
 
     def ten_crops(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) uint8 -> (N, 10, C, 224, 224): the paper's test-time patches."""
-        return ten_crop(self.stage(images), self.config.crop_size)  # the caller flattens, then copies
+        return self.minus_centre_mean(ten_crop(self.stage(images), self.config.crop_size))  # flattened by the caller
 
 
 class SeedPipeline(Pipeline):
