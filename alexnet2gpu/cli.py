@@ -21,11 +21,15 @@ from alexnet2gpu.config import (
     BIAS_RULES,
     DATASETS,
     DIST_TIMEOUT,
+    DROPOUT_SCALES,
     INITS,
     INPUT_SIZES,
     LR_SCALINGS,
+    LRN1_INPUTS,
     LRN_SCOPES,
+    MEAN_CROPS,
     OPTIMIZERS,
+    PCA_SCALES,
     POOLINGS,
     PRESETS,
     SEED_BATCH,
@@ -36,6 +40,7 @@ from alexnet2gpu.config import (
     StageConfig,
     TrainConfig,
     default_batch_size,
+    recipe,
 )
 from alexnet2gpu.data.base import DatasetError
 from alexnet2gpu.data.datasets import datasets_for
@@ -48,6 +53,20 @@ USER_ERRORS = (DatasetError, DeviceError, CheckpointError, RunDirError, ValueErr
 
 M, D, T, S = AlexNetConfig, DataConfig, TrainConfig, StageConfig  # every default below is one of theirs
 FLIPS = {"auto": None, "on": True, "off": False}  # --flip -> DataConfig.flip
+FC8S = {"split": True, "tower-a": False}  # --fc8 -> AlexNetConfig.fc8_split
+# flags that a preset sets unless given (default None): flag dest -> (config kind, field, value map)
+PRESET_FLAGS = {
+    "pca_scale": ("data", "pca_scale", None),
+    "pca_rescale": ("data", "pca_rescale", None),
+    "mean_crop": ("data", "mean_crop", None),
+    "crop_chunk": ("data", "crop_chunk", None),
+    "lrn1_input": ("model", "lrn1_input", None),
+    "spatial_norm": ("model", "spatial_norm", None),
+    "fc8": ("model", "fc8_split", FC8S),
+    "dropout_scale": ("model", "dropout_scale", None),
+    "init": ("model", "init", None),
+    "bias_rule": ("train", "bias_rule", None),
+}
 # flags whose config field has another name (input_size sets the model's input and the data's crop)
 FLAG_FIELDS = {"input_size": ("input_size", "crop_size")}
 GROUPS = {"data": "data (DataConfig)", "model": "model (AlexNetConfig)", "train": "training (TrainConfig)"}
@@ -66,7 +85,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         "--preset",
         default=D.preset,
         choices=PRESETS,
-        help="paper: P 2, 4.1; seed: normalise, resize to 224; caffe: bvlc_alexnet's (256x256 squash, BGR, 227)",
+        help="the source of the whole recipe: paper: P's text (P 2, 4.1); k12: the 2012 code's run 145 (its "
+        "layer files and data provider); seed: normalise, resize to 224; caffe: bvlc_alexnet's (256x256 squash, "
+        "BGR, 227). The flags below marked 'preset' override it one field at a time",
     )
     g.add_argument(
         "--subset",
@@ -80,6 +101,32 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-decode", action="store_true", help="decode a staged folder's JPEGs on CUDA (unmeasured)")
     g.add_argument(
         "--no-pca-noise", action="store_false", dest="pca_noise", help="no PCA colour noise (ablation; default: on)"
+    )
+    g.add_argument(
+        "--pca-scale",
+        default=None,
+        choices=PCA_SCALES,
+        help=f"preset: the noise scale, eigenvalue (P 4.1's text) or its square root (K12) (default: {D.pca_scale})",
+    )
+    g.add_argument(
+        "--pca-rescale",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"preset: divide the noised crop by 1 + the noise's 0.1 (K12) (default: {D.pca_rescale})",
+    )
+    g.add_argument(
+        "--mean-crop",
+        default=None,
+        choices=MEAN_CROPS,
+        help="preset: the mean image's centre off every crop (K12), or each crop's own region "
+        f"(default: {D.mean_crop})",
+    )
+    g.add_argument(
+        "--crop-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"preset: images sharing one crop offset and flip (K12: 32) (default: {D.crop_chunk})",
     )
     g.add_argument(
         "--flip",
@@ -107,6 +154,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=M.lrn_scope,
         choices=LRN_SCOPES,
         help="tower: each tower's own maps (P); all: across both towers' channels (Caffe's bvlc_alexnet)",
+    )
+    g.add_argument(
+        "--lrn1-input",
+        default=None,
+        choices=LRN1_INPUTS,
+        help="preset: linear: LRN1 on conv1's output, then pool1, then ReLU (K12); relu: ReLU first (P's text) "
+        f"(default: {M.lrn1_input})",
+    )
+    g.add_argument(
+        "--spatial-norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"preset: K12's 5x5 normalisation within each map before pool2 (default: {M.spatial_norm})",
+    )
+    g.add_argument(
+        "--fc8",
+        default=None,
+        choices=FC8S,
+        help=f"preset: split: 500 logits per tower (P's Figure 2); tower-a: one fc8 on tower A (K12, C2) "
+        f"(default: {next(k for k, v in FC8S.items() if v == M.fc8_split)})",
+    )
+    g.add_argument(
+        "--dropout-scale",
+        default=None,
+        choices=DROPOUT_SCALES,
+        help="preset: test: a bare mask in training, x0.5 at test (P 4.2, K12); train: inverted (C2, CF) "
+        f"(default: {M.dropout_scale})",
     )
     g.add_argument("--pooling", default=M.pooling, choices=POOLINGS)
     g.add_argument("--activation", default=M.activation, choices=ACTIVATIONS)
@@ -139,9 +213,10 @@ def add_train(sub) -> None:
     g.add_argument("--optimizer", default=T.optimizer, choices=OPTIMIZERS, help="paper: P 5's update rule")
     g.add_argument(
         "--bias-rule",
-        default=T.bias_rule,
+        default=None,
         choices=BIAS_RULES,
-        help="paper: one lr and decay for all (P 5); convnet: biases at 2x lr, no decay (cuda-convnet, CF)",
+        help="preset: paper: one lr and decay for all (P 5's text); convnet: biases at 2x lr, no decay (K12, CF) "
+        f"(default: {T.bias_rule})",
     )
     g.add_argument(
         "--warmup-steps", type=int, default=T.warmup_steps, help="linear lr warm-up (not in the paper; short runs)"
@@ -317,8 +392,19 @@ def add_import_caffe(sub) -> None:
     )
 
 
+def preset_fields(args, kind: str) -> dict:
+    """The fields of `kind` ("model", "data", "train") that the preset sets, with the flags given on top."""
+    fields = recipe(getattr(args, "preset", "paper"), kind)
+    for dest, (owner, field, values) in PRESET_FLAGS.items():
+        value = getattr(args, dest, None)
+        if owner == kind and value is not None:
+            fields[field] = values[value] if values else value
+    return fields
+
+
 def data_config(args, **extra) -> DataConfig:
     return DataConfig(
+        **preset_fields(args, "data"),
         dataset=args.dataset,
         data=args.data,
         preset=args.preset,
@@ -343,24 +429,24 @@ def model_config(args, num_classes: int, channels: int) -> AlexNetConfig:
         activation=args.activation,
         dropout=args.dropout,
     )
-    if args.init is not None:
-        fields["init"] = args.init
-    if args.net == "one-gpu":
+    if args.net == "seed":  # the seed's own net: only the flags given change it, not the preset
+        given = {k: v for k, v in preset_fields(args, "model").items() if k not in recipe(args.preset, "model")}
+        return AlexNetConfig.seed_mnist(**{**fields, **given, "lrn": False})
+    fields.update(preset_fields(args, "model"))
+    if args.net == "one-gpu":  # K12 layers-145-half: the same choices in one tower
         return AlexNetConfig.one_gpu(**fields)
-    if args.net == "seed":
-        return AlexNetConfig.seed_mnist(**{**fields, "lrn": False})
     return AlexNetConfig(**fields)
 
 
 def train_config(args) -> TrainConfig:
     return TrainConfig(
+        **preset_fields(args, "train"),
         epochs=args.epochs,
         batch_size=args.batch_size if args.batch_size is not None else default_batch_size(args.dataset),
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
         optimizer=args.optimizer,
-        bias_rule=args.bias_rule,
         warmup_steps=args.warmup_steps,
         lr_scaling=args.lr_scaling,
         seed=args.seed,

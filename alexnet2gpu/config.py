@@ -251,7 +251,27 @@ class AlexNetConfig(Fields):
 
 
 DATASETS = ("imagenet", "mnist", "fashion-mnist", "fake")
-PRESETS = ("paper", "seed", "caffe")
+# The source of a whole recipe (`--preset`): "k12", the 2012 code as run 145 trained the paper's network
+# (K12 layers-145.cfg, layer-params-145.cfg, convdata_jpeg.py); "paper", P's text; "seed", the seed's
+# MNIST run; "caffe", CF's bvlc_alexnet. Each names the fields it sets in RECIPES; single flags override.
+PRESETS = ("paper", "k12", "seed", "caffe")
+RECIPES: dict[str, dict[str, dict]] = {
+    "k12": {
+        "model": dict(lrn1_input="linear", spatial_norm=True, init="k12", fc8_split=False, dropout_scale="test"),
+        "data": dict(mean_crop="centre", pca_scale="stdev", pca_rescale=True, crop_chunk=32),
+        "train": dict(bias_rule="convnet"),
+    },
+    "paper": {},
+    "seed": {},
+    "caffe": {},
+}
+
+
+def recipe(preset: str, kind: str) -> dict:
+    """The fields `preset` sets in the configs of `kind` ("model", "data" or "train")."""
+    return dict(RECIPES.get(preset, {}).get(kind, {}))
+
+
 PCA_SCALES = ("eigenvalue", "stdev")
 MEAN_CROPS = ("centre", "own")
 

@@ -188,7 +188,8 @@ def test_every_parser_default_is_its_config_field_and_help_shows_it():
     from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 
     train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
-    computed = {"batch_size", "init", "help"}  # None: the dataset's batch, the net's own init
+    # None: the dataset's batch; the preset's (or the net's own) init and the other fields a preset sets
+    computed = {"batch_size", "help", *cli.PRESET_FLAGS}
     fields = {}
     for config in (DataConfig(), AlexNetConfig(), TrainConfig()):
         fields.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
