@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from alexnet2gpu import files
-from alexnet2gpu.config import AlexNetConfig, ConfigError, DataConfig, TrainConfig
+from alexnet2gpu.config import AlexNetConfig, ConfigError, DataConfig, TrainConfig, recipe
 from alexnet2gpu.data.base import Categories
 from alexnet2gpu.data.stats import IMAGENET_EIGVAL, IMAGENET_EIGVEC, DataStats
 from alexnet2gpu.files import read_regular
@@ -348,8 +348,10 @@ def build_checkpoint(
         read_mean(mean) if mean is not None else torch.tensor(CAFFE_MEAN_BGR[::-1])[:, None, None].expand(3, 256, 256)
     )
     size = mean_rgb.shape[-1]
-    data = DataConfig(dataset="imagenet", preset="caffe", stage_size=size, crop_size=config.input_size)
-    train = TrainConfig()
+    data = DataConfig(
+        dataset="imagenet", preset="caffe", stage_size=size, crop_size=config.input_size, **recipe("caffe", "data")
+    )
+    train = TrainConfig(**recipe("caffe", "train"))
     with torch.random.fork_rng(devices=[]):
         model = AlexNet2GPU(config, devices=("cpu", "cpu"))
     model.load_state_dict(towers)  # every key and shape, as `load` will check them

@@ -32,6 +32,7 @@ from alexnet2gpu.config import (
     PCA_SCALES,
     POOLINGS,
     PRESETS,
+    SCHEDULES,
     SEED_BATCH,
     SUBSAMPLINGS,
     AlexNetConfig,
@@ -66,6 +67,7 @@ PRESET_FLAGS = {
     "dropout_scale": ("model", "dropout_scale", None),
     "init": ("model", "init", None),
     "bias_rule": ("train", "bias_rule", None),
+    "schedule": ("train", "schedule", None),
 }
 # flags whose config field has another name (input_size sets the model's input and the data's crop)
 FLAG_FIELDS = {"input_size": ("input_size", "crop_size")}
@@ -217,6 +219,13 @@ def add_train(sub) -> None:
         choices=BIAS_RULES,
         help="preset: paper: one lr and decay for all (P 5's text); convnet: biases at 2x lr, no decay (K12, CF) "
         f"(default: {T.bias_rule})",
+    )
+    g.add_argument(
+        "--schedule",
+        default=None,
+        choices=SCHEDULES,
+        help="preset: plateau: lr / 10 when the validation error stops improving (P 5's text); 2012: run 145's "
+        f"recorded epochs, scaled to --epochs (K12) (default: {T.schedule})",
     )
     g.add_argument(
         "--warmup-steps", type=int, default=T.warmup_steps, help="linear lr warm-up (not in the paper; short runs)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 ACTIVATIONS = ("relu", "tanh")
 POOLINGS = {"overlapping": (3, 2), "non-overlapping": (2, 2)}  # P 3.4: z=3, s=2 against z=s=2
@@ -36,7 +37,13 @@ def check_fields(config, checks: list[tuple[str, bool, str]]) -> None:
 
 
 class Fields:
-    """to_dict and from_dict, shared by the configs: what a checkpoint stores and reads back."""
+    """to_dict and from_dict, shared by the configs: what a checkpoint stores and reads back.
+
+    `LEGACY` holds, for each field added after checkpoints were first written, the value the code
+    before it behaved as: a field missing from a saved config means that, not today's default, so an
+    old checkpoint rebuilds the network it was trained as."""
+
+    LEGACY: ClassVar[dict] = {}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -51,6 +58,7 @@ class Fields:
             raise ValueError(
                 f"unknown {cls.__name__} fields {unknown} (written by another version?); known: {sorted(known)}"
             )
+        values = {**{k: v for k, v in cls.LEGACY.items() if k not in values}, **values}
         return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
 
 
@@ -66,6 +74,10 @@ class AlexNetConfig(Fields):
     Channel and feature counts are for the whole network; each tower holds `1 / towers` of every
     layer except where `towers == 1`.
     """
+
+    # added with the K12 fields (2026-12): a checkpoint without them was conv1 -> ReLU -> LRN1 -> pool1,
+    # no spatial norm, inverted dropout
+    LEGACY: ClassVar[dict] = dict(lrn1_input="relu", spatial_norm=False, dropout_scale="train")
 
     num_classes: int = 1000
     in_channels: int = 3  # 1 for the seed's MNIST run
@@ -259,11 +271,17 @@ RECIPES: dict[str, dict[str, dict]] = {
     "k12": {
         "model": dict(lrn1_input="linear", spatial_norm=True, init="k12", fc8_split=False, dropout_scale="test"),
         "data": dict(mean_crop="centre", pca_scale="stdev", pca_rescale=True, crop_chunk=32),
-        "train": dict(bias_rule="convnet"),
+        "train": dict(bias_rule="convnet", schedule="2012"),
     },
-    "paper": {},
-    "seed": {},
-    "caffe": {},
+    "paper": {},  # the fields' defaults
+    "seed": {},  # the fields' defaults; the seed's pipeline has no crops, mean or noise to set
+    # CF's bvlc_alexnet, whatever the defaults: its data transformer crops the mean with the image, its
+    # solver steps the lr down (here the plateau rule) with the biases at lr_mult 2; the network is
+    # AlexNetConfig.caffe. Nothing of K12 reaches an imported checkpoint.
+    "caffe": {
+        "data": dict(mean_crop="own", pca_scale="eigenvalue", pca_rescale=False, crop_chunk=1),
+        "train": dict(bias_rule="convnet", schedule="plateau"),
+    },
 }
 
 
@@ -279,6 +297,10 @@ MEAN_CROPS = ("centre", "own")
 @dataclass(frozen=True)
 class DataConfig(Fields):
     """Where the images come from and how they reach the network (P 2, 4.1 by default)."""
+
+    # added with the K12 fields (2026-12): each crop lost its own region of the mean image, the noise
+    # was not divided out, every image had its own crop
+    LEGACY: ClassVar[dict] = dict(mean_crop="own", pca_rescale=False, crop_chunk=1)
 
     dataset: str = "imagenet"
     data: str | None = None  # a folder; None looks in the dataset's usual places
@@ -361,12 +383,16 @@ OPTIMIZERS = ("paper", "sgd")
 AMPS = ("none", "bf16")  # bf16: autocast forward in bfloat16
 DIST_TIMEOUT = 10.0  # minutes a collective waits for a silent rank (gloo's and NCCL's own default: 30)
 BIAS_RULES = ("paper", "convnet")
+SCHEDULES = ("plateau", "2012")
 LR_SCALINGS = ("none", "linear")
 
 
 @dataclass(frozen=True)
 class TrainConfig(Fields):
     """How the network is trained (P 5 by default)."""
+
+    # bias_rule (2026-11): one rule for every parameter before it; schedule (2026-12): the plateau rule
+    LEGACY: ClassVar[dict] = dict(bias_rule="paper", schedule="plateau")
 
     epochs: int = 90
     batch_size: int = 128
@@ -381,6 +407,13 @@ class TrainConfig(Fields):
     # weights only; CF lr_mult 2, decay_mult 0 on biases). Default "convnet": what Krizhevsky's code and
     # CF ran with the paper's net (experiments/RESULTS.md, "Initialisation"); `--bias-rule paper` is P 5's text.
     bias_rule: str = "convnet"
+    # "plateau": P 5's text, the lr divided by 10 when the validation error stops improving (`lr_drops`
+    # times, after `lr_patience` epochs without improvement), biases with the weights. "2012": run 145's
+    # recorded schedule (K12 layer-params-145.cfg's comments), each change at the same fraction of
+    # `epochs` as of its 91: the weights' lr / 10 from epochs 25, 51 and 79; conv1's 1e-5 from 67 and
+    # conv1 frozen from 72; the colour noise off from 67; the biases' lr never lowered (epsB 0.02 in
+    # every file after a drop). `alexnet2gpu.train.optim.Recorded` says which epochs a run gets.
+    schedule: str = "plateau"
     lr_drops: int = 3  # P 5: lr divided by 10 when the validation error stops improving, three times
     lr_patience: int = 1  # epochs without improvement before a drop
     warmup_steps: int = 0  # not in P: lr rises linearly over the first N steps (steadies short runs)
@@ -419,6 +452,7 @@ class TrainConfig(Fields):
         checks = [
             ("optimizer", self.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
             ("bias_rule", self.bias_rule in BIAS_RULES, " or ".join(BIAS_RULES)),
+            ("schedule", self.schedule in SCHEDULES, "plateau (P 5's text) or 2012 (run 145's recorded epochs)"),
             ("lr_scaling", self.lr_scaling in LR_SCALINGS, " or ".join(LR_SCALINGS)),
             ("amp", self.amp in AMPS, " or ".join(AMPS)),
             ("batch_size", self.batch_size > 0, "a positive batch size"),

@@ -116,6 +116,7 @@ class Pipeline:
         self.mean = stats.mean.to(self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.bgr = config.preset == "caffe"  # CF's networks take B, G, R (OpenCV's order)
+        self.colour_noise = True  # the loop turns it off where the schedule says (run 145's from epoch 67)
         self.centre_mean = None  # (C, 224, 224): K12's one mean crop, scaled and in the channels' order
         if config.mean_crop == "centre":
             mean = resize(self.mean[None].to(torch.get_default_dtype()), config.stage_size)  # as `stage` resizes
@@ -173,7 +174,8 @@ class Pipeline:
         ]
         params.append(torch.rand(chunks, generator=generator) < 0.5 if config.flips else torch.zeros(chunks))
         params = [p.float().repeat_interleave(config.crop_chunk)[:total, None] for p in params]  # exact in float32
-        if config.pca_noise:
+        noised = config.pca_noise and self.colour_noise
+        if noised:
             noise = pca_noise(total, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
             params.append(noise.flip(1) if self.bgr else noise)  # (N, C) in the channels' order
         params = self.to_device(torch.cat(params, 1)[mine])  # (N, 3 + C): top, left, flip, PCA noise
@@ -184,7 +186,7 @@ class Pipeline:
         else:
             x = resized_crop(x, config.stage_size, top, left, size, flip)
         x = self.minus_centre_mean(x).contiguous(memory_format=self.memory_format)
-        if config.pca_noise:
+        if noised:
             x.add_(params[:, 3:, None, None])  # (N, C, 1, 1), in place: x is this call's own tensor
             if config.pca_rescale:  # K12: the noised crop shrunk by 1 + the noise's coefficient
                 x.div_(1.0 + config.pca_alpha_std)

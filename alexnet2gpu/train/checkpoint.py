@@ -201,9 +201,7 @@ def read_configs(checkpoint: dict, path: str | Path) -> tuple[AlexNetConfig, Dat
             f"{path}: its config lacks the {', '.join(missing)} part{'s' if len(missing) > 1 else ''} "
             "that this version needs to rebuild the network; use a checkpoint that `train` wrote"
         )
-    if "bias_rule" not in parts["train"]:  # written before the field: one rule for every parameter
-        parts = {**parts, "train": {**parts["train"], "bias_rule": "paper"}}
-    try:
+    try:  # a field an older version did not write takes the value that version behaved as (Fields.LEGACY)
         return tuple(cls.from_dict(parts[name]) for name, cls in CONFIGS.items())
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its config cannot be used: {error}") from None

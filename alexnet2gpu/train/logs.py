@@ -2,6 +2,8 @@
 
 RUN_DIR/train.csv   step, epoch, lr, loss, top1_err, img_per_s   (every log_every steps)
 RUN_DIR/val.csv     epoch, step, lr, train_loss, loss, top1_err, top5_err
+RUN_DIR/lr.csv      epoch, step, then the lr of each parameter group as the epoch starts ("lr_weights",
+                    "lr_biases"; under the 2012 schedule every layer's: "lr_conv1.weight", ...)
 RUN_DIR/events.log  step<TAB>message: warnings of the run (the stuck-loss alarm)
 RUN_DIR/tb/         the same, for `tensorboard --logdir RUN_DIR`
 """
@@ -51,6 +53,11 @@ class RunLog:
                 self.writer.add_scalar(f"val/{key}", row[key], row["step"])
             self.writer.flush()
 
+    def lrs(self, epoch: int, step: int, groups: list[dict]) -> None:
+        """The learning rate of every parameter group as epoch `epoch` starts (at `step`)."""
+        row = {"epoch": epoch, "step": step, **{f"lr_{g.get('name', k)}": g["lr"] for k, g in enumerate(groups)}}
+        self._append("lr.csv", tuple(row), row)
+
     def note(self, step: int, message: str) -> None:
         """A line for people to read later: RUN_DIR/events.log and TensorBoard's text tab."""
         with open_append(self.dir / "events.log") as f:
@@ -63,7 +70,7 @@ class RunLog:
 
         Each log is rewritten atomically (`rewrite`): a crash or SIGKILL during the resume leaves the
         old file whole. A last line cut off by a crash mid-write is dropped, saying so once."""
-        for name in ("train.csv", "val.csv", "events.log"):
+        for name in ("train.csv", "val.csv", "lr.csv", "events.log"):
             path = self.dir / name
             if not path.exists():
                 continue

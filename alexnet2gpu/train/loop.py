@@ -39,7 +39,7 @@ from alexnet2gpu.train.alarm import LossAlarm
 from alexnet2gpu.train.errors import EvaluationError, TrainingError
 from alexnet2gpu.train.evaluate import autocast, evaluate, percent, topk_errors
 from alexnet2gpu.train.logs import RunLog
-from alexnet2gpu.train.optim import make_optimizer, make_scheduler, set_lr
+from alexnet2gpu.train.optim import Plateau, Recorded, make_optimizer, make_scheduler, set_lr
 from alexnet2gpu.train.panel import log_predictions, panel_images
 from alexnet2gpu.train.placement import Placement
 from alexnet2gpu.train.rundir import RunDir
@@ -112,7 +112,7 @@ class Run:
     placement: Placement
     runner: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: Plateau | Recorded
     state: RunState
     configs: dict
     stats: DataStats | None
@@ -384,8 +384,11 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
     desc = f"epoch {state.epoch + 1}/{config.epochs}"
     bar = tqdm(total=steps, initial=state.batch, desc=desc, unit="step", disable=not run.progress, dynamic_ncols=True)
     run.runner.train()
+    run.train_pipe.colour_noise = run.scheduler.colour_noise(state.epoch)  # off late in run 145's schedule
     if state.batch == 0:
         run.totals = Totals()
+        if run.log is not None:  # every group's lr as this epoch has it (the 2012 schedule: every layer's)
+            run.log.lrs(epoch=state.epoch + 1, step=state.step, groups=run.optimizer.param_groups)
     totals = run.totals
     totals.since, totals.timed_images = time.perf_counter(), 0.0
     stream = batches(
@@ -494,6 +497,8 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
     )
     if placement.device.type == "cpu":
         run.say("no CUDA device: training on the CPU (slow; make train-2gpu / train-1gpu use GPUs when present)")
+    if run.scheduler.describe():
+        run.say(run.scheduler.describe())
     state, val = run.state, {}
     with run.stop:  # until the run's last word: a signal during the save or after it is only counted
         try:

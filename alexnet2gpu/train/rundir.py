@@ -1,7 +1,7 @@
 """A run directory belongs to one run: claimed with a lock for as long as a process trains into it.
 
 RUN_DIR/last.pt      the checkpoint (alexnet2gpu.train.checkpoint)
-RUN_DIR/train.csv    RUN_DIR/val.csv    RUN_DIR/tb/    the logs (alexnet2gpu.train.logs)
+RUN_DIR/train.csv    RUN_DIR/val.csv    RUN_DIR/lr.csv    RUN_DIR/tb/    the logs (alexnet2gpu.train.logs)
 RUN_DIR/.lock        the claim: an flock held by the training process, with its PID and host
 RUN_DIR/.run         the mark of a run folder: written when a run starts, before any log
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from alexnet2gpu import files
 
-RUN_FILES = ("last.pt", "train.csv", "val.csv", "events.log")
+RUN_FILES = ("last.pt", "train.csv", "val.csv", "lr.csv", "events.log")
 RUN_DIRS = ("tb",)
 MARK = ".run"  # what says a folder's logs were written by a run of ours
 
