@@ -14,13 +14,14 @@ from alexnet2gpu.model.exchanges import exchanges, naive_exchanges, table
 def test_model_bench_reports_every_model_and_the_ratios() -> None:
     result = bench_models(device="cpu", batches=(2,), repeats=1)
     json.dumps(result)  # --json prints it
-    names = {"towers_one_device", "towers_nn_lrn", "fused", "torchvision", "one_tower_mnist"}
+    names = {"towers_one_device", "towers_nn_lrn", "towers_k12", "fused", "torchvision", "one_tower_mnist"}
     assert {(r["kind"], r["model"]) for r in result["rows"]} == {(k, n) for k in ("train", "infer") for n in names}
     flops = result["forward_gflop_per_image"]
     assert flops["towers_one_device"] == flops["fused"]  # one function, one cost
     assert flops["towers_one_device"] == pytest.approx(1.449, abs=0.001)
     assert flops["torchvision"] == pytest.approx(1.428, abs=0.001)
     assert result["train_ratio_vs_torchvision"] > 0 and result["train_ratio_towers_vs_fused"] > 0
+    assert result["train_ratio_k12_vs_towers"] > 0
     assert all(r["median_ms"] > 0 and r["gflop_per_s"] > 0 for r in result["rows"])
     towers = result["memory"]["towers_one_device"]
     assert towers["params_mb"] == pytest.approx(60_965_224 * 4 / 2**20, abs=0.1)
