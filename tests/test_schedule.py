@@ -92,6 +92,8 @@ def test_a_run_writes_every_layers_lr_each_epoch_drops_the_noise_and_resumes_ali
     assert [row["lr_conv3.weight"] for row in rows] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
     assert [row["lr_conv1.weight"] for row in rows] == pytest.approx([0.01, 0.01, 0.001, 0.00001])
     assert [row["lr_fc7.bias"] for row in rows] == pytest.approx([0.02] * 4)
+    val = read_csv(tmp_path / "whole" / "val.csv")  # the weights' lr, not conv1's (the first group)
+    assert [row["lr"] for row in val] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
     assert noised == [8] * 6  # two steps in each of the first three epochs
     stopped = TrainConfig(**{**config.to_dict(), "max_steps": 3})
     loop.train(SMALL, FAKE, stopped, CPU, tmp_path / "resumed", **options)

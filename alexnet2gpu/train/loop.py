@@ -39,7 +39,7 @@ from alexnet2gpu.train.alarm import LossAlarm
 from alexnet2gpu.train.errors import EvaluationError, TrainingError
 from alexnet2gpu.train.evaluate import autocast, evaluate, percent, topk_errors
 from alexnet2gpu.train.logs import RunLog
-from alexnet2gpu.train.optim import Plateau, Recorded, make_optimizer, make_scheduler, set_lr
+from alexnet2gpu.train.optim import Plateau, Recorded, make_optimizer, make_scheduler, set_lr, weights_lr
 from alexnet2gpu.train.panel import log_predictions, panel_images
 from alexnet2gpu.train.placement import Placement
 from alexnet2gpu.train.rundir import RunDir
@@ -349,7 +349,7 @@ def log_step(run: Run, totals: Totals, steps_per_epoch: int, bar: tqdm) -> None:
         return
     read_steps(run, totals)
     rate = totals.timed_images / (time.perf_counter() - totals.since)
-    lr, loss = run.optimizer.param_groups[0]["lr"], totals.loss / totals.images
+    lr, loss = weights_lr(run.optimizer), totals.loss / totals.images
     bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:g}")
     if run.log is not None:
         run.log.train(
@@ -449,7 +449,7 @@ def end_epoch(run: Run, val_set, totals: Totals) -> dict | None:
             raise
         run.stopping = True
         return None  # the loader's workers were stopped with the run: the resumed run validates
-    lr, train_loss = run.optimizer.param_groups[0]["lr"], totals.loss / max(totals.images, 1)
+    lr, train_loss = weights_lr(run.optimizer), totals.loss / max(totals.images, 1)
     if run.log is not None:
         row = dict(epoch=state.epoch + 1, step=state.step, lr=lr, train_loss=train_loss, loss=val["loss"])
         top5 = val["top5_err"] if val["top5_err"] is not None else math.nan  # "nan" in the CSV: no number

@@ -116,6 +116,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(groups, lr=config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
+def weights_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The lr the logs report: the weights' (the first group at lr_mult 1 outside conv1, which the 2012
+    schedule slows and freezes on its own), else the first group's."""
+    for group in optimizer.param_groups:
+        if group.get("lr_mult", 1.0) == 1.0 and group.get("layer") != "conv1":
+            return group["lr"]
+    return optimizer.param_groups[0]["lr"]
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the base learning rate: each group gets `lr` times its `lr_mult` (1 where it has none)."""
     for group in optimizer.param_groups:
