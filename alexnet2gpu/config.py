@@ -172,6 +172,11 @@ class AlexNetConfig(Fields):
             ("dropout", 0.0 <= self.dropout < 1.0, "a probability in [0, 1)"),
             ("lrn_size", self.lrn_size >= 1, "a positive window size"),
             ("lrn_scope", self.lrn_scope in LRN_SCOPES, "tower (per tower, as P) or all (across the towers, as CF)"),
+            (
+                "lrn_scope",
+                self.lrn_scope == "tower" or (self.lrn and self.towers == 2),
+                "tower: all reaches across two towers' LRN, and this net has no LRN or one tower",
+            ),
             ("lrn1_input", self.lrn1_input in LRN1_INPUTS, "linear (conv1's output, as K12) or relu (as P's text)"),
             (
                 "spatial_norm_size",
@@ -384,6 +389,7 @@ AMPS = ("none", "bf16")  # bf16: autocast forward in bfloat16
 DIST_TIMEOUT = 10.0  # minutes a collective waits for a silent rank (gloo's and NCCL's own default: 30)
 BIAS_RULES = ("paper", "convnet")
 SCHEDULES = ("plateau", "2012")
+SEED_LIMIT = 2**60  # each step's seeds are made from it (model.layers.step_seed) and must stay below 2^63
 LR_SCALINGS = ("none", "linear")
 
 
@@ -451,6 +457,7 @@ class TrainConfig(Fields):
     def __post_init__(self) -> None:
         checks = [
             ("optimizer", self.optimizer in OPTIMIZERS, " or ".join(OPTIMIZERS)),
+            ("seed", isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT, "a seed from 0 to 2^60 - 1"),
             ("bias_rule", self.bias_rule in BIAS_RULES, " or ".join(BIAS_RULES)),
             ("schedule", self.schedule in SCHEDULES, "plateau (P 5's text) or 2012 (run 145's recorded epochs)"),
             ("lr_scaling", self.lr_scaling in LR_SCALINGS, " or ".join(LR_SCALINGS)),

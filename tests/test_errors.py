@@ -155,6 +155,20 @@ def test_mnist_is_downloaded_only_into_data_without_data_flag(tmp_path: Path, mo
 # principle 5: a number is reported only if it means something; flags take meaningful values
 
 
+@pytest.mark.parametrize("net", [["--net", "seed"], ["--no-lrn"], ["--net", "one-gpu"]])
+def test_an_lrn_across_the_towers_needs_two_towers_and_an_lrn(tmp_path: Path, capsys, net: list[str]) -> None:
+    fails(capsys, [*TRAIN_FAKE, "--out", str(tmp_path), "--lrn-scope", "all", *net], "lrn_scope|--lrn-scope")
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_largest_seed_makes_every_steps_generators() -> None:
+    from alexnet2gpu.config import SEED_LIMIT
+    from alexnet2gpu.model.layers import dropout_generator
+
+    for step in (0, 10**9):
+        assert dropout_generator(SEED_LIMIT - 1, step, 1, torch.device("cpu")).initial_seed() < 2**63
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "expected"),
     [
@@ -173,6 +187,9 @@ def test_mnist_is_downloaded_only_into_data_without_data_flag(tmp_path: Path, mo
         ("-j", "-1", "0 \\(decode in this process\\) or more worker processes"),
         ("-p", "0", "a positive number of steps"),
         ("--dropout", "1", r"a probability in \[0, 1\)"),
+        ("--seed", "1700000000000000000", r"a seed from 0 to 2\^60 - 1"),
+        ("--seed", "-1", r"a seed from 0 to 2\^60 - 1"),
+        ("--crop-chunk", "0", r"a positive number of images"),
     ],
 )
 def test_train_refuses_meaningless_flag_values_naming_the_flag(

@@ -87,7 +87,7 @@ def step_seed(seed: int, step: int) -> int:
 
 def dropout_generator(seed: int, step: int, tower: int, device: torch.device) -> torch.Generator:
     """Tower `tower`'s dropout masks of `step`: a function of (seed, step, tower) alone."""
-    return torch.Generator(device=device).manual_seed(step_seed(seed, step) * 8 + tower)
+    return torch.Generator(device=device).manual_seed((step_seed(seed, step) * 8 + tower) % 2**63)
 
 
 def dropout_masks(
