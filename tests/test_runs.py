@@ -586,3 +586,15 @@ def test_validation_loss_is_the_cross_entropy_however_small_the_probability(tmp_
     assert result["loss"] == pytest.approx(1000 * 18 / 20, rel=1e-4)  # 18 of 20 images are not of class 0
     four = take(fake_dataset("val", num_classes=4), 8)
     assert evaluate(Sure(4), four, pipeline, progress=False)["top5_err"] is None  # 4 classes: no top-5
+
+
+def test_a_resume_with_nothing_left_to_train_names_the_checkpoint_it_has(tmp_path: Path, capsys) -> None:
+    """A finished run resumed into a new --out trains no step: it reports the resumed checkpoint, not a
+    last.pt in --out that was never written, and says how to go on."""
+    config = TrainConfig(epochs=1, batch_size=8, val_subset=8)
+    loop.train(SMALL, FAKE, config, CPU, tmp_path / "a", progress=False, tensorboard=False)
+    resumed = loop.train(
+        SMALL, FAKE, config, CPU, tmp_path / "b", resume=tmp_path / "a" / "last.pt", progress=True, tensorboard=False
+    )
+    assert resumed["checkpoint"] == str(tmp_path / "a" / "last.pt") and not (tmp_path / "b" / "last.pt").exists()
+    assert "nothing to train" in capsys.readouterr().out

@@ -518,7 +518,14 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
             run.say(f"stopped at step {state.step}; saved {run.last}: continue with --resume {run.last}")
     if run.stopping:
         raise KeyboardInterrupt
-    return {"step": state.step, "epoch": state.epoch, "val": val, "checkpoint": str(run.last)}
+    checkpoint = run.last
+    if resume is not None and not run.last.exists():  # nothing left to train, and --out is not the resumed run's
+        checkpoint = Path(resume)
+        run.say(
+            f"nothing to train: {resume} has run its {state.epoch} of {config.epochs} epochs (step {state.step}); "
+            f"{run.last} not written: raise --epochs or --max-steps to go on"
+        )
+    return {"step": state.step, "epoch": state.epoch, "val": val, "checkpoint": str(checkpoint)}
 
 
 def train(
