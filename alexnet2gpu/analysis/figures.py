@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 from alexnet2gpu.analysis.inference import Trained, features, load_trained
 from alexnet2gpu.data.base import Categories
@@ -27,6 +26,7 @@ from alexnet2gpu.data.datasets import InMemory, batches, check_classes, datasets
 from alexnet2gpu.data.sampling import FIGURE_SEED, labels_of, load_images, spread
 from alexnet2gpu.data.transforms import Pipeline
 from alexnet2gpu.files import atomic_write
+from alexnet2gpu.progress import progress_bar
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.evaluate import top_classes
 from alexnet2gpu.train.panel import CORRECT, draw_top5, pyplot
@@ -83,7 +83,7 @@ def compute_features(
     """fc7 of the images `indices` of `dataset`: (M, D) float16 on the CPU and the (M,) indices they
     belong to (M < len(indices) where images did not decode)."""
     rows, found = [], []
-    with tqdm(total=len(indices), desc="fc7 of the training images", unit="img", disable=not progress) as bar:
+    with progress_bar(total=len(indices), desc="fc7 of the training images", unit="img", disable=not progress) as bar:
         for images, which in feature_batches(dataset, indices, batch_size, workers):
             if len(which):
                 rows.append(feature_fn(model, pipeline(images)).half().cpu())  # (n, D)

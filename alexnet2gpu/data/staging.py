@@ -57,6 +57,7 @@ from alexnet2gpu.data.staged import (
     shard_paths,
 )
 from alexnet2gpu.files import atomic_write
+from alexnet2gpu.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,9 @@ def stage(
                     redone += shard_paths(folder, shard)[1].exists()
                     jobs.append(ShardJob(str(folder), shard, part, config, strict))
         total = sum(len(samples) for samples in listing.splits.values())
-        bar = tqdm(total=total, initial=done, unit="img", desc=f"staging ({listing.kind})", disable=not progress)
+        bar = progress_bar(
+            total=total, initial=done, unit="img", desc=f"staging ({listing.kind})", disable=not progress
+        )
         if redone:
             bar.write(f"{redone} shards of an earlier run failed their checks (length, CRC-32, sources): staged again")
         _run(jobs, map_jobs, bar)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 from alexnet2gpu.data.datasets import batches, num_batches
 from alexnet2gpu.files import atomic_write
+from alexnet2gpu.progress import progress_bar
 
 # ALEXNET-SPEC.md: ImageNet's RGB covariance of [0, 1] pixels, as fb.resnet.torch uses it
 IMAGENET_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
@@ -54,7 +54,7 @@ def fit_stats(dataset: Dataset, *, limit: int | None = None, batch_size: int = 2
     sum_image = sum_c = sum_cc = None
     stream = batches(dataset, batch_size, shuffle=limit is not None and n < len(dataset), seed=0, workers=workers)
     steps = -(-n // batch_size)
-    for images, _ in tqdm(
+    for images, _ in progress_bar(
         stream, total=min(steps, num_batches(dataset, batch_size)), desc="fitting stats", leave=False
     ):
         images = images[: n - total].double()  # (B, C, H, W) on 0-255

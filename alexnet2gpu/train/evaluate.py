@@ -10,11 +10,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from alexnet2gpu.data.datasets import batches
 from alexnet2gpu.data.sampling import part
 from alexnet2gpu.data.transforms import Pipeline
+from alexnet2gpu.progress import progress_bar
 from alexnet2gpu.train.errors import EvaluationError
 from alexnet2gpu.train.placement import Placement
 
@@ -85,7 +85,7 @@ def evaluate(
     device = input_device(model)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 errors, top-5 errors, non-finite
     images = 0
-    bar = tqdm(total=len(mine), desc="evaluating", unit="img", leave=False, disable=not progress)
+    bar = progress_bar(total=len(mine), desc="evaluating", unit="img", leave=False, disable=not progress)
     for batch, labels in batches(mine, chunk, shuffle=False, workers=workers):
         labels = labels.to(device, non_blocking=True)
         with autocast(model, amp):

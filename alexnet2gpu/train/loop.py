@@ -34,6 +34,7 @@ from alexnet2gpu.data.sampling import sample_note, take
 from alexnet2gpu.data.stats import DataStats, load_or_fit
 from alexnet2gpu.data.transforms import Pipeline, input_pipeline
 from alexnet2gpu.model.layers import step_seed
+from alexnet2gpu.progress import progress_bar
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.alarm import LossAlarm
 from alexnet2gpu.train.errors import EvaluationError, TrainingError
@@ -382,7 +383,9 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
     config, data, placement, state = run.config, run.data, run.placement, run.state
     steps = num_batches(train_set, config.batch_size, drop_last=placement.replicas > 1)
     desc = f"epoch {state.epoch + 1}/{config.epochs}"
-    bar = tqdm(total=steps, initial=state.batch, desc=desc, unit="step", disable=not run.progress, dynamic_ncols=True)
+    bar = progress_bar(
+        total=steps, initial=state.batch, desc=desc, unit="step", disable=not run.progress, dynamic_ncols=True
+    )
     run.runner.train()
     run.train_pipe.colour_noise = run.scheduler.colour_noise(state.epoch)  # off late in run 145's schedule
     if state.batch == 0:
