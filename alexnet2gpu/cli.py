@@ -401,14 +401,19 @@ def add_import_caffe(sub) -> None:
     )
 
 
-def preset_fields(args, kind: str) -> dict:
-    """The fields of `kind` ("model", "data", "train") that the preset sets, with the flags given on top."""
-    fields = recipe(getattr(args, "preset", "paper"), kind)
+def flagged_fields(args, kind: str) -> dict:
+    """The fields of `kind` ("model", "data", "train") that preset flags given on the command line set."""
+    fields = {}
     for dest, (owner, field, values) in PRESET_FLAGS.items():
         value = getattr(args, dest, None)
         if owner == kind and value is not None:
             fields[field] = values[value] if values else value
     return fields
+
+
+def preset_fields(args, kind: str) -> dict:
+    """The fields of `kind` that the preset sets, with the flags given on top."""
+    return {**recipe(getattr(args, "preset", "paper"), kind), **flagged_fields(args, kind)}
 
 
 def data_config(args, **extra) -> DataConfig:
@@ -439,8 +444,7 @@ def model_config(args, num_classes: int, channels: int) -> AlexNetConfig:
         dropout=args.dropout,
     )
     if args.net == "seed":  # the seed's own net: only the flags given change it, not the preset
-        given = {k: v for k, v in preset_fields(args, "model").items() if k not in recipe(args.preset, "model")}
-        return AlexNetConfig.seed_mnist(**{**fields, **given, "lrn": False})
+        return AlexNetConfig.seed_mnist(**{**fields, **flagged_fields(args, "model"), "lrn": False})
     fields.update(preset_fields(args, "model"))
     if args.net == "one-gpu":  # K12 layers-145-half: the same choices in one tower
         return AlexNetConfig.one_gpu(**fields)

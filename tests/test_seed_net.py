@@ -130,6 +130,9 @@ def test_cli_net_seed_builds_the_seeds_network() -> None:
     add_model_args(parser)
     assert model_config(parser.parse_args(["--net", "seed"]), 10, 1) == AlexNetConfig.seed_mnist()
     assert model_config(parser.parse_args(["--net", "seed", "--init", "he"]), 10, 1).init == "he"
+    parser.add_argument("--preset", default="paper")
+    k12 = parser.parse_args(["--net", "seed", "--preset", "k12", "--init", "he"])  # the preset leaves it alone
+    assert model_config(k12, 10, 1) == AlexNetConfig.seed_mnist(init="he")
     assert model_config(parser.parse_args([]), 1000, 3) == AlexNetConfig()  # the paper's, its own init
 
 
