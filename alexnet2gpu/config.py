@@ -59,7 +59,30 @@ class Fields:
                 f"unknown {cls.__name__} fields {unknown} (written by another version?); known: {sorted(known)}"
             )
         values = {**{k: v for k, v in cls.LEGACY.items() if k not in values}, **values}
-        return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
+        values = {key: tuple(v) if isinstance(v, list) else v for key, v in values.items()}
+        for field in dataclasses.fields(cls):
+            if field.name in values and not _of_type(values[field.name], str(field.type)):
+                raise ValueError(f"{cls.__name__}.{field.name}={values[field.name]!r}: expected {field.type}")
+        return cls(**values)
+
+
+def _of_type(value, annotation: str) -> bool:
+    """Whether a saved value has its field's type: the annotations here are int, float, bool, str, None
+    and tuples of ints, joined by |. A bool is not an int here, an int is a float."""
+    for kind in (part.strip() for part in annotation.split("|")):
+        if kind == "None" and value is None:
+            return True
+        if kind == "bool" and isinstance(value, bool):
+            return True
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if kind == "str" and isinstance(value, str):
+            return True
+        if kind.startswith("tuple[") and isinstance(value, tuple) and all(_of_type(v, "int") for v in value):
+            return True
+    return False
 
 
 def finite(x) -> bool:

@@ -67,6 +67,10 @@ def write_checkpoint(path: Path, model: AlexNetConfig = TINY, data: DataConfig =
     return path
 
 
+def stats_of(mean: torch.Tensor) -> dict:
+    return {"mean": mean, "eigvec": torch.eye(3), "eigval": torch.ones(3)}
+
+
 def write_idx_folder(folder: Path, train: int, val: int) -> Path:
     """The four IDX files of an MNIST-like set with `train` and `val` blank 28x28 images."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -295,6 +299,24 @@ def test_a_resume_that_fails_keeps_the_directory_it_did_not_create(tmp_path: Pat
         (lambda c: c["config"]["data"].update(colour=1), r"unknown DataConfig fields \['colour'\]"),
         (lambda c: c["config"]["model"].update(input_size="big"), "its config cannot be used"),
         (lambda c: c.update(model=[1, 2]), "its 'model' entry is not a state dict of tensors"),
+        # edited or damaged entries (issue 29): each named, before anything is built from it
+        (lambda c: c["config"]["model"].update(conv_channels=[4.0] * 5), r"AlexNetConfig.conv_channels=\(4.0"),
+        (lambda c: c["config"]["model"].update(input_size=224.0), "AlexNetConfig.input_size=224.0: expected int"),
+        (lambda c: c["config"]["train"].update(seed="x"), "TrainConfig.seed='x': expected int"),
+        (lambda c: c.update(step=-5), "its step is -5, not a count of 0 or more"),
+        (lambda c: c.update(batch="1"), "its batch is '1', not a count"),
+        (lambda c: c.update(rng={"cpu": [1, 2]}), "its rng entry is not the generators' saved state"),
+        (
+            lambda c: c.update(classes={"ids": ["a", "b", "c"], "names": ["a", "b", "c"]}),
+            "names 3 classes, its fc8 has 10",
+        ),
+        (lambda c: c.update(stats=stats_of(torch.zeros(3, 8, 6))), r"mean image has shape \(3, 8, 6\)"),
+        (lambda c: c.update(stats=stats_of(torch.zeros(1, 3, 8, 8))), r"mean image has shape \(1, 3, 8, 8\)"),
+        (lambda c: c.update(stats=stats_of(torch.full((3, 8, 8), math.nan))), "mean image is not finite"),
+        (
+            lambda c: c["model"].update({k: v.long() for k, v in c["model"].items() if k.endswith("conv1.weight")}),
+            r"weight tensors are not floating point \(tower_a.conv1.weight \(torch.int64\)\)",
+        ),
     ],
 )
 def test_a_checkpoint_without_a_usable_config_is_one_line(tmp_path: Path, capsys, damage, pattern: str) -> None:

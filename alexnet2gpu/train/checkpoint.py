@@ -184,11 +184,48 @@ def load(path: str | Path, *, mmap: bool = False) -> dict:
     missing = [key for key in KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not an alexnet2gpu checkpoint: it lacks {', '.join(missing)}")
-    read_configs(checkpoint, path)
+    model, data, _ = read_configs(checkpoint, path)
     stats = checkpoint.get("stats")
     if stats is not None and not (isinstance(stats, dict) and all(k in stats for k in ("mean", "eigvec", "eigval"))):
         raise CheckpointError(f"{path}: its data statistics lack the mean image or the PCA; it cannot be used")
+    _check_entries(checkpoint, model, data, path)
     return checkpoint
+
+
+def _check_entries(checkpoint: dict, model: AlexNetConfig, data: DataConfig, path: Path) -> None:
+    """The entries a resume, evaluate or predict reads, by type and range, before anything is built
+    from them: one line naming the entry, not a TypeError or an IndexError later."""
+
+    def refuse(what: str) -> None:
+        raise CheckpointError(f"{path}: {what}; it was edited or damaged: use a checkpoint that `train` wrote")
+
+    for key in ("step", "epoch", "batch"):
+        value = checkpoint[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            refuse(f"its {key} is {value!r}, not a count of 0 or more")
+    best = checkpoint["best_val_top1"]
+    if not isinstance(best, (int, float)) or isinstance(best, bool) or not (0 <= best <= 1 or best == math.inf):
+        refuse(f"its best_val_top1 is {best!r}, not an error rate")
+    rng = checkpoint["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or rng["cpu"].dtype != torch.uint8:
+        refuse("its rng entry is not the generators' saved state")
+    classes = checkpoint.get("classes")
+    if classes is not None:
+        ids, names = (classes.get(k) if isinstance(classes, dict) else None for k in ("ids", "names"))
+        if not (isinstance(ids, list) and isinstance(names, list) and len(ids) == len(names)):
+            refuse("its class list is not a list of ids with a name each")
+        if len(ids) != model.num_classes:
+            refuse(f"its class list names {len(ids)} classes, its fc8 has {model.num_classes}")
+        if not all(isinstance(v, str) for v in (*ids, *names)):
+            refuse("its class list holds something other than names")
+    stats = checkpoint.get("stats")
+    if stats is not None:
+        mean = stats["mean"]
+        shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else None
+        if shape is None or len(shape) != 3 or shape[0] != model.in_channels or shape[1] != shape[2]:
+            refuse(f"its mean image has shape {shape}, not ({model.in_channels}, side, side)")
+        if not mean.is_floating_point() or not torch.isfinite(mean).all():
+            refuse("its mean image is not finite floating-point pixels")
 
 
 def read_configs(checkpoint: dict, path: str | Path) -> tuple[AlexNetConfig, DataConfig, TrainConfig]:
@@ -233,6 +270,9 @@ def load_weights(model: nn.Module, state, path: str | Path) -> None:
     if any(mismatch.values()):
         said = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:3])})" for what, keys in mismatch.items() if keys)
         raise CheckpointError(f"{path}: its weights do not fit the network ({said}); written for another network?")
+    kinds = [f"{k} ({v.dtype})" for k, v in state.items() if own[k].is_floating_point() and not v.is_floating_point()]
+    if kinds:  # an int64 conv weight would load truncated, and silently
+        raise CheckpointError(f"{path}: {len(kinds)} of its weight tensors are not floating point ({kinds[0]})")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(
