@@ -235,6 +235,12 @@ def read_mean(path: str | Path) -> torch.Tensor:
         mean = mean[0]
     if mean.dim() != 3 or mean.shape[0] != 3 or mean.shape[1] != mean.shape[2] or mean.shape[1] < 227:
         raise CaffeError(f"{path}: a mean image of shape {tuple(mean.shape)}; expected (1, 3, S, S), S >= 227")
+    if not torch.isfinite(mean).all() or mean.min() < 0 or mean.max() > 255:
+        low, high = mean.nan_to_num(nan=-math.inf).min().item(), mean.nan_to_num(nan=math.inf).max().item()
+        raise CaffeError(
+            f"{path}: a mean image with values from {low:g} to {high:g} (or not finite); a mean of 8-bit "
+            "pixels lies in 0..255: download imagenet_mean.binaryproto again"
+        )
     return mean.flip(0).contiguous()  # BGR -> RGB: our stored images are RGB; the preset turns them
 
 
@@ -387,6 +393,9 @@ def claim_out(out: Path, *, overwrite: bool) -> Iterator[None]:
     folder (`RunDir`: a run there is refused, or with `overwrite` removed, logs included); any other name
     takes the folder's lock and refuses an existing file without `overwrite`. A device, FIFO or folder at
     `out` is refused in every case (`files.check_replaceable`)."""
+    above = next((p for p in out.parents if os.path.lexists(p)), None)  # the nearest part that exists
+    if above is not None and not above.is_dir():
+        raise CaffeError(f"--out {out}: {above} is a file, not a folder; choose another --out")
     try:
         files.check_replaceable(out)
     except OSError as error:

@@ -214,6 +214,17 @@ def test_a_malformed_mean_or_missing_file_is_one_line(tmp_path: Path, capsys) ->
     cut.write_bytes(write_mean(tmp_path / "m", mean_image()).read_bytes()[:5000])
     assert "truncated" in _refused(["import-caffe", str(model), "--mean", str(cut), "--out", "x"], capsys)
     assert "no Caffe model at" in _refused(["import-caffe", str(tmp_path / "none"), "--out", "x"], capsys)
+    for name, value in (("nan", float("nan")), ("inf", float("inf")), ("huge", -1e30)):  # issue 29
+        bad = mean_image().clone()
+        bad[0, 5, 5] = value
+        path = write_mean(tmp_path / f"{name}.binaryproto", bad)
+        assert "a mean of 8-bit pixels lies in 0..255" in _refused(
+            ["import-caffe", str(model), "--mean", str(path), "--out", str(tmp_path / "x.pt")], capsys
+        )
+    (tmp_path / "a-file").write_text("mine")
+    under = str(tmp_path / "a-file" / "run" / "last.pt")
+    assert "a-file is a file, not a folder" in _refused(["import-caffe", str(model), "--out", under], capsys)
+    assert (tmp_path / "a-file").read_text() == "mine" and not (tmp_path / "x.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------

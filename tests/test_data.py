@@ -233,6 +233,9 @@ def test_idx_reader_rejects_wrong_magic_and_truncation(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(DatasetError, match="truncated"):
         read_idx(path)
+    with pytest.raises(DatasetError, match="images of 0x0 pixels, which hold nothing"):
+        read_idx(write_idx(tmp_path / "empty", torch.zeros(5, 0, 0, dtype=torch.uint8), False))
+    assert read_idx(write_idx(tmp_path / "none", torch.zeros(0, 28, 28, dtype=torch.uint8), False)).shape == (0, 28, 28)
 
 
 def test_idx_dataset_from_a_folder_and_label_range(tmp_path: Path) -> None:

@@ -76,6 +76,9 @@ def read_idx(path: str | Path) -> torch.Tensor:
             if len(dims) < 4 * head[3]:
                 raise DatasetError(f"{path}: its header is cut off ({len(dims) // 4} of {head[3]} sizes); fetch again")
             shape = struct.unpack(f">{head[3]}I", dims)
+            if 0 in shape[1:]:  # N images of 0x0 pixels: statistics of nothing (a NaN mean)
+                size = "x".join(map(str, shape[1:]))
+                raise DatasetError(f"{path}: its header gives images of {size} pixels, which hold nothing; fetch again")
             count = math.prod(shape)
             if count > IDX_MAX_BYTES:
                 raise DatasetError(
