@@ -58,13 +58,17 @@ class TowerProcess(nn.Module):
         a = self.gather(t.fc(t.fc7, a, m7))  # fc8: (N, 4096)
         if self.config.fc8_split:
             return self.gather(t.fc8(a))  # (N, 500 + 500)
-        return self.from_tower_a(t.fc8(a) if t.fc8 is not None else a.new_zeros(len(a), self.config.num_classes))
+        if t.fc8 is not None:
+            return self.from_tower_a(t.fc8(a))
+        # tower B's zeros hang on its graph (a sum of nothing: 0 even where `a` is not finite), so that its
+        # backward runs the same collectives as tower A's, in the same order
+        return self.from_tower_a(a.new_zeros(len(a), self.config.num_classes) + a[:, :0].sum())
 
     def from_tower_a(self, x: torch.Tensor) -> torch.Tensor:
         """Tower A's x on both ranks (one fc8 on tower A, K12's and C2's): an all-gather in which tower B
         sends zeros of x's shape. Its backward sums both ranks' gradients into tower A's x, as `gather`'s."""
         both = _all_gather(x.contiguous(), gather_dim=0, group=self.group)  # (2N, classes): A's rows, then B's
-        return both[: len(x)]  # (N, classes)
+        return both[: len(x)].clone()  # (N, classes); a slice would stay the collective's lazy wrapper
 
     def load_from_towers(self, state: dict[str, torch.Tensor]) -> None:
         """Take this tower's weights from an AlexNet2GPU state dict."""
