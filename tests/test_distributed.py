@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CPU, SMALL
 
-from alexnet2gpu import AlexNet2GPU, AlexNetConfig
+from alexnet2gpu import AlexNet2GPU, AlexNetConfig, config
 from alexnet2gpu.config import DataConfig, TrainConfig
 from alexnet2gpu.data.datasets import batches
 from alexnet2gpu.model.layers import dropout_generator
@@ -117,12 +117,22 @@ def recipe(**overrides) -> TrainConfig:
     return TrainConfig(**{**fields, **overrides})
 
 
-def dist_worker(rank: int, world: int, out: str, overrides: dict, resume: str | None) -> None:
-    train_tower_processes(SMALL, FAKE, recipe(**overrides), out, resume=resume, progress=False, tensorboard=False)
+# the same at --preset k12 (its init aside): LRN1 before the ReLU, the spatial norm, one fc8 on tower A,
+# dropout scaled at test, the centre mean, the noise shrunk, crops in runs of 3 (straddling the pairs' rows)
+K12_RUNS = {
+    "model": AlexNetConfig(**{**SMALL.to_dict(), **config.recipe("k12", "model"), "init": SMALL.init}),
+    "data": DataConfig(**{**FAKE.to_dict(), **config.recipe("k12", "data"), "crop_chunk": 3}),
+}
 
 
-def single(out: Path, resume: Path | None = None, **overrides) -> dict:
-    return train(SMALL, FAKE, recipe(**overrides), CPU, out, resume=resume, progress=False, tensorboard=False)
+def dist_worker(rank: int, world: int, out: str, overrides: dict, resume: str | None, k12: bool = False) -> None:
+    model, data = (K12_RUNS["model"], K12_RUNS["data"]) if k12 else (SMALL, FAKE)
+    train_tower_processes(model, data, recipe(**overrides), out, resume=resume, progress=False, tensorboard=False)
+
+
+def single(out: Path, resume: Path | None = None, k12: bool = False, **overrides) -> dict:
+    model, data = (K12_RUNS["model"], K12_RUNS["data"]) if k12 else (SMALL, FAKE)
+    return train(model, data, recipe(**overrides), CPU, out, resume=resume, progress=False, tensorboard=False)
 
 
 def largest_difference(a: Path, b: Path) -> float:
@@ -158,6 +168,19 @@ def test_tower_processes_follow_the_single_process_run(tmp_path: Path, world: in
     saved, reference = ckpt.load(tmp_path / "dist" / "last.pt"), ckpt.load(tmp_path / "one" / "last.pt")
     assert saved["best_val_top1"] == reference["best_val_top1"] == min(row["top1_err"] for row in one)
     assert saved["scheduler"] == reference["scheduler"]
+
+
+def test_tower_processes_follow_the_single_process_run_of_the_k12_recipe(tmp_path: Path, float64) -> None:
+    """Two tower pairs, run 145's schedule scaled to 3 epochs (the weights' lr / 10 from epoch 2, / 100
+    from epoch 3): the same losses, learning rates and weights as one process."""
+    single(tmp_path / "one", k12=True, schedule="2012")
+    launch(dist_worker, 4, str(tmp_path / "dist"), {"schedule": "2012"}, None, True)
+    one, dist = (read_csv(tmp_path / run / "val.csv") for run in ("one", "dist"))
+    assert [row["lr"] for row in one] == [row["lr"] for row in dist] == pytest.approx([0.05, 0.005, 0.0005])
+    for a, b in zip(one, dist, strict=True):
+        assert b["top1_err"] == a["top1_err"] and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert read_csv(tmp_path / "one" / "lr.csv") == read_csv(tmp_path / "dist" / "lr.csv")
+    assert largest_difference(tmp_path / "dist" / "last.pt", tmp_path / "one" / "last.pt") < 1e-9
 
 
 def test_a_two_rank_run_is_plotted(tmp_path: Path) -> None:
