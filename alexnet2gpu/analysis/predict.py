@@ -115,10 +115,11 @@ def stored_form(trained: Trained) -> tuple[int, int]:
     return model_config.in_channels, STORED_SIZE.get(data.dataset, data.stage_size)
 
 
-def read_image(path: str | Path, channels: int, size: int) -> torch.Tensor:
-    """uint8 (channels, size, size): the file as the training set stores its images. Raises
-    UnreadableImage with the reason when it cannot."""
-    rgb = stage_image(path, size)  # (3, size, size)
+def read_image(path: str | Path, channels: int, size: int, squash: bool = False) -> torch.Tensor:
+    """uint8 (channels, size, size): the file as the training set stores its images (squashed whole to
+    size x size for a caffe-preset run, as Caffe's convert_imageset did). Raises UnreadableImage with
+    the reason when it cannot."""
+    rgb = stage_image(path, size, squash)  # (3, size, size)
     if channels == 3:
         return rgb
     if channels != 1:
@@ -155,12 +156,13 @@ def classify(
     if batch_size < 1:
         raise ValueError(f"-b/--batch-size {batch_size}: expected a positive number of images")
     channels, size = stored_form(trained)
+    squash = trained.configs[1].squash  # the caffe preset's images are squashed, not cropped square
     categories = trained.categories
     k = min(top, len(categories.ids))
     per_batch = max(1, batch_size // 10) if ten_crop else batch_size
     for start in range(0, len(paths), per_batch):
         chunk = [Path(path) for path in paths[start : start + per_batch]]
-        read = [_read_or_reason(path, channels, size) for path in chunk]  # uint8 (C, S, S) or Unreadable
+        read = [_read_or_reason(path, channels, size, squash) for path in chunk]  # uint8 (C, S, S) or Unreadable
         images = [image for image in read if isinstance(image, torch.Tensor)]
         if images:
             values, labels = probabilities(trained, torch.stack(images), ten_crop=ten_crop).topk(k, dim=1)
@@ -174,9 +176,9 @@ def classify(
             yield Prediction(path, tuple(guesses))
 
 
-def _read_or_reason(path: Path, channels: int, size: int) -> torch.Tensor | Unreadable:
+def _read_or_reason(path: Path, channels: int, size: int, squash: bool) -> torch.Tensor | Unreadable:
     try:
-        return read_image(path, channels, size)
+        return read_image(path, channels, size, squash)
     except UnreadableImage as error:
         return Unreadable(path, str(error))
 
