@@ -336,7 +336,8 @@ def add_plot(sub) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="--figure4: search a fixed sample of N training images (default 100,000; 0: all); their fc7 is cached",
+        help="--figure4: search a fixed sample of N of the run's training images (its --subset where it had one; "
+        "default 100,000; 0: all); their fc7 is cached",
     )
     p.add_argument("--data", default=None, metavar="DIR", help="--figure4: dataset folder (default: the run's)")
     p.add_argument("--devices", default=None, help="--figure4: where the network runs (default: the run's devices)")

@@ -116,9 +116,11 @@ def test_figure4_of_a_short_fake_run(fake_run: Path, tmp_path) -> None:
     spy = Counting()
     path = figures.figure4(run, neighbours_from=64, feature_fn=spy, progress=False)
     assert path == run / "figure4.png" and path.stat().st_size > 20_000
-    assert spy.images == 64 + figures.QUERIES
+    assert spy.images == FAKE.subset + figures.QUERIES  # the 16 images the run trained on (issue 29), not 64
     figures.figure4(run, neighbours_from=64, feature_fn=spy, progress=False)
-    assert spy.images == 64 + 2 * figures.QUERIES  # the training images' vectors came from the cache
+    assert spy.images == FAKE.subset + 2 * figures.QUERIES  # the training images' vectors came from the cache
+    figures.figure4(run, neighbours_from=8, feature_fn=spy, progress=False)
+    assert spy.images == FAKE.subset + 8 + 3 * figures.QUERIES  # a sample of 8 of them: another cache
 
 
 def test_figure4_from_the_command_line(fake_run: Path, tmp_path) -> None:

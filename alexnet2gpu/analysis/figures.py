@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 from alexnet2gpu.analysis.inference import Trained, features, load_trained
 from alexnet2gpu.data.base import Categories
 from alexnet2gpu.data.datasets import InMemory, batches, check_classes, datasets_for
-from alexnet2gpu.data.sampling import FIGURE_SEED, labels_of, load_images, spread
+from alexnet2gpu.data.sampling import FIGURE_SEED, labels_of, load_images, spread, take
 from alexnet2gpu.data.transforms import Pipeline
 from alexnet2gpu.files import atomic_write
 from alexnet2gpu.progress import progress_bar
@@ -94,13 +94,17 @@ def compute_features(
     return torch.cat(rows), torch.cat(found)
 
 
-def cache_key(checkpoint: Path, step: int, dataset: str, data: str | None, n: int | None) -> dict:
-    """What the cached vectors depend on: the checkpoint file (its size and time) and step, the dataset, the sample."""
+def cache_key(
+    checkpoint: Path, step: int, dataset: str, data: str | None, n: int | None, subset: int | None = None
+) -> dict:
+    """What the cached vectors depend on: the checkpoint file (its size and time) and step, the dataset,
+    the run's training images (its --subset) and the sample of them."""
     stat = checkpoint.stat()
     return {
         "checkpoint": [stat.st_size, stat.st_mtime_ns, step],
         "dataset": dataset,
         "data": str(Path(data).resolve()) if data else None,
+        "subset": subset,
         "images": n,
     }
 
@@ -125,7 +129,7 @@ def train_features(
     else computed and cached (written atomically, older caches of the checkpoint removed)."""
     _, data, _ = trained.configs
     indices = sample(len(dataset), n)
-    key = cache_key(trained.path, trained.checkpoint.get("step", 0), data.dataset, data.data, len(indices))
+    key = cache_key(trained.path, trained.checkpoint.get("step", 0), data.dataset, data.data, len(indices), data.subset)
     path = cache_path(trained.path, key)
     if path.exists():
         try:
@@ -242,9 +246,10 @@ def figure4(
     trained = load_trained(run_dir / "last.pt", devices)
     model_config, data_config, _ = trained.configs
     val = datasets_for(data_config, "val", data, host_decode=True)  # squashed for a caffe-preset run, as evaluate
-    train = datasets_for(data_config, "train", data, host_decode=True)
-    for dataset in (val, train):
+    full_train = datasets_for(data_config, "train", data, host_decode=True)
+    for dataset in (val, full_train):
         check_classes(dataset, ckpt.categories(trained.checkpoint), model_config.num_classes, trained.path)
+    train = take(full_train, data_config.subset)  # the images the run trained on (its --subset), not all
     chosen = spread(labels_of(val), CLASSIFIED + QUERIES)
     picked = chosen[CLASSIFIED:] + chosen  # a validation set of fewer than 13 images lends queries from the left
     images, labels = load_images(val, chosen[:CLASSIFIED], workers)
@@ -268,6 +273,7 @@ def figure4(
         neighbours.append((n_images, n_labels, d[: len(n_images)]))
     queries = dict(images=q_images, labels=q_labels, neighbours=neighbours)
     searched = f"{len(bank):,} of {len(train):,}" if len(bank) < len(train) else f"all {len(bank):,}"
+    searched += f" (the run's --subset of {len(full_train):,})" if len(train) < len(full_train) else ""
     step = trained.checkpoint.get("step", 0)
     title = (
         f"{run_dir.name}, step {step}: {data_config.dataset} validation images; neighbours among {searched} training"
