@@ -219,3 +219,10 @@ def _remove_empty(created: list[Path]) -> None:
             made.rmdir()
         except OSError:
             break
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as it may be printed: bytes that are not UTF-8 (a Latin-1 name) as backslash escapes, and
+    control characters (a newline in a name would forge output lines) escaped, never raising."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text)

@@ -203,3 +203,41 @@ def test_fashion_mnist_grey(tmp_path, capsys):
     names = [line.split("%", 1)[1].strip() for line in out.splitlines()[1:]]
     assert names == [FASHION_MNIST[label] for label in top.indices.tolist()]
     assert not isinstance(result, Unreadable)
+
+
+def test_names_that_are_not_utf8_or_hold_a_newline_are_printed_escaped(fake_run: Path, tmp_path: Path) -> None:
+    """Issue 29: a Latin-1 name and a name holding a newline, under a strict UTF-8 stdout: every file is
+    classified, each name printed on one line with its odd bytes escaped, no line forged."""
+    import os
+    import subprocess
+    import sys
+
+    folder = os.fsencode(tmp_path)
+    for name in (b"caf\xe9.png", b"two\nlines.png"):
+        Image.fromarray(photo(9, 40, 40)).save(os.path.join(folder, name).decode("utf-8", "surrogateescape"))
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    command = [sys.executable, "-m", "alexnet2gpu", "predict", "--checkpoint", str(fake_run), str(tmp_path)]
+    out = subprocess.run(command, capture_output=True, env=env, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
+    text = out.stdout.decode()
+    assert f"{tmp_path}/caf\\xe9.png" in text and f"{tmp_path}/two\\nlines.png" in text
+    blocks = text.strip().split("\n\n")
+    assert len(blocks) == 2 and all(len(block.splitlines()) == 6 for block in blocks)  # a name and 5 guesses
+
+
+def test_stage_and_fit_stats_take_a_latin1_name(tmp_path: Path) -> None:
+    import os
+
+    from builders.image_trees import photo_tree
+
+    from alexnet2gpu.data import staging
+    from alexnet2gpu.data.datasets import datasets_for
+    from alexnet2gpu.data.stats import load_or_fit
+
+    root = photo_tree(tmp_path / "imagenet", classes=("ant", "bee"), per_class=2)
+    first = next((root / "train" / "ant").iterdir())
+    os.rename(first, os.path.join(os.fsencode(first.parent), b"caf\xe9.jpg"))
+    staging.stage(root, tmp_path / "staged", progress=False)
+    data = DataConfig(dataset="imagenet", data=str(root), workers=0)
+    stats = load_or_fit(datasets_for(data, "train"), name="imagenet", data=data.data, stage_size=256, limit=None)
+    assert torch.isfinite(stats.mean).all()

@@ -28,6 +28,7 @@ from PIL import Image
 
 from alexnet2gpu.analysis.inference import Trained, load_trained
 from alexnet2gpu.data.images import IMAGE_EXTENSIONS, UnreadableImage, is_ignored, is_image_name, stage_image
+from alexnet2gpu.files import shown
 from alexnet2gpu.train.errors import EvaluationError
 from alexnet2gpu.train.evaluate import log_probabilities
 
@@ -58,7 +59,7 @@ class Prediction:
         return {"path": str(self.path), "top5": [vars(guess) for guess in self.top]}
 
     def __str__(self) -> str:
-        lines = [str(self.path)]
+        lines = [shown(self.path)]  # a name holding a newline cannot forge probability lines
         for guess in self.top:
             said = guess.name if guess.name == guess.id else f"{guess.name} ({guess.id})"
             lines.append(f"{guess.probability:7.1%}  {said}")
@@ -74,7 +75,7 @@ class Unreadable:
         return {"path": str(self.path), "error": self.reason}
 
     def __str__(self) -> str:
-        return f"cannot read {self.path}: {self.reason}"
+        return f"cannot read {shown(self.path)}: {self.reason}"
 
 
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:

@@ -56,7 +56,7 @@ from alexnet2gpu.data.staged import (
     sha256,
     shard_paths,
 )
-from alexnet2gpu.files import atomic_write
+from alexnet2gpu.files import atomic_write, shown
 from alexnet2gpu.progress import progress_bar
 
 
@@ -176,7 +176,10 @@ def plan_stage(listing: Listing, config: StageConfig) -> dict:
     splits = {}
     for split, samples in listing.splits.items():
         text = "\n".join(f"{s.name}\t{s.label}" for s in samples)
-        splits[split] = {"sources": len(samples), "listing_sha1": hashlib.sha1(text.encode()).hexdigest()}
+        splits[split] = {
+            "sources": len(samples),
+            "listing_sha1": hashlib.sha1(text.encode(errors="surrogateescape")).hexdigest(),
+        }
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -317,7 +320,7 @@ def _run(jobs: list[ShardJob], map_jobs: Callable, bar: tqdm) -> None:
     try:
         for result in map_jobs(stage_shard, jobs):
             for item in result["skipped"]:
-                bar.write(f"skipped {item['path']}: {item['reason']}")
+                bar.write(f"skipped {shown(item['path'])}: {item['reason']}")
             skipped += len(result["skipped"])
             bar.update(result["sources"])
             bar.set_postfix(skipped=skipped)

@@ -95,7 +95,7 @@ def fingerprint(dataset: Dataset) -> str:
     elif hasattr(dataset, "samples"):
         for path, label in dataset.samples:
             stat = os.stat(path)
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode(errors="surrogateescape"))
     elif isinstance(getattr(dataset, "images", None), torch.Tensor):
         digest.update(dataset.images.contiguous().numpy().tobytes())
         digest.update(dataset.labels.contiguous().numpy().tobytes())
@@ -108,7 +108,9 @@ def cache_path(
     """One file per (dataset, folder, stage size, images fitted, content: `fingerprint`), so that a
     dataset replaced in place (re-extracted, staged again) is fitted again."""
     where = os.path.abspath(data) if data else "default"
-    key = hashlib.sha1(f"{dataset}|{where}|{stage_size}|{limit}|{content}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(
+        f"{dataset}|{where}|{stage_size}|{limit}|{content}".encode(errors="surrogateescape")
+    ).hexdigest()[:10]
     return Path(cache_dir) / f"stats-{dataset}-{stage_size}-{key}.pt"
 
 
