@@ -158,6 +158,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _scaled_to_8_bits(values: np.ndarray, full_scale: float, kind: str) -> Image.Image:
     """Grey levels 0..full_scale -> 0..255, rounded. 16-bit files hold 0..65535; float files 0..1.
     Values outside that range have no known meaning: refused rather than guessed per image."""
+    if values.dtype.kind == "f" and not np.isfinite(values).all():  # NaN compares false: it would pass below
+        raise UnreadableImage(f"{kind} pixels that are NaN or infinite: no grey level to give them")
     low, high = (values.min(), values.max()) if values.size else (0, 0)
     if low < 0 or high > full_scale:
         raise UnreadableImage(f"{kind} pixels from {low} to {high}, outside 0..{full_scale}: no known scale to 8 bits")

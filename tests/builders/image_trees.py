@@ -95,11 +95,17 @@ def unreadable_images(folder: Path) -> dict[str, str]:
     buffer.write_bytes(buffer.read_bytes()[:600])
     (folder / "huge_header.png").write_bytes(png_header_only(100_000, 100_000))
     Image.fromarray(np.full((8, 8), 3.0, dtype=np.float32)).save(folder / "float_out_of_range.tif")
+    Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32)).save(folder / "float_nan.tif")
+    one_nan = np.full((8, 8), 3.0, dtype=np.float32)  # NaN compares false: it hid the range check
+    one_nan[2, 2] = np.nan
+    Image.fromarray(one_nan).save(folder / "float_one_nan.tif")
     (folder / "text.jpg").write_text("not an image at all")
     return {
         "truncated.jpg": "truncated",
         "huge_header.png": "decompression bomb",
         "float_out_of_range.tif": "no known scale",
+        "float_nan.tif": "nan or infinite",
+        "float_one_nan.tif": "nan or infinite",
         "text.jpg": "cannot identify",
     }
 
