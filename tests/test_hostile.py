@@ -417,6 +417,31 @@ def test_a_meta_mat_that_inflates_past_its_bound_is_refused(downloads, tmp_path:
     assert (tmp_path / "staged" / "manifest.json").is_file()
 
 
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        (b"\x89HDF\r\n\x1a\n" + bytes(120) + b"MATLAB 7.3 MAT-file", "MATLAB v7.3 (HDF5) file"),
+        ("numbers", "unreadable devkit (IndexError"),
+    ],
+)
+def test_a_meta_mat_of_another_kind_is_one_line(downloads, tmp_path: Path, capsys, meta, message: str) -> None:
+    """Issue 29: meta.mat in MATLAB v7.3 (scipy: NotImplementedError) or a synsets of numbers (IndexError)."""
+
+    def replaced(name: str, data: bytes):
+        if name.endswith("meta.mat"):
+            if meta == "numbers":
+                buffer = io.BytesIO()
+                scipy.io.savemat(buffer, {"synsets": np.arange(5.0)})
+                return [(name, buffer.getvalue())]
+            header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\x00\x02IM"
+            return [(name, header + meta)]
+        return [(name, data)]
+
+    folder = damaged(downloads, tmp_path / "meta", DEVKIT, replaced)
+    line = refused(capsys, ["stage", "--data", str(folder), "--out", str(tmp_path / "staged"), "-j", "0"])
+    assert message in line, line
+
+
 def test_a_manifest_declaring_millions_of_shards_is_refused_at_once(tmp_path: Path) -> None:
     from alexnet2gpu.data import staging
     from alexnet2gpu.data.staged import StagedImages

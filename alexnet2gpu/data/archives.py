@@ -167,7 +167,11 @@ def read_devkit(devkit: Path) -> tuple[dict[int, str], dict[str, str], list[int]
         ids = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
         words = {str(s["WNID"]): str(s["words"]) for s in leaves}
         ground_truth = [int(line) for line in truth.split()]
-    except (OSError, tarfile.TarError, ValueError, KeyError, TypeError, EOFError) as error:
+    except NotImplementedError:  # scipy reads MAT v4 to v7; v7.3 is HDF5
+        raise DatasetError(
+            f"{devkit}: its {META} is a MATLAB v7.3 (HDF5) file, not the devkit's v5 meta.mat; download it again"
+        ) from None
+    except (OSError, tarfile.TarError, ValueError, KeyError, TypeError, EOFError, IndexError) as error:
         raise DatasetError(
             f"{devkit}: unreadable devkit ({type(error).__name__}: {error}); download it again"
         ) from None
