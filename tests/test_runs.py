@@ -598,3 +598,29 @@ def test_a_resume_with_nothing_left_to_train_names_the_checkpoint_it_has(tmp_pat
     )
     assert resumed["checkpoint"] == str(tmp_path / "a" / "last.pt") and not (tmp_path / "b" / "last.pt").exists()
     assert "nothing to train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("when", ["at the start", "mid-run"])
+def test_a_tensorboard_that_cannot_write_is_one_warning_and_the_run_goes_on(tmp_path: Path, monkeypatch, capsys, when):
+    """Issue 29: TensorBoard is a side job; its failure (a tb/ that cannot be made, an event file that
+    becomes unwritable) costs the events, not the run."""
+    import torch.utils.tensorboard as tb
+
+    real = tb.SummaryWriter
+
+    class Failing(real):
+        def __init__(self, *args, **kwargs) -> None:
+            if when == "at the start":
+                raise PermissionError(13, "Permission denied")
+            super().__init__(*args, **kwargs)
+
+        def add_scalar(self, *args, **kwargs) -> None:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tb, "SummaryWriter", Failing)
+    config = TrainConfig(epochs=2, batch_size=8, val_subset=8, log_every=1)
+    result = loop.train(SMALL, FAKE, config, CPU, tmp_path, progress=False, tensorboard=True)
+    assert result["epoch"] == 2 and (tmp_path / "last.pt").is_file()
+    assert len(read_csv(tmp_path / "val.csv")) == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard events" in line]
+    assert len(warnings) == 1 and ("Permission denied" if when == "at the start" else "No space") in warnings[0]

@@ -29,7 +29,29 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
+            try:
+                self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
+            except Exception as error:  # noqa: BLE001 - a side job: the run goes on without it
+                self._lose_tensorboard(error)
+
+    def _lose_tensorboard(self, error: BaseException) -> None:
+        """TensorBoard is a side job: when its events cannot be written, say so once and go on without it
+        (the CSV logs and the checkpoint hold everything it would show)."""
+        self.writer = None
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        print(
+            f"warning: TensorBoard events in {self.dir / 'tb'} cannot be written ({reason}); the run goes on "
+            "without them (train.csv and val.csv have the same numbers)",
+            file=sys.stderr,
+        )
+
+    def _tensorboard(self, write) -> None:
+        if self.writer is None:
+            return
+        try:
+            write(self.writer)
+        except Exception as error:  # noqa: BLE001 - its writer thread's errors surface at the next call
+            self._lose_tensorboard(error)
 
     def _append(self, name: str, fields: tuple[str, ...], row: dict) -> None:
         path = self.dir / name
@@ -42,16 +64,22 @@ class RunLog:
 
     def train(self, **row) -> None:
         self._append("train.csv", TRAIN_FIELDS, row)
-        if self.writer:
+
+        def write(writer) -> None:
             for key in ("loss", "top1_err", "lr", "img_per_s"):
-                self.writer.add_scalar(f"train/{key}", row[key], row["step"])
+                writer.add_scalar(f"train/{key}", row[key], row["step"])
+
+        self._tensorboard(write)
 
     def val(self, **row) -> None:
         self._append("val.csv", VAL_FIELDS, row)
-        if self.writer:
+
+        def write(writer) -> None:
             for key in ("loss", "top1_err", "top5_err"):
-                self.writer.add_scalar(f"val/{key}", row[key], row["step"])
-            self.writer.flush()
+                writer.add_scalar(f"val/{key}", row[key], row["step"])
+            writer.flush()
+
+        self._tensorboard(write)
 
     def lrs(self, epoch: int, step: int, groups: list[dict]) -> None:
         """The learning rate of every parameter group as epoch `epoch` starts (at `step`)."""
@@ -62,8 +90,7 @@ class RunLog:
         """A line for people to read later: RUN_DIR/events.log and TensorBoard's text tab."""
         with open_append(self.dir / "events.log") as f:
             f.write(f"{step}\t{message}\n")
-        if self.writer:
-            self.writer.add_text("events", message, step)
+        self._tensorboard(lambda writer: writer.add_text("events", message, step))
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget rows written after the checkpoint's step (they will be redone).
@@ -83,8 +110,7 @@ class RunLog:
                 rewrite(path, kept)
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        self._tensorboard(lambda writer: writer.close())
 
 
 def read_csv(path: str | Path) -> list[dict[str, float]]:
