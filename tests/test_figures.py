@@ -106,6 +106,32 @@ def test_the_training_vectors_are_cached_and_rebuilt_when_the_checkpoint_changes
     assert not list(run.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda c: c.update(features=c["features"].flip(0)),  # the same size, other bytes: the checksum
+        lambda c: c.update(features=torch.full_like(c["features"], float("nan")), sha256=None),
+        lambda c: c.update(features=c["features"][:0], indices=c["indices"][:0]),
+        lambda c: c.update(features=c["features"][:, :10]),
+        lambda c: c.update(indices=c["indices"] + 10**6),
+    ],
+)
+def test_a_damaged_fc7_cache_is_computed_again(fake_run: Path, tmp_path, damage, capsys) -> None:
+    """Issue 29: the cache is checked (shape, dtype, finiteness, index range, checksum), not trusted."""
+    run = tmp_path / "run"
+    shutil.copytree(fake_run, run)
+    trained, train = load_trained(run / "last.pt"), build_dataset("fake", "train")
+    bank, indices = figures.train_features(trained, train, 40, progress=False)
+    (cache,) = run.glob("last.pt.fc7-*.pt")
+    saved = torch.load(cache, weights_only=True)
+    damage(saved)
+    torch.save(saved, cache)
+    spy = Counting()
+    again = figures.train_features(trained, train, 40, feature_fn=spy, progress=False)
+    assert spy.images == 40 and torch.equal(again[0], bank) and torch.equal(again[1], indices)
+    assert "computing them again" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # the figure, from short runs
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,10 +135,11 @@ def train_features(
     if path.exists():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("key") == key:
+            if saved.get("key") == key and cache_holds(saved, indices, trained.configs[0].fc_features[1]):
                 return saved["features"], saved["indices"]
         except Exception:  # noqa: BLE001 - a torn or foreign file: computed again below
             pass
+        print(f"warning: {path} does not hold this figure's fc7 vectors whole: computing them again", file=sys.stderr)
     found = compute_features(
         trained.model,
         trained.pipeline,
@@ -151,8 +153,30 @@ def train_features(
     for old in trained.path.parent.glob(f"{trained.path.name}.fc7-*.pt"):
         old.unlink(missing_ok=True)  # vectors of an earlier checkpoint or sample: stale
     with atomic_write(path) as tmp:
-        torch.save({"key": key, "features": found[0], "indices": found[1]}, tmp)
+        torch.save({"key": key, "features": found[0], "indices": found[1], "sha256": digest(found[0])}, tmp)
     return found
+
+
+def digest(features: torch.Tensor) -> str:
+    return hashlib.sha256(features.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def cache_holds(saved: dict, indices: torch.Tensor, width: int) -> bool:
+    """Whether a cache file is the one written for these images: its indices among the sample's (less
+    the unreadable ones), its vectors one finite float16 row of fc7's `width` per image, and their bytes
+    those it was written with (a file overwritten in place at the same size would draw NaN neighbours)."""
+    features, found = saved.get("features"), saved.get("indices")
+    return (
+        isinstance(features, torch.Tensor)
+        and isinstance(found, torch.Tensor)
+        and found.dim() == 1
+        and 0 < len(found) <= len(indices)
+        and bool(torch.isin(found, indices).all())
+        and features.dtype == torch.float16
+        and tuple(features.shape) == (len(found), width)
+        and bool(torch.isfinite(features).all())
+        and saved.get("sha256") == digest(features)
+    )
 
 
 def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = NEIGHBOURS, chunk: int = 65_536):
