@@ -624,3 +624,45 @@ def test_a_tensorboard_that_cannot_write_is_one_warning_and_the_run_goes_on(tmp_
     assert len(read_csv(tmp_path / "val.csv")) == 2
     warnings = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard events" in line]
     assert len(warnings) == 1 and ("Permission denied" if when == "at the start" else "No space") in warnings[0]
+
+
+def test_a_data_worker_killed_saves_the_run_and_names_the_likely_cause(tmp_path: Path, monkeypatch) -> None:
+    """Issue 29: the OOM killer takes a decoding worker mid-epoch: the steps so far are saved, and the
+    one line names the worker, the likely cause and the checkpoint to resume from."""
+    import dataclasses
+
+    from alexnet2gpu.data.base import DatasetError
+
+    class KilledAt:
+        """The training set, but its worker is killed at its `at`-th image, as the OOM killer would."""
+
+        def __init__(self, dataset, at: int) -> None:
+            self.dataset, self.at, self.calls = dataset, at, 0
+
+        def __len__(self) -> int:
+            return len(self.dataset)
+
+        def __getitem__(self, i):
+            if torch.utils.data.get_worker_info() is not None:  # a worker's own copy counts from its start
+                self.calls += 1
+                if self.calls == self.at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return self.dataset[i]
+
+        def __getattr__(self, name):
+            return getattr(self.dataset, name)
+
+    real = loop.datasets_for
+    monkeypatch.setattr(
+        loop,
+        "datasets_for",
+        lambda data, split: KilledAt(real(data, split), 13) if split == "train" else real(data, split),
+    )
+    data = dataclasses.replace(FAKE, workers=1)
+    config = TrainConfig(epochs=1, batch_size=4, val_subset=8, log_every=1, seed=5)
+    with pytest.raises(
+        DatasetError, match=r"data worker \d+ was killed .*out-of-memory killer.*saved .*last.pt at step"
+    ):
+        loop.train(SMALL, data, config, CPU, tmp_path, progress=False, tensorboard=False)
+    saved = ckpt.load(tmp_path / "last.pt")
+    assert 0 < saved["step"] < 4 and saved["batch"] == saved["step"]

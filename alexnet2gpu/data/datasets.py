@@ -13,6 +13,7 @@ import gzip
 import logging
 import math
 import os
+import re
 import signal
 import struct
 from collections.abc import Callable, Iterator
@@ -525,6 +526,8 @@ def batches(
     except DatasetError as error:
         raise (_one_line(error) if workers else error) from None
     except RuntimeError as error:
+        if worker_killed(error):
+            raise worker_killed(error) from None
         if "timed out" not in str(error):
             raise
         raise DatasetError(
@@ -534,6 +537,18 @@ def batches(
     finally:
         if stream is not loader:  # a consumer that stopped early: the decode thread ends now, not at collection
             stream.close()
+
+
+def worker_killed(error: BaseException) -> DatasetError | None:
+    """The one line for DataLoader's "worker (pid N) is killed by signal" (raised where the main process
+    happens to be when the worker dies, often mid-step), or None for another error."""
+    killed = re.search(r"DataLoader worker \(pid (\d+)\) is killed by signal: (.+?)\.?$", str(error).strip())
+    if not killed:
+        return None
+    return DatasetError(
+        f"data worker {killed[1]} was killed ({killed[2]}): the kernel's out-of-memory killer, most likely; "
+        "give it more memory or fewer workers (-j), then resume from the run's last.pt"
+    )
 
 
 def _decode(decode: Callable, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:

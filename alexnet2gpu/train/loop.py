@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
 from alexnet2gpu.data.base import Categories, DatasetError
-from alexnet2gpu.data.datasets import batches, check_classes, datasets_for, num_batches
+from alexnet2gpu.data.datasets import batches, check_classes, datasets_for, num_batches, worker_killed
 from alexnet2gpu.data.sampling import sample_note, take
 from alexnet2gpu.data.stats import DataStats, load_or_fit
 from alexnet2gpu.data.transforms import Pipeline, input_pipeline
@@ -406,7 +406,28 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
         shard=(placement.replica, placement.replicas),
         keep_empty=True,
     )
-    for images, labels in _until_stopped(stream, run.stop):
+    try:
+        try:
+            _train_batches(run, _until_stopped(stream, run.stop), steps, totals, bar)
+        except RuntimeError as error:  # a killed worker is reported wherever the main process is
+            raise (worker_killed(error) or error) from None
+    except DatasetError as error:  # a worker killed or stuck, an unreadable image under --strict
+        bar.close()
+        unsaved = state.step != (run.saved_step or 0)
+        if placement.world > 1 or not unsaved:  # other ranks are not at a save; or nothing new to keep
+            raise DatasetError(f"{error}; {_last_words(run)}") from None
+        save(run)  # the steps since the last save are kept
+        raise DatasetError(f"{error}; saved {run.last} at step {state.step}") from None
+    bar.close()
+    read_steps(run, totals)
+    run.stopping = run.stopping or placement.agree(1, bool(run.stop))[1]  # a signal during the last step
+    ran_out = state.batch >= steps
+    return totals if ran_out and not run.stopping else None
+
+
+def _train_batches(run: Run, stream, steps: int, totals: Totals, bar) -> None:
+    config, placement, state = run.config, run.placement, run.state
+    for images, labels in stream:
         if _done(state, config):
             break
         rows, run.stopping = placement.agree(len(labels), bool(run.stop))  # on the host: no wait on the device
@@ -419,11 +440,6 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
         train_step(run, images, labels)
         bar.update(1)
         log_step(run, totals, steps, bar)
-    bar.close()
-    read_steps(run, totals)
-    run.stopping = run.stopping or placement.agree(1, bool(run.stop))[1]  # a signal during the last step
-    ran_out = state.batch >= steps
-    return totals if ran_out and not run.stopping else None
 
 
 def end_epoch(run: Run, val_set, totals: Totals) -> dict | None:
