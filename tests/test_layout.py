@@ -11,14 +11,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "alexnet2gpu"
 WINGS = ("model", "data", "train", "analysis")
-BASE = {"config", "files", "devices"}  # the top files every wing may read
+BASE = {"config", "files", "devices", "progress"}  # the top files every wing may read
 # what each part may import from the package, besides itself
 ALLOWED = {
     "config": set(),
     "files": set(),
     "devices": set(),
+    "progress": set(),
     "model": {"config"},
-    "data": {"config", "files"},
+    "data": {"config", "files", "progress"},
     "train": BASE | {"model", "data"},
     "analysis": BASE | {"model", "data", "train"},
     "caffe": BASE | {"model", "data", "train"},
@@ -122,7 +123,7 @@ def test_no_module_imports_in_a_circle():
 
 def test_the_tree_has_the_four_wings_and_nothing_flat_beside_them():
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__", "__main__", "bench", "caffe", "cli", "config", "devices", "files"]
+    assert top == ["__init__", "__main__", "bench", "caffe", "cli", "config", "devices", "files", "progress"]
     for wing in WINGS:
         assert (PACKAGE / wing / "__init__.py").is_file(), wing
     assert {p.parent.name for p in PACKAGE.rglob("*.py")} <= {"alexnet2gpu", *WINGS}

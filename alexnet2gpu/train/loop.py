@@ -410,7 +410,9 @@ def train_one_epoch(run: Run, train_set) -> Totals | None:
         try:
             _train_batches(run, _until_stopped(stream, run.stop), steps, totals, bar)
         except RuntimeError as error:  # a killed worker is reported wherever the main process is
-            raise (worker_killed(error) or error) from None
+            if not (run.stop and worker_killed(error)):
+                raise (worker_killed(error) or error) from None
+            run.stopping = True  # a signal to the process group reached the workers too: a stop
     except DatasetError as error:  # a worker killed or stuck, an unreadable image under --strict
         bar.close()
         unsaved = state.step != (run.saved_step or 0)
