@@ -296,3 +296,21 @@ def test_torchrun_runs_the_command_line_with_trains_flags(tmp_path: Path) -> Non
         timeout=300,
     )
     assert refused.returncode != 0 and "error: --devices does not apply to --parallel tower-processes" in refused.stderr
+
+
+def test_a_peer_gone_from_a_collective_is_one_line_naming_it(monkeypatch) -> None:
+    """Issue 29: a tower process killed (SIGKILL) leaves its partner a gloo "Connection closed by peer"
+    error: the partner says so in one line naming the silent rank, as for a timeout."""
+    from types import SimpleNamespace
+
+    from alexnet2gpu.train import tower_ranks
+    from alexnet2gpu.train.errors import TrainingError
+
+    monkeypatch.setattr(tower_ranks, "silent_ranks", lambda world, rank, wait: [1])
+    rank0 = SimpleNamespace(world=2, rank=0, timeout=10.0)
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4242")
+    said = tower_ranks.TowerRanks.collective_failed(rank0, gloo)
+    assert isinstance(said, TrainingError)
+    assert str(said).startswith("rank 0: a peer left a collective (") and "rank 1 did not answer" in str(said)
+    other = RuntimeError("CUDA error: an illegal memory access")
+    assert tower_ranks.TowerRanks.collective_failed(rank0, other) is other

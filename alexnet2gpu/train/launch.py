@@ -81,8 +81,8 @@ def train_tower_processes(
         options = dict(resume=resume, progress=progress, tensorboard=tensorboard, overwrite=overwrite)
         try:
             result = fit(placement, model_config, data, config, out, **options)
-        except RuntimeError as error:  # a timeout inside a step (the towers' exchanges, DDP) names the rank too
-            raise placement.timed_out(error) from None
+        except RuntimeError as error:  # a timeout or a lost peer inside a step (the exchanges, DDP) names the rank
+            raise placement.collective_failed(error) from None
         return {**result, "rank": placement.rank}
     finally:
         if started:

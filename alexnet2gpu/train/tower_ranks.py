@@ -51,6 +51,10 @@ def wrap(module: TowerProcess, mesh) -> nn.Module:
 # a launcher that forks (torch is imported once) for tests and single-machine runs
 
 
+# what gloo and NCCL say when the other end of a collective is gone (a rank killed, a node lost)
+PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "remote process exited")
+
+
 def silent_ranks(world: int, rank: int, wait: float) -> list[int] | None:
     """After a collective timed out: the ranks that do not answer a roll call on the rendezvous store
     within `wait` seconds (a rank stopped or hung answers nothing); None when the store is gone too.
@@ -130,14 +134,17 @@ class TowerRanks(Placement):
         try:
             dist.all_gather(every, values, group=self.host)
         except RuntimeError as error:
-            raise self.timed_out(error) from None
+            raise self.collective_failed(error) from None
         return torch.stack(every)
 
-    def timed_out(self, error: RuntimeError) -> Exception:
-        """A collective's timeout as one line naming the ranks that went silent (any other error as it is)."""
-        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+    def collective_failed(self, error: RuntimeError) -> Exception:
+        """A collective that timed out, or whose peer went away (gloo's "Connection reset/closed by peer",
+        a broken pipe), as one line naming the ranks that went silent; any other error as it is."""
+        text = str(error).lower()
+        timed_out = "timed out" in text or "timeout" in text
+        if not timed_out and not any(peer in text for peer in PEER_GONE):
             return error
-        silent = silent_ranks(self.world, self.rank, wait=min(30.0, self.timeout * 60))
+        silent = silent_ranks(self.world, self.rank, wait=min(30.0, self.timeout * 60) if timed_out else 5.0)
         who = (
             f"rank {', '.join(map(str, silent))} did not answer"
             if silent
@@ -145,9 +152,14 @@ class TowerRanks(Placement):
             if silent is None
             else "every rank answered the roll call afterwards (a slow rank, or a network fault)"
         )
+        if timed_out:
+            return TrainingError(
+                f"rank {self.rank}: a collective timed out ({self.timeout:g} min, --dist-timeout): {who}; "
+                "a stopped (kill -STOP) or hung process, or a lost node; resume from the last checkpoint"
+            )
         return TrainingError(
-            f"rank {self.rank}: a collective timed out ({self.timeout:g} min, --dist-timeout): {who}; "
-            "a stopped (kill -STOP) or hung process, or a lost node; resume from the last checkpoint"
+            f"rank {self.rank}: a peer left a collective ({str(error).strip().splitlines()[0][:120]}): {who}; "
+            "a killed process (the OOM killer?) or a lost node; resume from the last checkpoint"
         )
 
     def sum_replicas(self, values: torch.Tensor) -> torch.Tensor:
