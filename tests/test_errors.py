@@ -482,3 +482,19 @@ def test_a_failed_checkpoint_write_reports_the_space_free_before_it(tmp_path: Pa
 def test_a_collective_timeout_is_a_positive_number_of_minutes_at_most_a_week(tmp_path: Path, capsys, value) -> None:
     argv = [*TRAIN_FAKE, "--out", str(tmp_path), "--parallel", "tower-processes", f"--dist-timeout={value}"]
     fails(capsys, argv, "expected a positive number of minutes, at most a week")
+
+
+def test_a_resume_refuses_a_velocity_of_another_shape_in_one_line(tmp_path: Path) -> None:
+    """Issue 29: an edited optimiser state is named at the resume, not a RuntimeError at the first step."""
+    from alexnet2gpu.train import loop
+
+    config = TrainConfig(epochs=2, batch_size=8, max_steps=1, val_subset=8)
+    data = DataConfig(dataset="fake", preset="seed", subset=16, workers=0)
+    loop.train(TINY, data, config, CPU, tmp_path, progress=False, tensorboard=False)
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    name = "tower_a.conv1.weight"
+    checkpoint["optimizer"]["state"][name]["velocity"] = torch.zeros(3, 3)
+    torch.save(checkpoint, tmp_path / "last.pt")
+    more = TrainConfig(**{**config.to_dict(), "max_steps": 2})
+    with pytest.raises(ckpt.CheckpointError, match=rf"optimiser state for {name} is velocity \(3, 3\), the parameter"):
+        loop.train(TINY, data, more, CPU, tmp_path, resume=tmp_path / "last.pt", progress=False, tensorboard=False)

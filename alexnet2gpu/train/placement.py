@@ -194,4 +194,17 @@ def load_named_optimizer_state(
             raise CheckpointError(f"{path}: its optimiser state lacks {len(missing)} parameters, e.g. {missing[0]}")
         groups.append({**g_saved, "params": g_ours["params"]})
     state = {index[name]: value for name, value in saved["state"].items() if name in index}
+    params = _ordered(optimizer)
+    for i, value in state.items():  # a velocity of another shape would fail, or broadcast, at the first step
+        wrong = [
+            f"{key} {tuple(t.shape)}"
+            for key, t in (value.items() if isinstance(value, dict) else [])
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape != params[i].shape
+        ]
+        if not isinstance(value, dict) or wrong:
+            name = next(n for n, j in index.items() if j == i)
+            raise CheckpointError(
+                f"{path}: its optimiser state for {name} is {', '.join(wrong) or repr(type(value).__name__)}, "
+                f"the parameter {tuple(params[i].shape)}; it was edited or damaged: resume from another checkpoint"
+            )
     optimizer.load_state_dict({"state": state, "param_groups": groups})
