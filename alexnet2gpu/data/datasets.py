@@ -540,13 +540,21 @@ def batches(
 
 
 def worker_killed(error: BaseException) -> DatasetError | None:
-    """The one line for DataLoader's "worker (pid N) is killed by signal" (raised where the main process
-    happens to be when the worker dies, often mid-step), or None for another error."""
-    killed = re.search(r"DataLoader worker \(pid (\d+)\) is killed by signal: (.+?)\.?$", str(error).strip())
-    if not killed:
-        return None
+    """The one line for a data worker that died (raised where the main process happens to be when the
+    worker dies, often mid-step), or None for another error. DataLoader says "worker (pid N) is killed
+    by signal: S" when its SIGCHLD handler sees the death first, and "worker (pid(s) N) exited
+    unexpectedly" when a read from the dead worker's queue fails first: the same death, either way."""
+    text = str(error).strip()
+    killed = re.search(r"DataLoader worker \(pid (\d+)\) is killed by signal: (.+?)\.?$", text)
+    if killed:
+        worker, how = killed[1], f"was killed ({killed[2]})"
+    else:
+        exited = re.search(r"DataLoader worker \(pid\(s\) ([\d, ]+)\) exited unexpectedly", text)
+        if not exited:
+            return None
+        worker, how = exited[1], "ended unexpectedly"
     return DatasetError(
-        f"data worker {killed[1]} was killed ({killed[2]}): the kernel's out-of-memory killer, most likely; "
+        f"data worker {worker} {how}: the kernel's out-of-memory killer, most likely; "
         "give it more memory or fewer workers (-j), then resume from the run's last.pt"
     )
 
