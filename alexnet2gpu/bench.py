@@ -344,8 +344,9 @@ def main_imagenet(args) -> None:
 def _models(device: torch.device) -> dict[str, tuple[torch.nn.Module, int]]:
     """name -> (model, input channels). one_tower_mnist is one full-width tower without LRN, padded to
     227 and with P's three fc layers (the earlier seed preset, not the seed's exact network);
-    towers_nn_lrn is the towers with PyTorch's LRN instead of alexnet2gpu.model.lrn; towers_k12 the towers
-    as `--preset k12` builds them (LRN1 on conv1's linear output, the spatial norm, one fc8 on tower A)."""
+    towers_nn_lrn is the towers with PyTorch's LRN instead of alexnet2gpu.model.lrn; towers_paper the towers
+    as `--preset paper` builds them (P's text: ReLU before LRN1, no spatial norm, fc8 split), against
+    the default K12 towers (LRN1 on conv1's linear output, the spatial norm, one fc8 on tower A)."""
     import torchvision
 
     from alexnet2gpu.config import AlexNetConfig, recipe
@@ -361,7 +362,7 @@ def _models(device: torch.device) -> dict[str, tuple[torch.nn.Module, int]]:
     return {
         "towers_one_device": (AlexNet2GPU(AlexNetConfig(), (device, device)), 3),
         "towers_nn_lrn": (reference_lrn, 3),
-        "towers_k12": (AlexNet2GPU(AlexNetConfig(**recipe("k12", "model")), (device, device)), 3),
+        "towers_paper": (AlexNet2GPU(AlexNetConfig(**recipe("paper", "model")), (device, device)), 3),
         "fused": (AlexNetFused(AlexNetConfig(), device=device), 3),
         "torchvision": (torchvision.models.alexnet(num_classes=1000).to(device), 3),
         "one_tower_mnist": (AlexNetFused(one_tower_mnist, device=device), 1),
@@ -504,7 +505,7 @@ def bench_models(
         "train_ratio_nn_lrn_vs_torchvision": round(
             med["train", "towers_nn_lrn", b] / med["train", "torchvision", b], 3
         ),
-        "train_ratio_k12_vs_towers": round(med["train", "towers_k12", b] / med["train", "towers_one_device", b], 3),
+        "train_ratio_k12_vs_paper": round(med["train", "towers_one_device", b] / med["train", "towers_paper", b], 3),
     }
 
 
@@ -533,7 +534,7 @@ def print_model_table(result: dict) -> None:
         f"train step, batch 64: towers/torchvision {result['train_ratio_vs_torchvision']:.3f}, "
         f"towers/fused {result['train_ratio_towers_vs_fused']:.3f}, "
         f"towers with nn.LocalResponseNorm/torchvision {result['train_ratio_nn_lrn_vs_torchvision']:.3f}, "
-        f"towers as --preset k12 builds them/towers {result['train_ratio_k12_vs_towers']:.3f}"
+        f"towers (K12's, the default)/towers as --preset paper builds them {result['train_ratio_k12_vs_paper']:.3f}"
     )
     print("\nbytes crossing between the towers' devices per image (float32):")
     print(table())

@@ -87,9 +87,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         "--preset",
         default=D.preset,
         choices=PRESETS,
-        help="the source of the whole recipe: paper: P's text (P 2, 4.1); k12: the 2012 code's run 145 (its "
-        "layer files and data provider); seed: normalise, resize to 224; caffe: bvlc_alexnet's (256x256 squash, "
-        "BGR, 227). The flags below marked 'preset' override it one field at a time",
+        help="the source of the whole recipe: k12: the 2012 code's run 145, the paper's network as its authors "
+        "trained it (layers-145.cfg, layer-params-145.cfg, convdata_jpeg.py); paper: P's text where it says "
+        "otherwise; seed: normalise, resize to 224; caffe: bvlc_alexnet's (256x256 squash, BGR, 227). The flags "
+        "marked 'preset' override it one field at a time, and the run's first lines name each departure from "
+        "K12 with its source (default: %(default)s)",
     )
     g.add_argument(
         "--subset",
@@ -191,7 +193,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--init",
         default=None,
         choices=INITS,
-        help="paper: N(0, 0.01), biases 1 (P 5); caffe: bvlc_alexnet's 0.1 biases; he: He et al. 2015; "
+        help="preset: k12: N(0, 0.03) for conv3-5, else N(0, 0.01), biases 1 (K12); paper: N(0, 0.01) for all "
+        "(P 5); caffe: bvlc_alexnet's 0.1 biases; he: He et al. 2015; "
         f"torch: PyTorch's default (default: the net's own, torch for --net seed, else {M.init})",
     )
 
@@ -201,7 +204,7 @@ def add_train(sub) -> None:
     add_data_args(p)
     add_model_args(p)
     g = p.add_argument_group(GROUPS["train"])
-    g.add_argument("--epochs", type=int, default=T.epochs)
+    g.add_argument("--epochs", type=int, default=T.epochs, help="default: %(default)s (K12 run 145's)")
     g.add_argument(
         "-b",
         "--batch-size",

@@ -1,6 +1,9 @@
-"""The model's configuration: the paper's network by default, every listed deviation a field.
+"""The model's configuration: the paper's network as its 2012 code trained it (run 145) by default,
+every listed deviation a field.
 
-P = Krizhevsky, Sutskever, Hinton, NIPS 2012; C2 = cuda-convnet2's two-GPU layer file.
+K12 = the 2012 code (computerhistory/AlexNet-Source-Code: layers/layers-145.cfg, layer-params-145.cfg,
+convdata_jpeg.py); P = Krizhevsky, Sutskever, Hinton, NIPS 2012; C2 = cuda-convnet2's two-GPU layer
+file; CF = Caffe's bvlc_alexnet.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ def finite(x) -> bool:
 
 @dataclass(frozen=True)
 class AlexNetConfig(Fields):
-    """What the network is. The defaults are the paper's 1000-class, two-tower ImageNet model.
+    """What the network is. The defaults are the paper's 1000-class, two-tower ImageNet model as K12's
+    layers-145 builds it.
 
     Channel and feature counts are for the whole network; each tower holds `1 / towers` of every
     layer except where `towers == 1`.
@@ -116,7 +120,9 @@ class AlexNetConfig(Fields):
     # Not in P: a hidden layer `fc_hidden` of this width between fc7 and fc8 (ReLU, no dropout). The
     # seed keeps a 1000-unit layer (ImageNet's fc8 width) before its 10 logits. One tower only.
     fc_hidden: int | None = None
-    fc8_split: bool = True  # P: 500 logits per tower; False: one fc8 on tower A (C2's 1000-way layer)
+    # False: one 1000-way fc8 on tower A (K12 layers-145.cfg: fc1000 on GPU 0, reading both towers' fc7;
+    # C2 alike). True: 500 logits per tower (P's Figure 2).
+    fc8_split: bool = False
     # P 3.3 as Krizhevsky's code computes it: PyTorch's LocalResponseNorm divides alpha by size
     lrn: bool = True
     lrn_size: int = 5
@@ -131,11 +137,11 @@ class AlexNetConfig(Fields):
     # What LRN1 normalises. "linear": conv1's output before its ReLU, then pool1, then the ReLU (K12
     # layers-145.cfg: rnorm1 reads conv1, pool1 carries the relu; the squares include the negative
     # pre-activations). "relu": conv1 -> ReLU -> LRN1 -> pool1 (P 3.3, 3.5's text; C2, CF).
-    lrn1_input: str = "relu"
+    lrn1_input: str = "linear"
     # K12's normalisation within each map after LRN2, before pool2 (layers-145.cfg `cnorm2`, type rnorm,
     # layer-params-145.cfg scale 0.001 pow 0.75): a / (1 + alpha/size^2 * sum of a^2 over the size x size
     # window)^beta. Not in P's text, C2 or CF.
-    spatial_norm: bool = False
+    spatial_norm: bool = True
     spatial_norm_size: int = 5
     spatial_norm_alpha: float = 1e-3
     spatial_norm_beta: float = 0.75
@@ -145,16 +151,16 @@ class AlexNetConfig(Fields):
     # Where dropout's factor goes. "test": a 0/1 mask in training, the outputs times (1 - dropout) at
     # test (P 4.2's "multiply their outputs by 0.5"; K12 src/layer.cu, the `hs` layers). "train":
     # PyTorch's inverted dropout, survivors times 1 / (1 - dropout) in training, nothing at test (C2, CF).
-    dropout_scale: str = "train"
-    # "paper": N(0, 0.01), biases 0/1 (P 5). "k12": the 2012 code's (K12 layers-145.cfg): N(0, 0.03) for
-    # conv3-conv5, N(0, 0.01) elsewhere, biases as P's (not the default: see experiments/RESULTS.md).
+    dropout_scale: str = "test"
+    # "k12": the 2012 code's (K12 layers-145.cfg initW, initB): N(0, 0.03) for conv3-conv5, N(0, 0.01)
+    # elsewhere, biases 1 for conv2, conv4, conv5, fc6, fc7 and 0 for the others.
+    # "paper": N(0, 0.01) for all, biases as K12's (P 5's text; alone, it diverges on Fashion-MNIST and
+    # sits at chance: experiments/RESULTS.md, "Initialisation").
     # "caffe": CF bvlc_alexnet's published fix (its readme: biases of 1 "gave flat loss"): N(0, 0.01),
-    # fc6/fc7 N(0, 0.005), biases 0.1 where P has 1.
+    # fc6/fc7 N(0, 0.005), biases 0.1 where P has 1 (the default before K12's).
     # "he": He et al. 2015 normal init, biases 0 (the seed preset's inputs of unit scale).
     # "torch": PyTorch's default, each layer's reset_parameters (the seed's network, which sets none).
-    # Default "caffe": on Fashion-MNIST with the paper's pipeline, P's init diverges and then sits at
-    # chance, CF's learns (experiments/RESULTS.md, "Initialisation"); `--init paper` gives P 5's.
-    init: str = "caffe"
+    init: str = "k12"
 
     def __post_init__(self) -> None:
         basics = [
@@ -292,17 +298,22 @@ class AlexNetConfig(Fields):
 
 DATASETS = ("imagenet", "mnist", "fashion-mnist", "fake")
 # The source of a whole recipe (`--preset`): "k12", the 2012 code as run 145 trained the paper's network
-# (K12 layers-145.cfg, layer-params-145.cfg, convdata_jpeg.py); "paper", P's text; "seed", the seed's
-# MNIST run; "caffe", CF's bvlc_alexnet. Each names the fields it sets in RECIPES; single flags override.
-PRESETS = ("paper", "k12", "seed", "caffe")
+# (K12 layers-145.cfg, layer-params-145.cfg, convdata_jpeg.py), the fields' defaults; "paper", P's text;
+# "seed", the seed's MNIST pipeline (its net is --net seed); "caffe", CF's bvlc_alexnet. Each names the
+# fields it sets in RECIPES; single flags override. `departures` says where a config leaves K12.
+PRESETS = ("k12", "paper", "seed", "caffe")
 RECIPES: dict[str, dict[str, dict]] = {
-    "k12": {
-        "model": dict(lrn1_input="linear", spatial_norm=True, init="k12", fc8_split=False, dropout_scale="test"),
-        "data": dict(mean_crop="centre", pca_scale="stdev", pca_rescale=True, crop_chunk=32),
-        "train": dict(bias_rule="convnet", schedule="2012"),
+    "k12": {},  # the fields' defaults
+    # P's text where it says something else than K12 did: ReLU before LRN1 (3.5), no spatial norm, fc8
+    # split between the towers (Figure 2), N(0, 0.01) for every weight (5), one lr and decay for every
+    # parameter lowered by hand at plateaus (5), each pixel's own mean (2), the eigenvalue noise scale
+    # (4.1), every image its own crop (4.1).
+    "paper": {
+        "model": dict(lrn1_input="relu", spatial_norm=False, init="paper", fc8_split=True, dropout_scale="test"),
+        "data": dict(mean_crop="own", pca_scale="eigenvalue", pca_rescale=False, crop_chunk=1),
+        "train": dict(bias_rule="paper", schedule="plateau"),
     },
-    "paper": {},  # the fields' defaults
-    "seed": {},  # the fields' defaults; the seed's pipeline has no crops, mean or noise to set
+    "seed": {},  # the pipeline only (normalise, resize to 224, no crops, mean or noise); the rest is K12's
     # CF's bvlc_alexnet, whatever the defaults: its data transformer crops the mean with the image, its
     # solver steps the lr down (here the plateau rule) with the biases at lr_mult 2; the network is
     # AlexNetConfig.caffe. Nothing of K12 reaches an imported checkpoint.
@@ -311,6 +322,47 @@ RECIPES: dict[str, dict[str, dict]] = {
         "train": dict(bias_rule="convnet", schedule="plateau"),
     },
 }
+# Where each value that is not K12's comes from, for the run's first lines and --help.
+SOURCES = {
+    ("lrn1_input", "relu"): "P 3.5's text, C2, CF",
+    ("spatial_norm", False): "P's text, C2, CF",
+    ("fc8_split", True): "P's Figure 2",
+    ("dropout_scale", "train"): "inverted: C2, CF",
+    ("lrn_scope", "all"): "CF",
+    ("init", "paper"): "P 5's text",
+    ("init", "caffe"): "CF",
+    ("init", "he"): "He et al. 2015",
+    ("init", "torch"): "PyTorch's default",
+    ("bias_rule", "paper"): "P 5's text",
+    ("schedule", "plateau"): "P 5's text",
+    ("mean_crop", "own"): "P 2's text, CF",
+    ("pca_scale", "eigenvalue"): "P 4.1's text",
+    ("pca_rescale", False): "P's text, CF",
+    ("crop_chunk", 1): "P 4.1's text, C2, CF",
+}
+K12_FIELDS = {"model": "AlexNetConfig", "data": "DataConfig", "train": "TrainConfig"}
+
+
+def departures(model: AlexNetConfig, data: DataConfig, train: TrainConfig) -> list[str]:
+    """Where a run leaves K12's run 145, one "field=value (source)" for each field that acts and is not
+    K12's (a field its net or pipeline does not have, as LRN1's input without LRN, is left out)."""
+    skip = set()
+    if not model.lrn:
+        skip.add("lrn1_input")
+    if model.towers == 1:
+        skip.add("fc8_split")
+    if data.preset == "seed":  # no crops, mean or noise
+        skip |= {"mean_crop", "pca_scale", "pca_rescale", "crop_chunk"}
+    if not data.pca_noise:
+        skip |= {"pca_scale", "pca_rescale"}
+    said = []
+    for config in (model, data, train):
+        k12 = {f.name: f.default for f in dataclasses.fields(config)}
+        for field in sorted({f for f, _ in SOURCES} - skip):
+            if field in k12 and getattr(config, field) != k12[field]:
+                value = getattr(config, field)
+                said.append(f"{field}={value} ({SOURCES.get((field, value), 'set by hand')})")
+    return said
 
 
 def recipe(preset: str, kind: str) -> dict:
@@ -324,7 +376,7 @@ MEAN_CROPS = ("centre", "own")
 
 @dataclass(frozen=True)
 class DataConfig(Fields):
-    """Where the images come from and how they reach the network (P 2, 4.1 by default)."""
+    """Where the images come from and how they reach the network (K12 convdata_jpeg.py by default)."""
 
     # added with the K12 fields (2026-12): each crop lost its own region of the mean image, the noise
     # was not divided out, every image had its own crop
@@ -332,30 +384,32 @@ class DataConfig(Fields):
 
     dataset: str = "imagenet"
     data: str | None = None  # a folder; None looks in the dataset's usual places
-    # "paper": short side 256, mean image subtracted, random 224 crops, flips, PCA colour noise.
+    # "k12", "paper": short side 256, mean image subtracted, random 224 crops, flips, PCA colour noise
+    # (their fields below differ; the recipes in RECIPES).
     # "seed": the seed's run: scale to [0, 1], normalise by seed_mean / seed_std, then resize the whole
     # image to crop_size (the seed's Normalize then Resize((224, 224))).
     # "caffe": CF bvlc_alexnet's input: images squashed to stage_size x stage_size (aspect ratio not
     # kept, as CF's convert_imageset), its mean image subtracted, channels in BGR order, 227 crops.
-    preset: str = "paper"
+    preset: str = "k12"
     stage_size: int = 256  # P 2: short side rescaled to 256, centre 256x256 kept
     crop_size: int = 224  # P 4.1; 227 with AlexNetConfig(input_size=227)
     flip: bool | None = None  # None: flips for colour photographs, none for digits and clothes
     pca_noise: bool = True
     pca_alpha_std: float = 0.1  # P 4.1: alpha_i ~ N(0, 0.1)
-    # "eigenvalue": P's formula, eigenvalues of the covariance of [0, 1] pixels (fb.resnet.torch);
-    # "stdev": Krizhevsky's code, square roots of those eigenvalues on the 0-255 scale (C2).
-    pca_scale: str = "eigenvalue"
+    # "stdev": Krizhevsky's code, square roots of the eigenvalues on the 0-255 scale (K12 convdata_jpeg.py
+    # `color_pca[0]`, C2 alike); "eigenvalue": P 4.1's formula, eigenvalues of the covariance of [0, 1]
+    # pixels (fb.resnet.torch's reading).
+    pca_scale: str = "stdev"
     # K12 convdata_jpeg.py: the noised crop divided by 1 + pca_alpha_std ("so that the overall scale of
     # the training data doesn't become too different from the test data"). Not in P's text.
-    pca_rescale: bool = False
+    pca_rescale: bool = True
     # Which part of the mean image a crop loses. "centre": the centre crop_size square of the mean image,
     # whatever the crop's offset, and from every test view (K12 convdata_jpeg.py `data_mean_crop`).
     # "own": the crop's own region of the mean image (P 2's "from each pixel"; CF's data transformer).
-    mean_crop: str = "own"
+    mean_crop: str = "centre"
     # Images of a batch that share one crop offset and one flip: K12 draws one for each 32 consecutive
     # images (convdata_jpeg.py `crop_chunk = 32`); 1: every image its own (P 4.1's text, C2, CF).
-    crop_chunk: int = 1
+    crop_chunk: int = 32
     pixel_scale: float = 255.0  # the network sees mean-subtracted 0-255 pixels, as cuda-convnet
     seed_mean: float = 0.1307
     seed_std: float = 0.3081
@@ -418,12 +472,12 @@ LR_SCALINGS = ("none", "linear")
 
 @dataclass(frozen=True)
 class TrainConfig(Fields):
-    """How the network is trained (P 5 by default)."""
+    """How the network is trained (K12's run 145 by default: layer-params-145.cfg and its comments)."""
 
     # bias_rule (2026-11): one rule for every parameter before it; schedule (2026-12): the plateau rule
     LEGACY: ClassVar[dict] = dict(bias_rule="paper", schedule="plateau")
 
-    epochs: int = 90
+    epochs: int = 91  # K12 run 145 stopped after epoch 91 (P 5: "roughly 90 cycles")
     batch_size: int = 128
     lr: float = 0.01
     momentum: float = 0.9
@@ -442,7 +496,7 @@ class TrainConfig(Fields):
     # `epochs` as of its 91: the weights' lr / 10 from epochs 25, 51 and 79; conv1's 1e-5 from 67 and
     # conv1 frozen from 72; the colour noise off from 67; the biases' lr never lowered (epsB 0.02 in
     # every file after a drop). `alexnet2gpu.train.optim.Recorded` says which epochs a run gets.
-    schedule: str = "plateau"
+    schedule: str = "2012"
     lr_drops: int = 3  # P 5: lr divided by 10 when the validation error stops improving, three times
     lr_patience: int = 1  # epochs without improvement before a drop
     warmup_steps: int = 0  # not in P: lr rises linearly over the first N steps (steadies short runs)

@@ -17,7 +17,8 @@ def main() -> None:
     paper_data = runner.paper_preset(base_data)
     runs = {
         "base (LRN, overlapping pooling)": runner.run("base", args, base_model, base_data, cfg),
-        "LRN off": runner.run("no-lrn", args, replace(base_model, lrn=False), base_data, cfg),
+        # P 3.3's "without normalization" (K12 run 148): the LRN and the spatial norm both off
+        "LRN off": runner.run("no-lrn", args, replace(base_model, lrn=False, spatial_norm=False), base_data, cfg),
         "non-overlapping pooling": runner.run(
             "pool-2x2", args, replace(base_model, pooling="non-overlapping"), base_data, cfg
         ),

@@ -1,4 +1,6 @@
 """The paper's Figure 2 drawn from the model: the two towers, layer by layer, and where they exchange.
+With the defaults, K12's network (layers-145.cfg): LRN1 before the ReLU, the spatial norm after LRN2,
+one fc8 on tower A.
 
 Layer widths and map sizes come from AlexNetConfig, the exchange points and their sizes from
 alexnet2gpu.accounting.exchanges, so the picture is the network the code builds (P 3.5, Figure 2).
@@ -28,7 +30,15 @@ def layers(c: AlexNetConfig) -> list[tuple[str, str, str]]:
     conv1, pool1, pool2, pool5 = c.map_sizes  # 55, 27, 13, 6 in P's network
     half = [ch // c.towers for ch in c.conv_channels]
     sizes = [conv1, pool1, pool2, pool2, pool2]  # the size each conv layer computes at
-    pools = {0: f"LRN, pool {pool1}", 1: f"LRN, pool {pool2}", 4: f"pool {pool5}"}
+    if not c.lrn:
+        lrn1, lrn2 = f"pool {pool1}", f"pool {pool2}"
+    elif c.lrn1_input == "linear":  # K12's order: LRN1 on conv1's output, the ReLU after pool1
+        lrn1 = f"LRN, pool {pool1},\nthen ReLU"
+    else:
+        lrn1 = f"LRN, pool {pool1}"
+    if c.lrn:
+        lrn2 = f"LRN, spatial\nnorm, pool {pool2}" if c.spatial_norm else f"LRN, pool {pool2}"
+    pools = {0: lrn1, 1: lrn2, 4: f"pool {pool5}"}
     rows = [("input", f"{c.in_channels}x{c.input_size}x{c.input_size}\n(both towers)", "input")]
     for i, (k, s) in enumerate(zip(half, sizes, strict=True)):
         rows.append((f"conv{i + 1}", f"{k} @ {s}x{s}\n{pools.get(i, '')}".rstrip(), "conv"))
@@ -50,8 +60,8 @@ def draw(path: str, config: AlexNetConfig | None = None) -> None:
     for tower, y in TOWER_Y.items():
         ax.text(-0.5, y, f"tower {tower}\n(device {0 if tower == 'A' else 1})", ha="right", va="center", fontsize=9)
         for i, (name, text, kind) in enumerate(rows):
-            if name == "input" and tower == "B":
-                continue
+            if (name == "input" or (name == "fc8" and not c.fc8_out[-1])) and tower == "B":
+                continue  # one input box; tower B has no fc8 where fc8 is tower A's alone (K12)
             yy = (TOWER_Y["A"] + TOWER_Y["B"]) / 2 if name == "input" else y
             box = FancyBboxPatch((x[name] - w / 2, yy - h / 2), w, h, boxstyle="round,pad=0.02", fc=COLOURS[kind])
             ax.add_patch(box)
@@ -80,7 +90,8 @@ def draw(path: str, config: AlexNetConfig | None = None) -> None:
     ax.text(
         x["input"] - 0.5,
         3.6,
-        f"{c.num_classes}-way AlexNet in two towers (P Figure 2). Red: the exchanges, into conv3, fc6, fc7 and fc8; "
+        f"{c.num_classes}-way AlexNet in two towers (P Figure 2, as K12 layers-145 builds it). Red: the exchanges, "
+        "into conv3, fc6, fc7 and fc8; "
         f"numbers are floats per image{note}.",
         fontsize=8.5,
         ha="left",

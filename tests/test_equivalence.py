@@ -123,11 +123,15 @@ def test_conversion_round_trip_is_lossless() -> None:
     assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
 
 
-def test_fused_layout_puts_tower_a_first() -> None:
-    towers, fused = twins(AlexNetConfig(num_classes=10))
+@pytest.mark.parametrize("split", [False, True], ids=["k12", "split-fc8"])
+def test_fused_layout_puts_tower_a_first(split: bool) -> None:
+    towers, fused = twins(AlexNetConfig(num_classes=10, fc8_split=split))
     assert torch.equal(fused.conv2.weight[:128], towers.tower_a.conv2.weight)
     assert torch.equal(fused.fc6.weight[2048:], towers.tower_b.fc6.weight)
-    assert torch.equal(fused.fc8.bias[5:], towers.tower_b.fc8.bias)
+    if split:
+        assert torch.equal(fused.fc8.bias[5:], towers.tower_b.fc8.bias)
+    else:  # K12's one fc8 is tower A's, whole
+        assert torch.equal(fused.fc8.weight, towers.tower_a.fc8.weight) and towers.tower_b.fc8 is None
 
 
 def test_lrn_across_both_towers_breaks_the_equivalence(images: torch.Tensor) -> None:

@@ -13,7 +13,8 @@ BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")  # P 5
 
 def build(seed: int, init: str = "paper") -> AlexNet2GPU:
     torch.manual_seed(seed)
-    return AlexNet2GPU(AlexNetConfig(num_classes=10, init=init), devices=("cpu", "cpu"))
+    # fc8 split, so that both towers hold every layer (K12's one fc8 on tower A: the test below)
+    return AlexNet2GPU(AlexNetConfig(num_classes=10, init=init, fc8_split=True), devices=("cpu", "cpu"))
 
 
 def check_layer(layer: torch.nn.Module, std: float, bias: float, name: str) -> None:
@@ -36,6 +37,14 @@ def test_k12_init_is_the_2012_codes() -> None:
         for name in LAYERS:
             std = 0.03 if name in ("conv3", "conv4", "conv5") else 0.01
             check_layer(getattr(tower, name), std, 1.0 if name in BIAS_ONE else 0.0, name)
+
+
+def test_the_default_one_fc8_on_tower_a_is_initialised_as_the_split_one() -> None:
+    torch.manual_seed(0)
+    model = AlexNet2GPU(AlexNetConfig(num_classes=1000), devices=("cpu", "cpu"))  # K12's defaults
+    assert model.tower_b.fc8 is None and model.tower_a.fc8.weight.shape == (1000, 4096)
+    check_layer(model.tower_a.fc8, 0.01, 0.0, "fc8")
+    check_layer(model.tower_a.conv3, 0.03, 0.0, "conv3")
 
 
 def test_caffe_init_is_bvlc_alexnets() -> None:

@@ -26,7 +26,9 @@ def tiny() -> nn.Module:
 
 
 def config(optimizer: str, rule: str, **overrides) -> TrainConfig:
-    return TrainConfig(lr=LR, weight_decay=WD, momentum=MOMENTUM, optimizer=optimizer, bias_rule=rule, **overrides)
+    # the two groups of the bias rule under the plateau schedule (the 2012 one's groups per layer: test_schedule)
+    fields = dict(lr=LR, weight_decay=WD, momentum=MOMENTUM, optimizer=optimizer, bias_rule=rule, schedule="plateau")
+    return TrainConfig(**{**fields, **overrides})
 
 
 @pytest.mark.parametrize("optimizer", ["paper", "sgd"])
@@ -75,7 +77,16 @@ def test_each_lr_drop_keeps_the_bias_group_at_twice_the_weights() -> None:
 def test_a_run_resumes_with_its_groups(tmp_path: Path) -> None:
     model = AlexNetConfig(num_classes=10, init="caffe")
     data = DataConfig(dataset="fake", preset="seed", subset=16)
-    kwargs = dict(epochs=3, batch_size=8, val_subset=8, seed=3, log_every=1, bias_rule="convnet", warmup_steps=2)
+    kwargs = dict(
+        schedule="plateau",
+        epochs=3,
+        batch_size=8,
+        val_subset=8,
+        seed=3,
+        log_every=1,
+        bias_rule="convnet",
+        warmup_steps=2,
+    )
     out = tmp_path / "run"
     loop.train(model, data, TrainConfig(max_steps=1, **kwargs), CPU, out, progress=False, tensorboard=False)
     saved = ckpt.load(out / "last.pt")["optimizer"]["param_groups"]
@@ -101,7 +112,7 @@ def test_a_run_resumes_with_its_groups(tmp_path: Path) -> None:
 def test_a_resume_under_another_bias_rule_is_refused(tmp_path: Path) -> None:
     model = AlexNetConfig(num_classes=10, init="caffe")
     data = DataConfig(dataset="fake", preset="seed", subset=16)
-    kwargs = dict(epochs=3, batch_size=8, val_subset=8, seed=3, log_every=1, max_steps=1)
+    kwargs = dict(schedule="plateau", epochs=3, batch_size=8, val_subset=8, seed=3, log_every=1, max_steps=1)
     out = tmp_path / "run"
     loop.train(model, data, TrainConfig(bias_rule="paper", **kwargs), CPU, out, progress=False, tensorboard=False)
     with pytest.raises(ckpt.CheckpointError, match=r"bias_rule='paper' \(asked: 'convnet'\), which cannot change"):

@@ -16,13 +16,18 @@ from alexnet2gpu.model.exchanges import CopyCounter, counted_forward_bytes, exch
 A, B = "cuda:0", "cuda:1"
 
 
-def expected_moves(n: int, classes: int, size: int = 224, lrn_halo: bool = False) -> Counter:
-    exchanged = [(n, 128, 13, 13), (n, 4608), (n, 2048), (n, 2048)]  # into conv3, fc6, fc7, fc8
+def expected_moves(n: int, classes: int, size: int = 224, lrn_halo: bool = False, split: bool = False) -> Counter:
+    """Every copy between devices: into conv3, fc6 and fc7 both ways; into fc8 both ways where it is split
+    (P's Figure 2), or tower B's fc7 outputs one way to tower A's one fc8 (K12's, the default)."""
+    exchanged = [(n, 128, 13, 13), (n, 4608), (n, 2048)] + ([(n, 2048)] if split else [])
     if lrn_halo:  # Caffe's LRN across the towers: 2 edge channels at LRN1 and LRN2, not in P
         exchanged = [(n, 2, 55, 55), (n, 2, 27, 27), *exchanged]
     moves = [("cpu", A, (n, 3, size, size)), ("cpu", B, (n, 3, size, size))]  # the batch, once per tower
     moves += [m for shape in exchanged for m in ((A, B, shape), (B, A, shape))]
-    moves.append((B, A, (n, classes // 2)))  # tower B's logits gathered on device 0
+    if split:
+        moves.append((B, A, (n, classes // 2)))  # tower B's logits gathered on device 0
+    else:
+        moves.append((B, A, (n, 2048)))  # tower B's fc7 outputs into fc8 on tower A
     return Counter(moves)
 
 
@@ -55,21 +60,23 @@ def test_towers_are_built_on_their_devices(fake_mode) -> None:
     assert [str(d) for d in model.devices] == [A, B]
 
 
-def test_only_the_paper_exchanges_cross_devices(fake_mode) -> None:
-    model = AlexNet2GPU(AlexNetConfig(num_classes=1000), devices=(A, B))
+@pytest.mark.parametrize("split", [False, True], ids=["k12", "split-fc8"])
+def test_only_the_exchanges_cross_devices(fake_mode, split: bool) -> None:
+    model = AlexNet2GPU(AlexNetConfig(num_classes=1000, fc8_split=split), devices=(A, B))
     with CopyCounter() as counter:
         logits = model(torch.randn(4, 3, 224, 224, requires_grad=True))
     assert str(logits.device) == A and logits.shape == (4, 1000)
-    assert Counter(m[:3] for m in counter.moves) == expected_moves(4, 1000)
-    assert len(counter.moves) == 2 + 4 * 2 + 1
+    assert Counter(m[:3] for m in counter.moves) == expected_moves(4, 1000, split=split)
+    assert len(counter.moves) == 2 + (4 if split else 3) * 2 + 1
 
 
-def test_backward_graph_mirrors_every_copy(fake_mode) -> None:
-    model = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=(A, B))
+@pytest.mark.parametrize(("split", "a_to_b", "b_to_a"), [(False, 3, 4), (True, 4, 5)], ids=["k12", "split-fc8"])
+def test_backward_graph_mirrors_every_copy(fake_mode, split: bool, a_to_b: int, b_to_a: int) -> None:
+    model = AlexNet2GPU(AlexNetConfig(num_classes=10, fc8_split=split), devices=(A, B))
     logits = model(torch.randn(2, 3, 224, 224, requires_grad=True))
-    forward = Counter((src, dst) for src, dst, _ in expected_moves(2, 10).elements())
+    forward = Counter((src, dst) for src, dst, _ in expected_moves(2, 10, split=split).elements())
     assert copy_nodes(logits) == forward  # each backward copy node moves a gradient dst -> src
-    assert forward == Counter({(A, B): 4, (B, A): 5, ("cpu", A): 1, ("cpu", B): 1})
+    assert forward == Counter({(A, B): a_to_b, (B, A): b_to_a, ("cpu", A): 1, ("cpu", B): 1})
 
 
 def test_fc8_on_tower_a_sends_tower_b_activations_one_way(fake_mode) -> None:
@@ -82,10 +89,12 @@ def test_fc8_on_tower_a_sends_tower_b_activations_one_way(fake_mode) -> None:
     assert moves.count((A, B, (2, 2048))) == 1 and moves.count((B, A, (2, 2048))) == 2
 
 
-@pytest.mark.parametrize("broken", range(4))
-def test_a_missing_exchange_is_a_device_mismatch(fake_mode, monkeypatch, broken: int) -> None:
-    """Skip the move at one exchange point (conv3, fc6, fc7 or fc8): the concatenation then mixes
-    cuda:0 and cuda:1 tensors, which fails instead of silently running on one device."""
+@pytest.mark.parametrize(
+    ("split", "broken"), [(True, point) for point in range(4)] + [(False, point) for point in range(3)]
+)
+def test_a_missing_exchange_is_a_device_mismatch(fake_mode, monkeypatch, split: bool, broken: int) -> None:
+    """Skip the move at one exchange point (conv3, fc6, fc7, and fc8 where it is split): the concatenation
+    then mixes cuda:0 and cuda:1 tensors, which fails instead of silently running on one device."""
     real, calls = alexnet2gpu.model.alexnet.exchange, []
 
     def exchange(a: torch.Tensor, b: torch.Tensor):
@@ -95,7 +104,7 @@ def test_a_missing_exchange_is_a_device_mismatch(fake_mode, monkeypatch, broken:
         return real(a, b)
 
     monkeypatch.setattr(alexnet2gpu.model.alexnet, "exchange", exchange)
-    model = AlexNet2GPU(AlexNetConfig(num_classes=10), devices=(A, B))
+    model = AlexNet2GPU(AlexNetConfig(num_classes=10, fc8_split=split), devices=(A, B))
     with pytest.raises(RuntimeError, match="cuda:0.*cuda:1|cuda:1.*cuda:0"):
         model(torch.randn(2, 3, 224, 224))
     assert len(calls) == broken + 1
@@ -114,7 +123,7 @@ def test_caffe_lrn_across_towers_adds_a_halo_at_lrn1_and_lrn2(fake_mode) -> None
     model = AlexNet2GPU(AlexNetConfig.caffe(num_classes=10), devices=(A, B))
     with CopyCounter() as counter:
         model(torch.randn(2, 3, 227, 227))
-    assert Counter(m[:3] for m in counter.moves) == expected_moves(2, 10, size=227, lrn_halo=True)
+    assert Counter(m[:3] for m in counter.moves) == expected_moves(2, 10, size=227, lrn_halo=True, split=True)
 
 
 CONFIGS = [AlexNetConfig(), AlexNetConfig(num_classes=10, fc8_split=False), AlexNetConfig.caffe(num_classes=10)]

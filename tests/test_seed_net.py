@@ -130,10 +130,13 @@ def test_cli_net_seed_builds_the_seeds_network() -> None:
     add_model_args(parser)
     assert model_config(parser.parse_args(["--net", "seed"]), 10, 1) == AlexNetConfig.seed_mnist()
     assert model_config(parser.parse_args(["--net", "seed", "--init", "he"]), 10, 1).init == "he"
-    parser.add_argument("--preset", default="paper")
-    k12 = parser.parse_args(["--net", "seed", "--preset", "k12", "--init", "he"])  # the preset leaves it alone
-    assert model_config(k12, 10, 1) == AlexNetConfig.seed_mnist(init="he")
-    assert model_config(parser.parse_args([]), 1000, 3) == AlexNetConfig()  # the paper's, its own init
+    parser.add_argument("--preset", default="k12")
+    paper = parser.parse_args(["--net", "seed", "--preset", "paper", "--init", "he"])  # the preset leaves it alone
+    assert model_config(paper, 10, 1) == AlexNetConfig.seed_mnist(init="he")
+    assert model_config(parser.parse_args([]), 1000, 3) == AlexNetConfig()  # K12's, its own init
+    assert model_config(parser.parse_args(["--preset", "paper"]), 1000, 3) == AlexNetConfig(
+        lrn1_input="relu", spatial_norm=False, fc8_split=True, init="paper"
+    )
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -57,15 +57,18 @@ def test_parameter_count_is_the_papers() -> None:
         towers = AlexNet2GPU(devices=("meta", "meta"))
         fused = AlexNetFused()
     assert n_params(towers) == n_params(fused) == 60_965_224
-    half = n_params(towers.tower_a)
-    assert half == n_params(towers.tower_b) == 60_965_224 // 2
-
-
-def test_single_fc8_on_tower_a_keeps_the_count() -> None:
-    with torch.device("meta"):
-        towers = AlexNet2GPU(AlexNetConfig(fc8_split=False), devices=("meta", "meta"))
+    # K12's one fc8 on tower A: tower A holds it whole (4096 x 1000 + 1000), tower B none of it
     assert towers.tower_b.fc8 is None and towers.tower_a.fc8.out_features == 1000
+    fc8 = 4096 * 1000 + 1000
+    assert n_params(towers.tower_a) - fc8 == n_params(towers.tower_b) == (60_965_224 - fc8) // 2
+
+
+def test_split_fc8_keeps_the_count_and_halves_it() -> None:
+    with torch.device("meta"):
+        towers = AlexNet2GPU(AlexNetConfig(fc8_split=True), devices=("meta", "meta"))
+    assert towers.tower_b.fc8.out_features == towers.tower_a.fc8.out_features == 500
     assert n_params(towers) == 60_965_224
+    assert n_params(towers.tower_a) == n_params(towers.tower_b) == 60_965_224 // 2
 
 
 def test_one_gpu_comparison_net_is_more_than_half_the_size() -> None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig, departures
 from alexnet2gpu.data.base import Categories, DatasetError
 from alexnet2gpu.data.datasets import batches, check_classes, datasets_for, num_batches, worker_killed
 from alexnet2gpu.data.sampling import sample_note, take
@@ -518,6 +518,8 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
     )
     if placement.device.type == "cpu":
         run.say("no CUDA device: training on the CPU (slow; make train-2gpu / train-1gpu use GPUs when present)")
+    left = departures(model_config, data, config)
+    run.say("recipe: K12's run 145" + (f", except {'; '.join(left)}" if left else " (no departure)"))
     if run.scheduler.describe():
         run.say(run.scheduler.describe())
     state, val = run.state, {}
