@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
-from conftest import CPU
+from conftest import CPU, SMALL
 
 import alexnet2gpu.train.loop as loop
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
@@ -75,12 +76,14 @@ def test_notes_go_to_events_log_and_a_resume_forgets_those_after_its_step(tmp_pa
 # real runs on fake data, with the windows shrunk to a few steps
 
 
-def real_run(out: Path, init: str, lr: float, preset: str, steps: int) -> list[str]:
-    # 16 images in batches of 8; He init overshoots for its first 4 steps here, then learns
-    shrunk = dict(alarm_window=2, alarm_after_steps=5, alarm_flat_steps=3)
-    config = TrainConfig(epochs=10, batch_size=8, max_steps=steps, lr=lr, val_subset=8, seed=3, log_every=1, **shrunk)
-    data = DataConfig(dataset="fake", preset=preset, subset=16)
-    loop.train(AlexNetConfig(num_classes=10, init=init), data, config, CPU, out, progress=False, tensorboard=False)
+def real_run(
+    out: Path, init: str, lr: float, preset: str, steps: int, model=None, subset: int = 16, flat_steps: int = 3
+) -> list[str]:
+    shrunk = dict(alarm_window=2, alarm_after_steps=5, alarm_flat_steps=flat_steps)
+    config = TrainConfig(epochs=40, batch_size=8, max_steps=steps, lr=lr, val_subset=8, seed=3, log_every=1, **shrunk)
+    data = DataConfig(dataset="fake", preset=preset, subset=subset)
+    model = model or AlexNetConfig(num_classes=10, init=init)
+    loop.train(model, data, config, CPU, out, progress=False, tensorboard=False)
     events = out / "events.log"
     return events.read_text().splitlines() if events.exists() else []
 
@@ -90,10 +93,12 @@ def test_real_runs_fire_when_stuck_and_stay_silent_when_learning(tmp_path: Path)
     assert len(diverging) == 1 and "diverging" in diverging[0], diverging
     flat = real_run(tmp_path / "tiny-lr", "caffe", 1e-7, "seed", 4)
     assert len(flat) == 1 and "flat" in flat[0], flat
-    learns = tmp_path / "learns"
-    assert real_run(learns, "he", 0.01, "seed", 8) == []
+    # a run that learns: the narrow net without dropout memorising 8 images, one batch a step; it passes
+    # chance on its way down (the mean of its first 6 steps is about ln 10), which 10 flat steps would be
+    learns, small = tmp_path / "learns", dataclasses.replace(SMALL, dropout=0.0)
+    assert real_run(learns, "he", 0.01, "seed", 30, model=small, subset=8, flat_steps=10) == []
     losses = [row["loss"] for row in read_csv(learns / "train.csv")]
-    assert losses[-1] < 0.6 * losses[0] and losses[-1] < math.log(10) + 0.5, losses
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:2]) / 2 and max(losses[-5:]) < math.log(10) - 0.3, losses
 
 
 def test_a_resumed_run_hears_what_the_alarm_heard_and_never_repeats_a_warning(tmp_path) -> None:

@@ -97,7 +97,8 @@ def test_stats_fit_on_images_decoded_on_the_gpu_returns_cpu_tensors(monkeypatch)
 def test_mean_subtraction_is_exact() -> None:
     images = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
     mean = torch.rand(3, 256, 256) * 255
-    pipe = input_pipeline(DataConfig(dataset="fake"), DataStats(mean, torch.eye(3), torch.ones(3)), "cpu", train=False)
+    own = DataConfig(dataset="fake", mean_crop="own")  # P 2's each pixel's own mean (K12's centre mean: below)
+    pipe = input_pipeline(own, DataStats(mean, torch.eye(3), torch.ones(3)), "cpu", train=False)
     assert torch.equal(pipe.normalise(images), images.float() - mean)
     assert torch.equal(pipe(images), center_crop(images.float() - mean, 224))
 
@@ -122,7 +123,8 @@ def test_train_pipeline_adds_one_colour_shift_per_image() -> None:
     stats = DataStats(
         torch.full((3, 256, 256), 100.0), torch.linalg.qr(torch.randn(3, 3))[0], torch.tensor([0.2, 0.02, 0.004])
     )
-    with_noise = input_pipeline(DataConfig(dataset="fake"), stats, "cpu", train=True)
+    config = DataConfig(dataset="fake", pca_rescale=False)  # the shift alone (K12's division after it: below)
+    with_noise = input_pipeline(config, stats, "cpu", train=True)
     without = input_pipeline(DataConfig(dataset="fake", pca_noise=False), stats, "cpu", train=True)
     a = with_noise(images, torch.Generator().manual_seed(5))
     b = without(images, torch.Generator().manual_seed(5))
@@ -135,8 +137,9 @@ def test_train_pipeline_adds_one_colour_shift_per_image() -> None:
 
 def small_k12(**fields) -> tuple[DataConfig, DataStats, torch.Tensor]:
     """40x40 images cropped to 32 (9 offsets each way), a mean image of random values, no noise or flips
-    unless asked: small enough to find every crop's offset by trying them all."""
-    fields = {"pca_noise": False, "flip": False, **fields}
+    unless asked, every image its own crop and no division: small enough to find every crop's offset by
+    trying them all."""
+    fields = {"pca_noise": False, "flip": False, "crop_chunk": 1, "pca_rescale": False, **fields}
     config = DataConfig(dataset="fake", stage_size=40, crop_size=32, **fields)
     g = torch.Generator().manual_seed(4)
     stats = DataStats(torch.rand(3, 40, 40, generator=g) * 255, torch.eye(3), torch.tensor([0.2, 0.02, 0.004]))

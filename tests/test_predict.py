@@ -58,10 +58,12 @@ def by_hand(trained, path: Path, ten_crop: bool) -> torch.Tensor:
     with torch.no_grad():
         if not ten_crop:
             return F.softmax(trained.model(trained.pipeline(image)), dim=1)[0]
-        staged = trained.pipeline.stage(image)  # (1, 3, 256, 256), mean subtracted
+        staged = trained.pipeline.stage(image)  # (1, 3, 256, 256), mean subtracted unless K12's centre mean
         corners = [(0, 0), (0, 32), (32, 0), (32, 32), (16, 16)]
         patches = [staged[..., t : t + 224, s : s + 224] for t, s in corners]
         patches += [p.flip(-1) for p in patches]
+        if trained.configs[1].mean_crop == "centre":  # K12: the mean image's centre off every view, as it is
+            patches = [p - trained.pipeline.centre_mean for p in patches]
         return F.softmax(trained.model(torch.cat(patches)), dim=1).mean(0)  # (10, classes) -> (classes,)
 
 
