@@ -20,6 +20,8 @@ from alexnet2gpu.config import (
     AMPS,
     BIAS_RULES,
     DATASETS,
+    DIGIT_DEPARTURES,
+    DIGIT_SETS,
     DIST_TIMEOUT,
     DROPOUT_SCALES,
     INITS,
@@ -130,7 +132,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help=f"preset: images sharing one crop offset and flip (K12: 32) (default: {D.crop_chunk})",
+        help=f"preset: images sharing one crop offset and flip (K12: 32) (default: {D.crop_chunk}; under k12 "
+        f"{DIGIT_DEPARTURES['data']['crop_chunk']} for mnist and fashion-mnist, measured: config.DIGIT_DEPARTURES)",
     )
     g.add_argument(
         "--flip",
@@ -416,8 +419,11 @@ def flagged_fields(args, kind: str) -> dict:
 
 
 def preset_fields(args, kind: str) -> dict:
-    """The fields of `kind` that the preset sets, with the flags given on top."""
-    return {**recipe(getattr(args, "preset", "paper"), kind), **flagged_fields(args, kind)}
+    """The fields of `kind` that the preset sets, with the flags given on top. Under K12's preset the 28x28
+    sets take their one measured departure (config.DIGIT_DEPARTURES) unless its flag is given."""
+    preset = getattr(args, "preset", "k12")
+    digits = DIGIT_DEPARTURES.get(kind, {}) if preset == "k12" and getattr(args, "dataset", None) in DIGIT_SETS else {}
+    return {**recipe(preset, kind), **digits, **flagged_fields(args, kind)}
 
 
 def data_config(args, **extra) -> DataConfig:

@@ -32,7 +32,10 @@ from alexnet2gpu.train.tower_ranks import mesh_for, wrap
 # the paper's init: logits and gradients of order 1 and below
 K12 = dict(lrn1_input="linear", spatial_norm=True, dropout_scale="test")
 NETS = {
-    "paper": AlexNetConfig(num_classes=10),
+    # P's text's layers (ReLU before LRN1, no spatial norm, fc8 split 500 + 500); inverted dropout
+    "paper": AlexNetConfig(
+        num_classes=10, lrn1_input="relu", spatial_norm=False, fc8_split=True, dropout_scale="train"
+    ),
     "k12": AlexNetConfig(num_classes=10, fc8_split=False, **K12),  # one fc8 on tower A: its logits gathered
     "k12-lrn-across": AlexNetConfig(num_classes=10, lrn_scope="all", **K12),
 }
@@ -112,8 +115,11 @@ FAKE = DataConfig(dataset="fake", preset="paper", subset=32, fit_images=64, pixe
 
 
 def recipe(**overrides) -> TrainConfig:
-    """lr_patience=0: the validation error of epoch 2 does not beat epoch 1's, so the lr drops by 10."""
-    fields = dict(epochs=3, batch_size=8, lr=0.05, lr_patience=0, val_subset=16, seed=1, log_every=1)
+    """P 5's plateau rule with lr_patience=0: the validation error of epoch 2 does not beat epoch 1's, so
+    the lr drops by 10 (run 145's schedule: `schedule="2012"`, below)."""
+    fields = dict(
+        epochs=3, batch_size=8, lr=0.05, lr_patience=0, val_subset=16, seed=1, log_every=1, schedule="plateau"
+    )
     return TrainConfig(**{**fields, **overrides})
 
 

@@ -263,18 +263,18 @@ def test_evaluate_refuses_wrong_shaped_weights_naming_them(tmp_path: Path, capsy
     fails(
         capsys,
         ["evaluate", "--checkpoint", str(path)],
-        r"weights do not fit the network \(6 of another shape \(tower_a.fc7.weight \(3, 8\), network \(4, 8\)",
+        r"weights do not fit the network \(5 of another shape \(tower_a.fc7.weight \(3, 8\), network \(4, 8\)",
     )
 
 
 def test_resume_refuses_wrong_shaped_weights_in_one_line(tmp_path: Path, capsys) -> None:
     weights = build_model(TINY, CPU).state_dict()
-    weights["surplus.weight"] = weights.pop("tower_b.fc8.bias")
+    weights["surplus.weight"] = weights.pop("tower_b.fc7.bias")
     path = write_checkpoint(tmp_path / "last.pt", PAPER_FAKE, FAKE, weights=weights)
     fails(
         capsys,
         [*TRAIN_FAKE, "--out", str(tmp_path / "runs" / "new" / "run"), "--resume", str(path)],
-        r"1 missing \(tower_b.fc8.bias\); 1 unexpected \(surplus.weight\); \d+ of another shape",
+        r"1 missing \(tower_b.fc7.bias\); 1 unexpected \(surplus.weight\); \d+ of another shape",
         alone=False,  # "towers on cpu and cpu ..." comes first
     )
     assert not (tmp_path / "runs").exists()  # a start refused before any step leaves no empty run behind

@@ -128,7 +128,11 @@ def test_make_defaults_follow_the_dataset_and_agree_with_the_cli():
     one = flags("train-1gpu")
     assert (one["--dataset"], one["--epochs"], one["--out"]) == ("fashion-mnist", "1", "runs/fashion-mnist")
     imagenet = flags("train-2gpu", "DATASET=imagenet")
-    assert (imagenet["--epochs"], imagenet["--out"], imagenet["--devices"]) == ("90", "runs/imagenet", "cuda:0,cuda:1")
+    assert (imagenet["--epochs"], imagenet["--out"], imagenet["--devices"]) == (
+        "91",
+        "runs/imagenet",
+        "cuda:0,cuda:1",
+    )  # K12's
     assert "runs/DATASET" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
 
 
@@ -205,4 +209,5 @@ def test_every_parser_default_is_its_config_field_and_help_shows_it():
     text = " ".join(out.stdout.split())
     for section in ("data (DataConfig):", "model (AlexNetConfig):", "training (TrainConfig):"):
         assert section in text
-    assert "(default: 90)" in text and "(default: 0.01)" in text and "default: imagenet" in text
+    assert "default: 91 (K12 run 145's)" in text and "(default: 0.01)" in text and "default: imagenet" in text
+    assert "(default: k12)" in text  # K12 is the source a user sees first
