@@ -1,0 +1,112 @@
+"""The recipes a user picks with one flag: K12's run 145 by default (whole on ImageNet, one measured row
+apart on the 28x28 sets), P's text, and the run's first line naming every departure with its source."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alexnet2gpu import cli
+from alexnet2gpu.config import (
+    DIGIT_DEPARTURES,
+    SOURCES,
+    AlexNetConfig,
+    DataConfig,
+    TrainConfig,
+    departures,
+    recipe,
+)
+
+
+def configs(*argv: str) -> tuple[AlexNetConfig, DataConfig, TrainConfig]:
+    """The three configs `train` builds from argv, images unread (10 classes, 3 channels)."""
+    args = cli.build_parser().parse_args(["train", *argv])
+    return cli.model_config(args, 10, 3), cli.data_config(args), cli.train_config(args)
+
+
+def test_no_flag_is_k12_whole_on_imagenet() -> None:
+    model, data, train = configs()
+    assert (model, data, train) == (
+        AlexNetConfig(num_classes=10),
+        DataConfig(),
+        TrainConfig(),
+    )
+    assert (model.lrn1_input, model.spatial_norm, model.init, model.fc8_split, model.dropout_scale) == (
+        "linear",
+        True,
+        "k12",
+        False,
+        "test",
+    )
+    assert (data.mean_crop, data.pca_scale, data.pca_rescale, data.crop_chunk) == ("centre", "stdev", True, 32)
+    assert (train.bias_rule, train.schedule, train.epochs) == ("convnet", "2012", 91)
+    assert departures(model, data, train) == []
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
+def test_the_28x28_sets_leave_k12_in_their_one_measured_row_and_a_flag_takes_it_back(dataset: str) -> None:
+    model, data, train = configs("--dataset", dataset)
+    assert DIGIT_DEPARTURES == {"data": {"crop_chunk": 1}} and data.crop_chunk == 1
+    assert departures(model, data, train) == [
+        f"crop_chunk=1 (the {dataset} default, measured: config.DIGIT_DEPARTURES)"
+    ]
+    model, data, train = configs("--dataset", dataset, "--crop-chunk", "32")
+    assert data.crop_chunk == 32 and departures(model, data, train) == []
+    _, paper, _ = configs("--dataset", dataset, "--preset", "paper")
+    assert paper.crop_chunk == 1 and paper.mean_crop == "own"  # P's text, not the measured departure
+
+
+def test_preset_paper_is_ps_text_in_every_row_and_says_so() -> None:
+    model, data, train = configs("--preset", "paper")
+    for kind, config in (("model", model), ("data", data), ("train", train)):
+        for field, value in recipe("paper", kind).items():
+            assert getattr(config, field) == value, field
+    said = departures(model, data, train)
+    assert len(said) == 10 and all(("P" in line and "(" in line) for line in said), said
+    assert "init=paper (P 5's text)" in said and "schedule=plateau (P 5's text)" in said
+    # a single flag overrides the preset, and agreeing with K12 leaves that row out
+    model, data, train = configs("--preset", "paper", "--schedule", "2012", "--spatial-norm")
+    assert train.schedule == "2012" and model.spatial_norm
+    assert not any(line.startswith(("schedule=", "spatial_norm=")) for line in departures(model, data, train))
+
+
+def test_every_departure_has_a_source_and_fields_a_net_lacks_are_left_out() -> None:
+    k12 = {f.name: f.default for c in (AlexNetConfig, DataConfig, TrainConfig) for f in dataclasses.fields(c)}
+    for field, value in SOURCES:  # each source names a value that is not K12's
+        assert field in k12 and value != k12[field], (field, value)
+    model, data, train = AlexNetConfig.seed_mnist(), DataConfig(dataset="mnist", preset="seed"), TrainConfig()
+    said = departures(model, data, train)  # one tower, no LRN, no crops: no fc8, LRN1 or crop rows
+    assert said == [
+        "dropout_scale=train (inverted: C2, CF)",
+        "init=torch (PyTorch's default)",
+        "spatial_norm=False (P's text, C2, CF)",
+    ]
+    assert "lrn_scope=all (CF)" in departures(AlexNetConfig.caffe(), DataConfig(), TrainConfig())
+
+
+def test_a_run_names_its_recipe_in_its_first_lines(tmp_path: Path) -> None:
+    flags = ["--dataset", "fake", "--preset", "seed", "--init", "he", "--devices", "cpu", "--no-tensorboard"]
+    flags += ["-b", "4", "--subset", "4", "--val-subset", "4", "--max-steps", "1", "-j", "0", "-p", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "alexnet2gpu", "train", *flags, "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    said = (result.stdout + result.stderr).splitlines()  # the notices go where the progress bar writes them
+    lines = [line for line in said if line.startswith("recipe:")]
+    assert lines == ["recipe: K12's run 145, except init=he (He et al. 2015)"], said
+
+
+def test_help_names_k12_as_the_source_of_the_defaults() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_data_args(parser)
+    text = " ".join(parser.format_help().split())
+    assert "k12: the 2012 code's run 145" in text and "(default: k12)" in text
+    assert "under k12 1 for mnist and fashion-" in text and "measured: config.DIGIT_DEPARTURES" in text
