@@ -1,6 +1,7 @@
 """What every experiment shares: its sizes, one training run, evaluation and the RESULTS.md entry.
 
-Sizes: "tiny" (the test suite's smoke run: a handful of images and steps), "cpu" (minutes on 2 cores:
+Sizes: "tiny" (the test suite's smoke run: a handful of images and steps, every network an eighth of its
+width, which keeps each layer and exchange), "cpu" (minutes on 2 cores:
 a Fashion-MNIST subset, one epoch) and "gpu" (the full variant: whole training set, the seed's 30
 epochs; run it where a GPU is, e.g. `python experiments/seed_run.py --size gpu`).
 """
@@ -39,10 +40,11 @@ class Size:
     val: int | None  # test images for centre-crop evaluation
     ten_crop: int | None  # test images for ten-crop evaluation
     max_steps: int | None = None
+    narrow: bool = False  # an eighth of every layer's width: the code path of each variant, in seconds
 
 
 SIZES = {
-    "tiny": Size(subset=16, epochs=1, val=8, ten_crop=4, max_steps=2),
+    "tiny": Size(subset=16, epochs=1, val=8, ten_crop=4, max_steps=2, narrow=True),
     "cpu": Size(subset=2000, epochs=1, val=500, ten_crop=200),
     "gpu": Size(subset=None, epochs=30, val=None, ten_crop=None),
 }
@@ -69,6 +71,7 @@ def parse(description: str) -> argparse.Namespace:
 def run(name: str, args, model: AlexNetConfig, data: DataConfig, config: TrainConfig) -> dict:
     """Train one variant at the chosen size; returns its training curve, test errors and time."""
     size = SIZES[args.size]
+    model = narrowed(model) if size.narrow else model
     data = replace(data, subset=size.subset, data=args.data or data.data, workers=0)
     config = replace(config, epochs=size.epochs, max_steps=size.max_steps, val_subset=size.val)
     out = Path(args.out) / args.size / name
@@ -78,6 +81,17 @@ def run(name: str, args, model: AlexNetConfig, data: DataConfig, config: TrainCo
     result = train(model, data, config, devices, out, progress=False, tensorboard=False, overwrite=True)
     seconds = time.perf_counter() - start
     return {"name": name, "dir": out, "seconds": seconds, "val": result["val"], "curve": read_csv(out / "train.csv")}
+
+
+def narrowed(model: AlexNetConfig) -> AlexNetConfig:
+    """The same network at an eighth of the kernels (an even count, so the towers split it) and a 64th
+    of the fully connected units."""
+    return replace(
+        model,
+        conv_channels=tuple(max(2, c // 8 // 2 * 2) for c in model.conv_channels),
+        fc_features=tuple(max(2, f // 64) for f in model.fc_features),
+        fc_hidden=None if model.fc_hidden is None else max(2, model.fc_hidden // 64),
+    )
 
 
 def ten_crop_error(run_dir: Path, args) -> dict:
