@@ -179,8 +179,9 @@ FASHION = Path(DEBIAN["fashion-mnist"])
 @pytest.mark.skipif(
     not FASHION.is_dir(), reason=f"Fashion-MNIST is not in {FASHION} (apt-get install dataset-fashion-mnist)"
 )
-def test_fashion_mnist_grey(tmp_path, capsys):
-    data = DataConfig(dataset="fashion-mnist", preset="paper", subset=16, fit_images=64, pixel_scale=1.0, workers=0)
+@pytest.mark.parametrize("preset", ["k12", "seed"])  # seed: no mean image, the demo's run (make demo)
+def test_fashion_mnist_grey(tmp_path, capsys, preset: str):
+    data = DataConfig(dataset="fashion-mnist", preset=preset, subset=16, fit_images=64, pixel_scale=1.0, workers=0)
     checkpoint = train(tmp_path / "run", data, dataclasses.replace(SMALL, in_channels=1))
     test = build_dataset("fashion-mnist", "val", str(FASHION))
     stored, label = test[0]  # (1, 28, 28): a "Ankle boot"

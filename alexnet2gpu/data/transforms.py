@@ -207,6 +207,7 @@ class SeedPipeline(Pipeline):
         self.config, self.stats, self.device, self.train = config, None, torch.device(device), train
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.bgr = False
+        self.mean = self.centre_mean = None  # no mean image: the seed normalises by two numbers
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (self.as_float(images) / 255.0 - self.config.seed_mean) / self.config.seed_std
