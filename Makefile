@@ -16,7 +16,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 DATASET ?= fashion-mnist
 DATA ?=
 # Epochs, a default of the dataset: ImageNet K12 run 145's 91; MNIST and Fashion-MNIST one epoch (1,000 steps of 60:
-# 15 min on the idle 2-core CPU machine, 85.9% test accuracy on Fashion-MNIST; README); fake one.
+# about half an hour on the 2-core CPU machine, 85.1% test accuracy on Fashion-MNIST; README); fake one.
 EPOCHS_imagenet := 91
 EPOCHS ?= $(or $(EPOCHS_$(DATASET)),1)
 OUT ?= runs/$(DATASET)
@@ -111,7 +111,7 @@ plot: setup
 # About two minutes on 2 CPU cores: the two-tower net on 3,000 Fashion-MNIST images, one epoch, the
 # seed's input scaling and He init, which leave chance within the first tens of steps at batch 32;
 # then the test error on 1,000 images, the figures in runs/demo/ and the top 5 of docs/fashion-mnist/
-# (the default recipe, the paper's pipeline with Caffe's init, takes 15 minutes an epoch on 2 idle cores).
+# (the default recipe, K12's, takes about half an hour an epoch on 2 cores).
 demo: setup
 	$(RUN) -m alexnet2gpu train --dataset fashion-mnist --preset seed --init he --devices cpu \
 	  --subset 3000 --epochs 1 --batch-size 32 --val-subset 1000 --out runs/demo --overwrite
