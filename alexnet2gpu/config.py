@@ -432,7 +432,11 @@ class DataConfig(Fields):
             ("dataset", self.dataset in DATASETS, " or ".join(DATASETS)),
             ("data", self.data is None or self.dataset != "fake", "no folder: the fake dataset is generated"),
             ("preset", self.preset in PRESETS, " or ".join(PRESETS)),
-            ("preset", self.preset != "caffe" or self.dataset == "imagenet", "paper or seed: caffe is for ImageNet"),
+            (
+                "preset",
+                self.preset != "caffe" or self.dataset == "imagenet",
+                "k12, paper or seed: caffe is for ImageNet",
+            ),
             ("pca_scale", self.pca_scale in PCA_SCALES, " or ".join(PCA_SCALES)),
             ("mean_crop", self.mean_crop in MEAN_CROPS, "centre (K12's) or own (each crop's own region)"),
             ("crop_chunk", self.crop_chunk >= 1, "a positive number of images (K12's: 32)"),

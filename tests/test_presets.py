@@ -110,3 +110,16 @@ def test_help_names_k12_as_the_source_of_the_defaults() -> None:
     text = " ".join(parser.format_help().split())
     assert "k12: the 2012 code's run 145" in text and "(default: k12)" in text
     assert "under k12 1 for mnist and fashion-" in text and "measured: config.DIGIT_DEPARTURES" in text
+
+
+def test_refusals_name_k12_among_the_presets() -> None:
+    import torch
+
+    from alexnet2gpu.config import ConfigError
+    from alexnet2gpu.data.transforms import input_pipeline
+
+    with pytest.raises(ConfigError, match="k12, paper or seed: caffe is for ImageNet"):
+        DataConfig(dataset="fake", preset="caffe")
+    seed = input_pipeline(DataConfig(dataset="mnist", preset="seed"), None, "cpu", train=False)
+    with pytest.raises(ValueError, match=r"ten-crop needs crops \(--preset k12, the default, or paper\)"):
+        seed.ten_crops(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))

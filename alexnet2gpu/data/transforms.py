@@ -219,7 +219,7 @@ class SeedPipeline(Pipeline):
         return self.stage(images).contiguous(memory_format=self.memory_format)
 
     def ten_crops(self, images: torch.Tensor) -> torch.Tensor:
-        raise ValueError("ten-crop needs the paper's pipeline (--preset paper): the seed's has no crops")
+        raise ValueError("ten-crop needs crops (--preset k12, the default, or paper): the seed's pipeline has none")
 
 
 def input_pipeline(
