@@ -340,6 +340,15 @@ SOURCES = {
     ("pca_scale", "eigenvalue"): "P 4.1's text",
     ("pca_rescale", False): "P's text, CF",
     ("crop_chunk", 1): "P 4.1's text, C2, CF",
+    ("lrn", False): "no LRN: P 3.3's ablation, or the seed's network",
+    ("pca_noise", False): "no colour noise: P 4.1's ablation",
+    ("towers", 1): "one tower: P 3.2's one-GPU net, or the seed's",
+    ("conv1_padding", "none"): "the seed's network",
+}
+# What a pipeline other than K12's (and P's, the same steps) takes away, for the run's first line.
+PIPELINES = {
+    "seed": "the seed's pipeline: no crops, mean image or colour noise",
+    "caffe": "CF's input: 256x256 squash, BGR",
 }
 K12_FIELDS = {"model": "AlexNetConfig", "data": "DataConfig", "train": "TrainConfig"}
 
@@ -356,8 +365,10 @@ def departures(model: AlexNetConfig, data: DataConfig, train: TrainConfig) -> li
         skip |= {"mean_crop", "pca_scale", "pca_rescale", "crop_chunk"}
     if not data.pca_noise:
         skip |= {"pca_scale", "pca_rescale"}
-    said = []
-    digits = DIGIT_DEPARTURES["data"] if data.dataset in DIGIT_SETS else {}
+    said = [f"preset={data.preset} ({PIPELINES[data.preset]})"] if data.preset in PIPELINES else []
+    digits = DIGIT_DEPARTURES["data"] if data.dataset in DIGIT_SETS and data.preset == "k12" else {}
+    seed_net = model.conv1_padding == "none"  # the seed's own network (--net seed) sets its own fields
+    seeds = AlexNetConfig.seed_mnist() if seed_net else None
     for config in (model, data, train):
         k12 = {f.name: f.default for f in dataclasses.fields(config)}
         for field in sorted({f for f, _ in SOURCES} - skip):
@@ -365,6 +376,8 @@ def departures(model: AlexNetConfig, data: DataConfig, train: TrainConfig) -> li
                 value = getattr(config, field)
                 if config is data and digits.get(field, k12[field]) == value:
                     source = f"the {data.dataset} default, measured: config.DIGIT_DEPARTURES"
+                elif config is model and seed_net and getattr(seeds, field) == value:
+                    source = "the seed's network, --net seed"
                 else:
                     source = SOURCES.get((field, value), "set by hand")
                 said.append(f"{field}={value} ({source})")

@@ -59,6 +59,7 @@ def test_the_28x28_sets_leave_k12_in_their_one_measured_row_and_a_flag_takes_it_
     assert data.crop_chunk == 32 and departures(model, data, train) == []
     _, paper, _ = configs("--dataset", dataset, "--preset", "paper")
     assert paper.crop_chunk == 1 and paper.mean_crop == "own"  # P's text, not the measured departure
+    assert "crop_chunk=1 (P 4.1's text, C2, CF)" in departures(*configs("--dataset", dataset, "--preset", "paper"))
 
 
 def test_preset_paper_is_ps_text_in_every_row_and_says_so() -> None:
@@ -81,12 +82,21 @@ def test_every_departure_has_a_source_and_fields_a_net_lacks_are_left_out() -> N
         assert field in k12 and value != k12[field], (field, value)
     model, data, train = AlexNetConfig.seed_mnist(), DataConfig(dataset="mnist", preset="seed"), TrainConfig()
     said = departures(model, data, train)  # one tower, no LRN, no crops: no fc8, LRN1 or crop rows
+    seed_net = "the seed's network, --net seed"
     assert said == [
-        "dropout_scale=train (inverted: C2, CF)",
-        "init=torch (PyTorch's default)",
-        "spatial_norm=False (P's text, C2, CF)",
+        "preset=seed (the seed's pipeline: no crops, mean image or colour noise)",
+        *(f"{field} ({seed_net})" for field in ("conv1_padding=none", "dropout_scale=train", "init=torch")),
+        *(f"{field} ({seed_net})" for field in ("lrn=False", "spatial_norm=False", "towers=1")),
     ]
-    assert "lrn_scope=all (CF)" in departures(AlexNetConfig.caffe(), DataConfig(), TrainConfig())
+    assert departures(AlexNetConfig.one_gpu(), DataConfig(), TrainConfig()) == [
+        "towers=1 (one tower: P 3.2's one-GPU net, or the seed's)"
+    ]
+    ablated = departures(AlexNetConfig(lrn=False), DataConfig(pca_noise=False), TrainConfig())
+    assert ablated == [
+        "lrn=False (no LRN: P 3.3's ablation, or the seed's network)",
+        "pca_noise=False (no colour noise: P 4.1's ablation)",
+    ]
+    assert "lrn_scope=all (CF)" in departures(AlexNetConfig.caffe(), DataConfig(preset="caffe"), TrainConfig())
 
 
 def test_a_run_names_its_recipe_in_its_first_lines(tmp_path: Path) -> None:
@@ -101,7 +111,8 @@ def test_a_run_names_its_recipe_in_its_first_lines(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     said = (result.stdout + result.stderr).splitlines()  # the notices go where the progress bar writes them
     lines = [line for line in said if line.startswith("recipe:")]
-    assert lines == ["recipe: K12's run 145, except init=he (He et al. 2015)"], said
+    seed = "preset=seed (the seed's pipeline: no crops, mean image or colour noise)"
+    assert lines == [f"recipe: K12's run 145, except {seed}; init=he (He et al. 2015)"], said
 
 
 def test_help_names_k12_as_the_source_of_the_defaults() -> None:
@@ -123,3 +134,19 @@ def test_refusals_name_k12_among_the_presets() -> None:
     seed = input_pipeline(DataConfig(dataset="mnist", preset="seed"), None, "cpu", train=False)
     with pytest.raises(ValueError, match=r"ten-crop needs crops \(--preset k12, the default, or paper\)"):
         seed.ten_crops(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+
+
+def test_a_crop_chunk_past_the_batch_is_one_draw_for_the_batch() -> None:
+    """--crop-chunk larger than any batch (even 10^11) is one offset and flip for the whole batch, not a
+    tensor of that many draws."""
+    import torch
+
+    from alexnet2gpu.data.stats import DataStats
+    from alexnet2gpu.data.transforms import input_pipeline
+
+    stats = DataStats(torch.zeros(3, 40, 40), torch.eye(3), torch.ones(3))
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    fields = dict(dataset="fake", stage_size=40, crop_size=32, pca_noise=False, flip=True)
+    huge, whole = (DataConfig(**fields, crop_chunk=chunk) for chunk in (10**11, 6))
+    out = input_pipeline(huge, stats, "cpu", train=True)(images, torch.Generator().manual_seed(2))
+    assert torch.equal(out, input_pipeline(whole, stats, "cpu", train=True)(images, torch.Generator().manual_seed(2)))

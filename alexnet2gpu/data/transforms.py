@@ -167,13 +167,14 @@ class Pipeline:
         n, span = images.shape[0], config.stage_size - size + 1
         total, mine = max(total, start + n), slice(start, start + n)
         generator = generator or torch.Generator().manual_seed(0)
-        chunks = -(-total // config.crop_chunk)  # one offset and flip per run of crop_chunk images (K12: 32)
+        chunk = min(config.crop_chunk, total)  # a chunk past the batch is the batch: one draw for all of it
+        chunks = -(-total // chunk)  # one offset and flip per run of crop_chunk images (K12: 32)
         params = [
             torch.randint(span, (chunks,), generator=generator),
             torch.randint(span, (chunks,), generator=generator),
         ]
         params.append(torch.rand(chunks, generator=generator) < 0.5 if config.flips else torch.zeros(chunks))
-        params = [p.float().repeat_interleave(config.crop_chunk)[:total, None] for p in params]  # exact in float32
+        params = [p.float().repeat_interleave(chunk)[:total, None] for p in params]  # exact in float32
         noised = config.pca_noise and self.colour_noise
         if noised:
             noise = pca_noise(total, self.stats, config.pca_alpha_std, config.pca_scale, config.pixel_scale, generator)
