@@ -516,9 +516,9 @@ def batches(
         timeout=WORKER_TIMEOUT_S if workers else 0,  # no worker holds a run forever (a hung disk, a network mount)
     )
     source = dataset.dataset if isinstance(dataset, Subset) else dataset
-    stream = loader
+    batches_in = stream = iter(loader)
     if getattr(source, "decode_device", None) is not None:  # encoded batches, decoded here (on the GPU)
-        stream = prefetch(loader, partial(_decode, source.decode_batch), device=_resolved(source.decode_device))
+        stream = prefetch(batches_in, partial(_decode, source.decode_batch), device=_resolved(source.decode_device))
     try:
         for images, labels in stream:
             if len(labels) or keep_empty:
@@ -535,8 +535,11 @@ def batches(
             "disk or network mount?); fix the data folder, then resume from the run's last.pt"
         ) from None
     finally:
-        if stream is not loader:  # a consumer that stopped early: the decode thread ends now, not at collection
+        if stream is not batches_in:  # a consumer that stopped early: the decode thread ends now, not at collection
             stream.close()
+        # The workers end now, not when the iterator is collected: until then DataLoader's SIGCHLD handler
+        # keeps their pids and, at any later child's exit (a subprocess), raises for a worker that died here.
+        getattr(batches_in, "_shutdown_workers", lambda: None)()
 
 
 def worker_killed(error: BaseException) -> DatasetError | None:
