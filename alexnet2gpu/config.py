@@ -350,7 +350,6 @@ PIPELINES = {
     "seed": "the seed's pipeline: no crops, mean image or colour noise",
     "caffe": "CF's input: 256x256 squash, BGR",
 }
-K12_FIELDS = {"model": "AlexNetConfig", "data": "DataConfig", "train": "TrainConfig"}
 
 
 def departures(model: AlexNetConfig, data: DataConfig, train: TrainConfig) -> list[str]:
