@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from builders.caffe_files import REAL, SMALL, caffe_weights, caffemodel, mean_image, write_mean, write_model
-from builders.image_trees import photo_tree
+from builders.image_trees import photo, photo_tree
 from conftest import rel_diff
 from torch import nn
 
@@ -285,18 +285,37 @@ def test_readme_commands_run_end_to_end(tmp_path: Path) -> None:
     assert ckpt.categories(trained.checkpoint).ids == classes
 
 
-def test_squash_resizes_the_whole_image_as_opencv(tmp_path: Path) -> None:
-    """The caffe preset's resize: the whole image to 256x256 (aspect ratio not kept), bilinear without
-    antialiasing, as CF's convert_imageset (cv::resize INTER_LINEAR); P's keeps the centre square."""
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(500, 375), (333, 500), (1024, 683), (512, 512), (257, 255), (200, 130), (120, 90), (31, 47), (1, 1)],
+)
+def test_squash_equals_opencvs_resize_to_the_bit(tmp_path: Path, width: int, height: int) -> None:
+    """The caffe preset's resize is CF's convert_imageset's, cv::resize INTER_LINEAR on 8-bit pixels,
+    to the bit: photos down and up (512x512 is OpenCV's exact-halving case), the whole image squashed
+    to 256x256 (aspect ratio not kept), where P's keeps the centre square. A float bilinear resize
+    misses OpenCV by a grey level in some of the values, which this test would see."""
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is a test dependency (setup.cfg [dev])")
     from PIL import Image
 
-    array = np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8)
-    Image.fromarray(array).save(tmp_path / "wide.png")
-    squashed = stage_image(tmp_path / "wide.png", 256, squash=True)
+    array = photo(width * height, width, height)
+    Image.fromarray(array).save(tmp_path / "photo.png")
+    squashed = stage_image(tmp_path / "photo.png", 256, squash=True).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(squashed, cv2.resize(array, (256, 256), interpolation=cv2.INTER_LINEAR))
+    if (width, height) != (256, 256) and width != height:
+        assert not np.array_equal(squashed, stage_image(tmp_path / "photo.png", 256).permute(1, 2, 0).numpy())
+
+
+def test_squash_differs_from_a_float_bilinear_resize_where_opencv_does(tmp_path: Path) -> None:
+    """The integer arithmetic matters: on a photo, a float bilinear resize rounds a grey level apart
+    from OpenCV's 11-bit weights in a share of the values (so a float resize would fail the test above)."""
+    from alexnet2gpu.data.images import opencv_linear
+
+    array = photo(7, 500, 375)
     x = torch.from_numpy(array).permute(2, 0, 1)[None].float()
-    expected = nn.functional.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)[0]
-    assert (squashed.float() - expected.round()).abs().max() <= 1
-    assert not torch.equal(squashed, stage_image(tmp_path / "wide.png", 256))
+    floated = nn.functional.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)[0]
+    floated = floated.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    differ = np.abs(opencv_linear(array, 256, 256).astype(int) - floated)
+    assert differ.max() == 1 and 0.01 < (differ > 0).mean() < 0.5
 
 
 def test_a_staged_folder_refuses_the_caffe_preset(tmp_path: Path) -> None:

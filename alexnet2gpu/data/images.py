@@ -126,15 +126,55 @@ def rescale_and_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def squash_to(image: Image.Image, size: int) -> Image.Image:
-    """Caffe: the whole image resized to `size` x `size`, the aspect ratio not kept, bilinear without
-    antialiasing: OpenCV's cv::resize INTER_LINEAR, which CF's convert_imageset (io.cpp
-    ReadImageToCVMat) applies. Other resizes cost bvlc_alexnet 2-3% top-1 (Torch's, ONNX zoo's: 54-55%)."""
+    """Caffe: the whole image resized to `size` x `size`, the aspect ratio not kept: CF's
+    convert_imageset (io.cpp ReadImageToCVMat) calls OpenCV's cv::resize with INTER_LINEAR on the
+    8-bit image, and `opencv_linear` gives its output to the bit. Other resizes cost bvlc_alexnet
+    2-3% top-1 (docs/CAFFE.md)."""
     w, h = image.size
     if min(w, h) < 1:
         raise UnreadableImage(f"the image is {w}x{h} pixels")
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, h, w)
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    return Image.fromarray(x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    return Image.fromarray(opencv_linear(np.asarray(image), size, size))
+
+
+# OpenCV's INTER_LINEAR on 8-bit images (imgproc resize.cpp) weighs two neighbours with 11-bit integer weights
+RESIZE_BITS = 11
+
+
+def opencv_linear(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (H, W, C) -> uint8 (height, width, C) as OpenCV 4's cv::resize INTER_LINEAR computes it
+    (resize.cpp, the 8-bit path), which a float bilinear resize misses by a grey level here and there (docs/CAFFE.md).
+
+    Each output pixel's source position is (d + 0.5) * src / dst - 0.5 in float32; its two
+    neighbours get the weights 1 - f and f, rounded to 11 bits. The horizontal pass sums whole
+    products (22 bits); the vertical pass drops 4 bits of each row, keeps the high 16 bits of its
+    product with the row's weight, and rounds the last 2 away: the integer steps of OpenCV's SIMD
+    vertical pass, which it takes for every width (checked against cv2.resize in tests/test_caffe.py).
+    Columns left of the first pixel centre or right of the last copy the edge pixel, as rows do."""
+    x0, x1, wx0, wx1 = _linear_taps(pixels.shape[1], width, clamp=True)
+    y0, y1, wy0, wy1 = _linear_taps(pixels.shape[0], height, clamp=False)
+    wide = pixels.astype(np.int32)
+    rows = wide[:, x0] * wx0[:, None] + wide[:, x1] * wx1[:, None]  # (H, width, C), up to 255 << 11
+    top, bottom = rows[y0] >> 4, rows[y1] >> 4  # (height, width, C), fits int16 as in the SIMD lanes
+    blended = ((top * wy0[:, None, None]) >> 16) + ((bottom * wy1[:, None, None]) >> 16)
+    return np.clip((blended + 2) >> 2, 0, 255).astype(np.uint8)
+
+
+def _linear_taps(source: int, target: int, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each of `target` outputs along one axis: its two source indices and their integer weights.
+    `clamp` (the horizontal pass) moves an outside position onto the edge pixel with weight one;
+    vertically the outside row index is clipped instead, which gives the same pixel."""
+    scale = 1.0 / (target / source)  # OpenCV keeps the inverse of dst/src in double
+    position = ((np.arange(target) + 0.5) * scale - 0.5).astype(np.float32)
+    first = np.floor(position).astype(np.int64)
+    fraction = position - first.astype(np.float32)  # float32, as OpenCV's
+    if clamp:
+        outside = (first < 0) | (first >= source - 1)
+        fraction[outside] = 0
+        first = np.clip(first, 0, source - 1)
+    one = np.float32(1 << RESIZE_BITS)
+    weight0 = np.rint((np.float32(1) - fraction) * one).astype(np.int32)  # saturate_cast<short>: round half to even
+    weight1 = np.rint(fraction * one).astype(np.int32)
+    return np.clip(first, 0, source - 1), np.clip(first + 1, 0, source - 1), weight0, weight1
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
