@@ -136,7 +136,15 @@ class RunDir:
         self._mark()
 
     def _mark(self) -> None:
-        mark = self.path / MARK
-        if not mark.is_file():
-            with files.atomic_write(mark) as tmp:
+        """(Re)write the mark as every save writes: a temporary file renamed into place. A folder the
+        run cannot save in (read-only, immutable, full) is then said now, not after an epoch's steps."""
+        try:
+            with files.atomic_write(self.path / MARK) as tmp:
                 tmp.write_text("a run of alexnet2gpu: its logs are replaced when a fresh run starts here\n")
+        except files.NotRegularFile:
+            raise  # a FIFO or a folder named .run: its own one line
+        except OSError as error:
+            raise RunDirError(
+                f"cannot save in run directory {self.path}: {error.strerror or error}; "
+                "free space or make it writable, or choose another --out"
+            ) from None
