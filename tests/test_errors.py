@@ -155,6 +155,36 @@ def test_mnist_is_downloaded_only_into_data_without_data_flag(tmp_path: Path, mo
     assert find_idx("mnist", "data/MNIST/raw") == Path("data/MNIST/raw")  # and, once there, found by name
 
 
+@pytest.mark.parametrize("had_data", [False, True])
+def test_a_failed_download_leaves_no_empty_folders(tmp_path: Path, monkeypatch, had_data: bool) -> None:
+    """torchvision makes ./data/MNIST/raw before it fails to reach the network: the folders the attempt
+    made are removed with the error, a ./data that was there before stays, and so does a partial file."""
+    import torchvision.datasets
+
+    def unreachable(root, download):
+        (Path(root) / "MNIST/raw").mkdir(parents=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", unreachable)
+    monkeypatch.chdir(tmp_path)
+    if had_data:
+        (tmp_path / "data").mkdir()
+    with pytest.raises(DatasetError, match=r"mnist not found: .*download into ./data failed \(RuntimeError\)"):
+        find_idx("mnist", None)
+    assert [p.name for p in tmp_path.iterdir()] == (["data"] if had_data else [])
+    assert not had_data or not any((tmp_path / "data").iterdir())
+
+    def partly(root, download):
+        (Path(root) / "MNIST/raw").mkdir(parents=True)
+        (Path(root) / "MNIST/raw/train-images-idx3-ubyte.gz").write_bytes(b"half")
+        raise RuntimeError("cut off")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", partly)
+    with pytest.raises(DatasetError, match="download into ./data failed"):
+        find_idx("mnist", None)
+    assert (tmp_path / "data/MNIST/raw/train-images-idx3-ubyte.gz").read_bytes() == b"half"
+
+
 # ---------------------------------------------------------------------------------------------
 # principle 5: a number is reported only if it means something; flags take meaningful values
 
@@ -163,6 +193,23 @@ def test_mnist_is_downloaded_only_into_data_without_data_flag(tmp_path: Path, mo
 def test_an_lrn_across_the_towers_needs_two_towers_and_an_lrn(tmp_path: Path, capsys, net: list[str]) -> None:
     fails(capsys, [*TRAIN_FAKE, "--out", str(tmp_path), "--lrn-scope", "all", *net], "lrn_scope|--lrn-scope")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_it_is_allocated(tmp_path: Path, capsys) -> None:
+    """-b past the set (Fashion-MNIST's 60,000 images at -b 100000 were a 36 GB batch and the OOM killer)."""
+    import alexnet2gpu.train.loop as loop
+
+    built = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop.Placement, "build", lambda *a: built.append(a))
+        flags = [*TRAIN_FAKE, "--out", str(tmp_path / "run"), "--subset", "16", "--net", "one-gpu"]
+        fails(
+            capsys,
+            [*flags, "-b", "17"],
+            r"-b 17 is more than the 16 training images of the --subset.*lower -b",
+            alone=False,
+        )
+    assert built == [] and not (tmp_path / "run").exists()
 
 
 def test_the_largest_seed_makes_every_steps_generators() -> None:

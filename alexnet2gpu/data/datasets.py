@@ -115,13 +115,20 @@ def find_idx(name: str, data: str | None) -> Path:
             return folder
     if data:
         raise DatasetError(_not_in_data(name, Path(data)))
+    target = Path("data") / TORCHVISION_DIRS[name]
+    made = [folder for folder in (target, *target.parents[:-1]) if not folder.exists()]  # innermost first
     try:  # the network is often absent; then say where we looked
         from torchvision import datasets
 
         log.warning("%s not found in %s: downloading it into ./data", name, ", ".join(map(str, candidates)))
         getattr(datasets, {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name])("data", download=True)
-        return Path("data") / TORCHVISION_DIRS[name]
+        return target
     except Exception as error:  # noqa: BLE001 - any download failure means "not available"
+        for folder in made:  # a failed download leaves no empty ./data/MNIST/raw behind
+            try:
+                folder.rmdir()  # only while empty: a partial file or anything else put there stays
+            except OSError:
+                break
         raise DatasetError(
             f"{name} not found: looked in {', '.join(map(str, candidates))}; download into ./data failed "
             f"({type(error).__name__}). To get it: {HOW_TO_GET[name]}"

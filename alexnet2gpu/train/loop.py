@@ -169,6 +169,11 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
             f"{config.batch_size}{f' over {placement.replicas} tower pairs' if placement.replicas > 1 else ''}; "
             "add images or lower -b"
         )
+    if config.batch_size > len(train_set):  # said before a batch of the whole set is allocated (or the OOM killer)
+        raise DatasetError(
+            f"-b {config.batch_size} is more than the {len(train_set):,} training images"
+            f"{' of the --subset' if data.subset else ''}: a batch cannot hold more than the set; lower -b"
+        )
     if not len(val_set):
         raise DatasetError(f"{getattr(val_set, 'name', data.dataset)} holds no images: a run validates every epoch")
 
