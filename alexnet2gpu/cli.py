@@ -43,6 +43,7 @@ from alexnet2gpu.config import (
     StageConfig,
     TrainConfig,
     default_batch_size,
+    idle_fields,
     recipe,
 )
 from alexnet2gpu.data.base import DatasetError
@@ -517,6 +518,7 @@ def cmd_train(args, given: set[str]) -> None:
         model = model_config(args, *describe(data.dataset, data.data))  # classes and channels, images unread
         config = train_config(args)
         args.out = args.out or f"runs/{data.dataset}"
+    refuse_idle_flags(given, model, data)
     refuse_out_inside_data(args.out, data)
     options = dict(resume=args.resume, tensorboard=config.tensorboard, overwrite=args.overwrite)
     if args.parallel == "tower-processes":
@@ -545,6 +547,18 @@ def cmd_train(args, given: set[str]) -> None:
     print(f"towers on {devices[0]} and {devices[1]}; {model.num_classes} classes; run dir {args.out}", file=sys.stderr)
     result = train(model, data, config, devices, args.out, **options)
     print(json.dumps({k: result[k] for k in ("step", "epoch", "val", "checkpoint")}))
+
+
+def refuse_idle_flags(given: set[str], model: AlexNetConfig, data: DataConfig) -> None:
+    """A flag given for a field that this net or pipeline never reads (`config.idle_fields`) would be
+    stored in the checkpoint and change nothing: refused, naming the flag and why."""
+    idle = idle_fields(model, data)
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        field = PRESET_FLAGS[action.dest][1] if action.dest in PRESET_FLAGS else action.dest
+        if action.dest in given and field in idle:
+            flag = "/".join(action.option_strings)
+            raise ValueError(f"{flag} changes nothing in this run: {idle[field]}; leave {flag} out")
 
 
 def refuse_out_inside_data(out: str, data: DataConfig) -> None:

@@ -352,18 +352,26 @@ PIPELINES = {
 }
 
 
+def idle_fields(model: AlexNetConfig, data: DataConfig) -> dict[str, str]:
+    """The fields that this net or pipeline never reads, each with the reason: a flag that sets one
+    would change nothing (the CLI refuses it) and the recipe line leaves it out."""
+    idle = {}
+    if not model.lrn:
+        idle["lrn1_input"] = "the network has no LRN (--no-lrn, or --net seed)"
+    if model.towers == 1:
+        idle["fc8_split"] = "a one-tower network has no towers to split fc8 between"
+    if data.preset == "seed":
+        no_crops = "the seed's pipeline (--preset seed) resizes whole images: no crops, flips, mean image or noise"
+        idle |= dict.fromkeys(("mean_crop", "pca_noise", "pca_scale", "pca_rescale", "crop_chunk", "flip"), no_crops)
+    elif not data.pca_noise:
+        idle |= dict.fromkeys(("pca_scale", "pca_rescale"), "the run has no PCA colour noise (--no-pca-noise)")
+    return idle
+
+
 def departures(model: AlexNetConfig, data: DataConfig, train: TrainConfig) -> list[str]:
     """Where a run leaves K12's run 145, one "field=value (source)" for each field that acts and is not
     K12's (a field its net or pipeline does not have, as LRN1's input without LRN, is left out)."""
-    skip = set()
-    if not model.lrn:
-        skip.add("lrn1_input")
-    if model.towers == 1:
-        skip.add("fc8_split")
-    if data.preset == "seed":  # no crops, mean or noise
-        skip |= {"mean_crop", "pca_scale", "pca_rescale", "crop_chunk"}
-    if not data.pca_noise:
-        skip |= {"pca_scale", "pca_rescale"}
+    skip = set(idle_fields(model, data))
     said = [f"preset={data.preset} ({PIPELINES[data.preset]})"] if data.preset in PIPELINES else []
     digits = DIGIT_DEPARTURES["data"] if data.dataset in DIGIT_SETS and data.preset == "k12" else {}
     seed_net = model.conv1_padding == "none"  # the seed's own network (--net seed) sets its own fields
@@ -371,7 +379,10 @@ def departures(model: AlexNetConfig, data: DataConfig, train: TrainConfig) -> li
     for config in (model, data, train):
         k12 = {f.name: f.default for f in dataclasses.fields(config)}
         for field in sorted({f for f, _ in SOURCES} - skip):
-            if field in k12 and getattr(config, field) != k12[field]:
+            if config is model and seed_net and field in k12 and k12[field] == getattr(config, field):
+                if getattr(seeds, field) != k12[field]:  # K12's choice, made by hand on the seed's network
+                    said.append(f"{field}={getattr(config, field)} (set by hand on the seed's network)")
+            elif field in k12 and getattr(config, field) != k12[field]:
                 value = getattr(config, field)
                 if config is data and digits.get(field, k12[field]) == value:
                     source = f"the {data.dataset} default, measured: config.DIGIT_DEPARTURES"

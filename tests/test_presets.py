@@ -115,6 +115,40 @@ def test_a_run_names_its_recipe_in_its_first_lines(tmp_path: Path) -> None:
     assert lines == [f"recipe: K12's run 145, except {seed}; init=he (He et al. 2015)"], said
 
 
+def test_the_seed_network_changed_by_hand_to_k12s_choice_says_so() -> None:
+    """--net seed --spatial-norm: K12's choice on a network that lacks it: the recipe line names it (it
+    neither departs from K12 nor is the seed's)."""
+    model, data, train = configs("--dataset", "mnist", "--net", "seed", "--preset", "seed", "--spatial-norm")
+    assert model.spatial_norm and "spatial_norm=True (set by hand on the seed's network)" in departures(
+        model, data, train
+    )
+    plain = departures(*configs("--dataset", "mnist", "--net", "seed", "--preset", "seed"))
+    assert not any("set by hand" in line for line in plain)
+
+
+@pytest.mark.parametrize(
+    ("flags", "flag", "why"),
+    [
+        (["--net", "one-gpu", "--fc8", "split"], "--fc8", "a one-tower network has no towers to split fc8"),
+        (["--no-lrn", "--lrn1-input", "relu"], "--lrn1-input", "the network has no LRN"),
+        (["--net", "seed", "--lrn1-input", "linear"], "--lrn1-input", "the network has no LRN"),
+        (["--preset", "seed", "--mean-crop", "own"], "--mean-crop", "the seed's pipeline"),
+        (["--preset", "seed", "--crop-chunk", "1"], "--crop-chunk", "the seed's pipeline"),
+        (["--preset", "seed", "--flip", "on"], "--flip", "the seed's pipeline"),
+        (["--preset", "seed", "--no-pca-noise"], "--no-pca-noise", "the seed's pipeline"),
+        (["--no-pca-noise", "--pca-scale", "eigenvalue"], "--pca-scale", "the run has no PCA colour noise"),
+        (["--no-pca-noise", "--no-pca-rescale"], "--pca-rescale/--no-pca-rescale", "the run has no PCA colour noise"),
+    ],
+)
+def test_a_flag_the_net_or_pipeline_never_reads_is_refused(flags: list[str], flag: str, why: str, capsys) -> None:
+    """A flag for a field this run does not read would be stored in the checkpoint and change nothing."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--dataset", "fake", "--devices", "cpu", "--out", "/nonexistent/run", *flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert f"error: {flag} changes nothing in this run: {why}" in err and f"leave {flag} out" in err
+
+
 def test_help_names_k12_as_the_source_of_the_defaults() -> None:
     parser = argparse.ArgumentParser()
     cli.add_data_args(parser)

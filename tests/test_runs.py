@@ -320,6 +320,26 @@ def test_a_resume_without_out_goes_on_in_the_checkpoints_directory(tmp_path: Pat
     assert "cannot change on resume" in line
 
 
+def test_a_resume_refused_for_several_changes_names_every_one(tmp_path: Path) -> None:
+    """The network's fields and the recipe's, in one line: a user fixes them all at once, not one a try."""
+    import dataclasses
+
+    run(tmp_path, max_steps=1)
+    checkpoint = ckpt.load(tmp_path / "last.pt")
+    model, data, train = ckpt.read_configs(checkpoint, tmp_path / "last.pt")
+    asked = {
+        "model": dataclasses.replace(model, lrn=False),
+        "data": dataclasses.replace(data, crop_chunk=7, workers=3),  # workers may change
+        "train": dataclasses.replace(train, seed=4, schedule="plateau", max_steps=9),  # and max_steps
+    }
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.check_resume(checkpoint, asked, tmp_path / "last.pt")
+    line = str(refused.value)
+    for field in ("lrn=True (asked: False)", "crop_chunk=", "seed=3 (asked: 4)", "schedule="):
+        assert field in line, line
+    assert "workers" not in line and "max_steps" not in line and "\n" not in line
+
+
 def test_a_last_pt_that_is_not_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "run" / "last.pt").mkdir(parents=True)
     flags = ["--dataset", "fake", "--preset", "seed", "--net", "one-gpu", "--devices", "cpu", "--overwrite"]

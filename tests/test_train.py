@@ -287,7 +287,7 @@ def test_cli_flags_reach_the_run_configs(tmp_path: Path, capsys) -> None:
     model_flags += ["--dropout", "0.25", "--input-size", "227"]
     train_flags = ["-b", "4", "--max-steps", "1", "--lr", "0.02", "--optimizer", "sgd", "--warmup-steps", "5"]
     train_flags += ["--bias-rule", "paper"]
-    data_flags = ["--dataset", "fake", "--preset", "seed", "--subset", "4", "--no-pca-noise", "--flip", "off"]
+    data_flags = ["--dataset", "fake", "--preset", "paper", "--subset", "4", "--no-pca-noise", "--flip", "off"]
     rest = ["--devices", "cpu", "--val-subset", "4", "--out", str(tmp_path), "--no-tensorboard"]
     main(["train", *model_flags, *train_flags, *data_flags, *rest])
     saved = ckpt.load(tmp_path / "last.pt")["config"]

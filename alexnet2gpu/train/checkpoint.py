@@ -282,20 +282,6 @@ def load_weights(model: nn.Module, state, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def check_compatible(checkpoint: dict, config: AlexNetConfig, path: str | Path) -> None:
-    """Refuse a checkpoint whose network differs from the one asked for, naming the fields."""
-    saved = read_configs(checkpoint, path)[0]
-    differ = [
-        f"{field}={getattr(saved, field)!r} (asked: {getattr(config, field)!r})"
-        for field in saved.to_dict()
-        if getattr(saved, field) != getattr(config, field)
-    ]
-    if differ:
-        raise CheckpointError(
-            f"{path} holds another network: {', '.join(differ)}; use the dataset and options it was trained with"
-        )
-
-
 # What a resumed run may change: each takes effect and is recorded in the next checkpoint. Every other
 # option is part of the recipe the run was trained with (the batch, the lr and its schedule, the data
 # and its augmentation, the seed) and must stay as the checkpoint has it.
@@ -313,20 +299,26 @@ def _plain(value):
 
 
 def check_resume(checkpoint: dict, configs: dict, path: str | Path) -> None:
-    """Refuse to resume with another network, or with options that cannot change mid-run (naming them)."""
-    check_compatible(checkpoint, configs["model"], path)
+    """Refuse to resume with another network, or with options that cannot change mid-run, naming every
+    field that differs (the network's first) in one line."""
+    saved_model = read_configs(checkpoint, path)[0]
+    differ = [
+        f"{field}={getattr(saved_model, field)!r} (asked: {getattr(configs['model'], field)!r})"
+        for field in saved_model.to_dict()
+        if getattr(saved_model, field) != getattr(configs["model"], field)
+    ]
     for name, may_change in MAY_CHANGE.items():
         saved, asked = checkpoint["config"].get(name, {}), configs[name].to_dict()
-        differ = [
+        differ += [
             f"{field}={saved[field]!r} (asked: {asked[field]!r})"
             for field in asked
             if field in saved and field not in may_change and _plain(saved[field]) != _plain(asked[field])
         ]
-        if differ:
-            raise CheckpointError(
-                f"{path} was trained with {', '.join(differ)}, which cannot change on resume; resume without "
-                f"those flags, or start a new run (another --out, or --overwrite)"
-            )
+    if differ:
+        raise CheckpointError(
+            f"{path} was trained with {', '.join(differ)}, which cannot change on resume; resume without "
+            f"those flags, or start a new run (another --out, or --overwrite)"
+        )
 
 
 def rng_state() -> dict:
