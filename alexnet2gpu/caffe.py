@@ -154,6 +154,7 @@ def read_layers(data: bytes, path: str | Path) -> dict[str, list[torch.Tensor]]:
     """Every layer's blobs by name, from a caffemodel's bytes; one line naming the layer on failure."""
     buf = memoryview(data)
     layers: dict[str, list[torch.Tensor]] = {}
+    formats: set[int] = set()
     current = None
     try:
         for field, wire, value in fields(buf, 0, len(buf)):
@@ -163,7 +164,18 @@ def read_layers(data: bytes, path: str | Path) -> dict[str, list[torch.Tensor]]:
             name_field, blobs_field = FORMATS[field]
             current = _name(buf, *value, name_field) or f"#{len(layers) + 1}"
             blobs = [read_blob(buf, *v) for f, w, v in fields(buf, *value) if f == blobs_field and w == LENGTH]
-            layers[current] = blobs
+            formats.add(field)
+            if len(formats) > 1:  # Caffe refuses such a net too ("both 'layer' and 'layers' fields")
+                raise CaffeError(
+                    f"{path} holds layers in both Caffe formats (V1 `layers` and new `layer`; {current!r} is "
+                    "the first of the second): one of them is stale; upgrade it with Caffe's upgrade_net_proto_binary"
+                )
+            if blobs and layers.get(current):
+                raise CaffeError(
+                    f"{path} holds two layers named {current!r} with weights: which one Caffe would use is "
+                    "not defined; keep one (Caffe's net surgery) and import again"
+                )
+            layers[current] = blobs or layers.get(current, [])
     except Truncated:
         current = _truncated_layer(buf) or current
         where = f" in layer {current!r}" if current else ""

@@ -191,11 +191,25 @@ def malformed(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
         "conv2-not-grouped": (caffemodel(wrong)[0], "layer 'conv2' has weights of shape (16, 8, 5, 5)"),
         "fc6-wrong-inputs": (caffemodel(odd_fc)[0], "layer 'fc6' has weights of shape (1, 1, 32, 100)"),
         "no-layers": (b"\x0a\x07AlexNet", "holds no layers"),
+        # protobuf merges concatenated messages: one NetParameter holding each layer twice, or both formats
+        "twice": (good + good, "holds two layers named 'conv1' with weights"),
+        "both-formats": (good + caffemodel(weights, "new")[0], "holds layers in both Caffe formats"),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["text", "zip", "truncated", "no-fc7", "conv2-not-grouped", "fc6-wrong-inputs", "no-layers"]
+    "case",
+    [
+        "text",
+        "zip",
+        "truncated",
+        "no-fc7",
+        "conv2-not-grouped",
+        "fc6-wrong-inputs",
+        "no-layers",
+        "twice",
+        "both-formats",
+    ],
 )
 def test_a_malformed_caffemodel_is_one_line(tmp_path: Path, capsys, case: str) -> None:
     data, said = malformed(tmp_path)[case]
