@@ -49,11 +49,20 @@ from alexnet2gpu.config import (
 from alexnet2gpu.data.base import DatasetError
 from alexnet2gpu.data.datasets import datasets_for
 from alexnet2gpu.devices import DeviceError, resolve_devices, why_no_cuda
-from alexnet2gpu.files import NotRegularFile
+from alexnet2gpu.files import CannotWrite, NotRegularFile
 from alexnet2gpu.train.checkpoint import CheckpointError
 from alexnet2gpu.train.rundir import RunDirError
 
-USER_ERRORS = (DatasetError, DeviceError, CheckpointError, RunDirError, ValueError, FileNotFoundError, NotRegularFile)
+USER_ERRORS = (
+    DatasetError,
+    DeviceError,
+    CheckpointError,
+    RunDirError,
+    ValueError,
+    FileNotFoundError,
+    NotRegularFile,
+    CannotWrite,
+)
 
 M, D, T, S = AlexNetConfig, DataConfig, TrainConfig, StageConfig  # every default below is one of theirs
 FLIPS = {"auto": None, "on": True, "off": False}  # --flip -> DataConfig.flip

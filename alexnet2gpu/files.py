@@ -140,7 +140,10 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     check_replaceable(path)
     tmp = temporary_name(path)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask's mode, as open() gives
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask's mode, as open() gives
+    except OSError as error:  # a read-only, immutable or full folder: said before anything is computed into it
+        raise CannotWrite(path, error) from None
     try:
         yield tmp
         with open(tmp, "rb") as file:
@@ -150,6 +153,18 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+class CannotWrite(OSError):
+    """No file can be made beside `path` (its folder is read-only, immutable, full, or not ours); the
+    message is the one line a command prints."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error), str(path))
+
+    def __str__(self) -> str:
+        folder = shown(Path(self.filename).parent)
+        return f"cannot write {shown(self.filename)}: {self.strerror}; make {folder} writable (or free space there)"
 
 
 class Busy(Exception):

@@ -4,6 +4,9 @@ files, image trees, ImageNet's archives) are in tests/builders/."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -53,3 +56,20 @@ def private_cache(tmp_path_factory, monkeypatch) -> None:
 @pytest.fixture
 def images() -> torch.Tensor:
     return pixels(3, 3, 224, 224)
+
+
+@pytest.fixture
+def immutable():
+    """Makes a folder immutable (chattr +i: no file made, renamed or removed in it, root included, which
+    file modes do not stop), and mutable again after the test."""
+    made: list[Path] = []
+
+    def make(folder: Path) -> Path:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not allowed here (needs CAP_LINUX_IMMUTABLE)")
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)

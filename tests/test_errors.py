@@ -416,6 +416,16 @@ def test_plot_of_something_that_is_not_a_run_is_one_line(tmp_path: Path, capsys,
     fails(capsys, ["plot", str(run)], pattern)
 
 
+def test_plot_in_a_folder_it_cannot_write_is_one_line(tmp_path: Path, capsys, immutable) -> None:
+    """A run folder on a read-only disk or made immutable: the figure that cannot be written is named."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.csv").write_text("step,loss,top1_err\n1,2,0.5\n")
+    immutable(tmp_path / "run")
+    fails(
+        capsys, ["plot", str(tmp_path / "run")], r"cannot write .*curves.png: Operation not permitted; make .* writable"
+    )
+
+
 def test_plot_of_a_checkpoint_without_conv1_is_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "run").mkdir()
     write_checkpoint(tmp_path / "run" / "last.pt", weights={"fc8.weight": torch.zeros(2, 2)})

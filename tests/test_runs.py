@@ -88,23 +88,6 @@ def test_out_naming_a_file_is_one_line(tmp_path: Path) -> None:
     one_line(result, "is a file", "directory")
 
 
-@pytest.fixture
-def immutable(tmp_path: Path):
-    """Makes a folder immutable (chattr +i: no file made, renamed or removed in it, root included, which
-    file modes do not stop), and mutable again after the test."""
-    made: list[Path] = []
-
-    def make(folder: Path) -> Path:
-        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-            pytest.skip("chattr +i is not allowed here (needs CAP_LINUX_IMMUTABLE)")
-        made.append(folder)
-        return folder
-
-    yield make
-    for folder in made:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-
-
 def test_a_run_folder_it_cannot_save_in_is_refused_before_the_first_step(tmp_path: Path, immutable) -> None:
     """The folder is test-written as a save writes (a temporary file renamed into place) before the
     first step: a resume into a folder that became unwritable stops at once in one line, instead of

@@ -26,7 +26,7 @@ from alexnet2gpu.data.base import Categories
 from alexnet2gpu.data.datasets import InMemory, batches, check_classes, datasets_for
 from alexnet2gpu.data.sampling import FIGURE_SEED, labels_of, load_images, spread, take
 from alexnet2gpu.data.transforms import Pipeline
-from alexnet2gpu.files import atomic_write
+from alexnet2gpu.files import atomic_write, shown
 from alexnet2gpu.progress import progress_bar
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.evaluate import top_classes
@@ -150,10 +150,15 @@ def train_features(
         feature_fn=feature_fn,
         progress=progress,
     )
-    for old in trained.path.parent.glob(f"{trained.path.name}.fc7-*.pt"):
-        old.unlink(missing_ok=True)  # vectors of an earlier checkpoint or sample: stale
-    with atomic_write(path) as tmp:
-        torch.save({"key": key, "features": found[0], "indices": found[1], "sha256": digest(found[0])}, tmp)
+    try:
+        for old in trained.path.parent.glob(f"{trained.path.name}.fc7-*.pt"):
+            old.unlink(missing_ok=True)  # vectors of an earlier checkpoint or sample: stale
+        with atomic_write(path) as tmp:
+            torch.save({"key": key, "features": found[0], "indices": found[1], "sha256": digest(found[0])}, tmp)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        where = shown(trained.path.parent)
+        print(f"warning: cannot cache the fc7 vectors in {where} ({reason}); computed again next time", file=sys.stderr)
     return found
 
 
