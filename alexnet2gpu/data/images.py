@@ -152,8 +152,8 @@ def opencv_linear(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     Columns left of the first pixel centre or right of the last copy the edge pixel, as rows do."""
     x0, x1, wx0, wx1 = _linear_taps(pixels.shape[1], width, clamp=True)
     y0, y1, wy0, wy1 = _linear_taps(pixels.shape[0], height, clamp=False)
-    wide = pixels.astype(np.int32)
-    rows = wide[:, x0] * wx0[:, None] + wide[:, x1] * wx1[:, None]  # (H, width, C), up to 255 << 11
+    left, right = pixels[:, x0].astype(np.int32), pixels[:, x1].astype(np.int32)  # (H, width, C)
+    rows = left * wx0[:, None] + right * wx1[:, None]  # up to 255 << 11
     top, bottom = rows[y0] >> 4, rows[y1] >> 4  # (height, width, C), fits int16 as in the SIMD lanes
     blended = ((top * wy0[:, None, None]) >> 16) + ((bottom * wy1[:, None, None]) >> 16)
     return np.clip((blended + 2) >> 2, 0, 255).astype(np.uint8)
