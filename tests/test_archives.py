@@ -101,6 +101,27 @@ def test_refusals_are_one_line(downloads, tmp_path: Path, capsys) -> None:
     assert not (downloads["tree"] / "staged").exists() and not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("damage", ["fifo", "latin-1"])
+def test_kaggles_val_solution_that_is_a_fifo_or_not_utf8_is_one_line(downloads, tmp_path: Path, capsys, damage) -> None:
+    """A FIFO named LOC_val_solution.csv is refused, not waited on (its read would never end); bytes that
+    are not UTF-8 name the file."""
+    import shutil
+
+    root = tmp_path / "kaggle"
+    shutil.copytree(downloads["kaggle"], root, symlinks=True)
+    solution = root / "LOC_val_solution.csv"
+    if damage == "fifo":
+        solution.unlink()
+        os.mkfifo(solution)
+    else:
+        solution.write_bytes(solution.read_bytes().replace(b"ImageId", "Imag\u00e9Id".encode("latin-1"), 1))
+    with pytest.raises(SystemExit) as exit_:
+        main(["stage", "--data", str(root), "--out", str(tmp_path / "out"), "-j", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and str(solution) in err, err
+    assert ("is a FIFO" if damage == "fifo" else "is not UTF-8 text") in err, err
+
+
 SLOW_STAGE = """
 import sys, time
 from alexnet2gpu.data import staging

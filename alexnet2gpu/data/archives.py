@@ -36,6 +36,7 @@ from typing import BinaryIO, NamedTuple
 from alexnet2gpu.data.base import DatasetError, imagenet_words
 from alexnet2gpu.data.datasets import class_names, list_images
 from alexnet2gpu.data.images import is_ignored, is_image_name
+from alexnet2gpu.files import read_regular, shown
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 GROUND_TRUTH, META = "data/ILSVRC2012_validation_ground_truth.txt", "data/meta.mat"
@@ -330,6 +331,10 @@ def list_official(files: dict[str, Path], map_jobs: Callable) -> Listing:
 # Kaggle's copy
 
 
+# LOC_val_solution.csv lists 50,000 images with their boxes in a few MB; a file far past that is not it
+CSV_LIMIT = 256 << 20
+
+
 def list_kaggle(root: Path) -> Listing:
     train, val = root / KAGGLE / "train", root / KAGGLE / "val"
     classes = class_names(train)
@@ -337,12 +342,18 @@ def list_kaggle(root: Path) -> Listing:
         raise DatasetError(f"{train} has no class folders")
     label = {wnid: k for k, wnid in enumerate(classes)}
     samples = [Sample(os.path.relpath(p, root), str(p), -1, -1, y) for p, y in list_images(train, classes)]
-    try:
-        with open(root / KAGGLE_VAL, newline="") as file:
-            rows = {row["ImageId"]: (row["PredictionString"] or "").split()[0:1] for row in csv.DictReader(file)}
+    solution = root / KAGGLE_VAL
+    try:  # never a FIFO (its read would wait) or a device; a listing of 50,000 rows is a few MB
+        text = read_regular(solution, limit=CSV_LIMIT).decode("utf-8-sig")
+        rows = {
+            row["ImageId"]: (row["PredictionString"] or "").split()[0:1]
+            for row in csv.DictReader(io.StringIO(text, newline=""))
+        }
         files = {p.stem: p for p in val.iterdir() if not is_ignored(p.name)}
-    except (OSError, KeyError) as error:
-        raise DatasetError(f"{root}: cannot read Kaggle's {KAGGLE_VAL} or {val} ({error})") from None
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{shown(solution)} is not UTF-8 text (byte {error.start}); download it again") from None
+    except (OSError, KeyError, csv.Error) as error:
+        raise DatasetError(f"{shown(root)}: cannot read Kaggle's {KAGGLE_VAL} or {shown(val)} ({error})") from None
     val_samples = []
     for stem, path in sorted(files.items()):
         wnid = (rows.get(stem) or [None])[0]
