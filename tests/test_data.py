@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import multiprocessing
 import struct
 import threading
@@ -250,6 +251,34 @@ def test_idx_dataset_from_a_folder_and_label_range(tmp_path: Path) -> None:
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", torch.tensor([0, 1, 2, 10], dtype=torch.uint8), False)
     with pytest.raises(DatasetError, match="outside 0..9"):
         build_dataset("mnist", "val", str(tmp_path))
+
+
+def test_idx_files_of_the_wrong_form_are_one_line(tmp_path: Path) -> None:
+    """From a hostile pass: a deflate stream damaged inside a whole gzip (zlib.error), labels of two
+    dimensions (the loss's traceback; evaluate printed an error rate), images that are not square, and a
+    FIFO named like an IDX file (reported missing, as if absent)."""
+    for prefix, n in (("train", 12), ("t10k", 4)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", torch.zeros(n, 28, 28, dtype=torch.uint8), False)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", torch.arange(n, dtype=torch.uint8) % 10, False)
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    write_idx(labels, torch.zeros(12, 2, dtype=torch.uint8), False)
+    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte: expected one label per image \(N,\)"):
+        build_dataset("mnist", "train", str(tmp_path))
+    write_idx(labels, torch.zeros(12, dtype=torch.uint8), False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", torch.zeros(4, 300, 2, dtype=torch.uint8), False)
+    with pytest.raises(DatasetError, match=r"expected square images \(N, H, H\), got shape \(4, 300, 2\)"):
+        build_dataset("mnist", "val", str(tmp_path))
+    packed = gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 12, 28, 28) + bytes(range(256)) * 37)
+    damaged = bytearray(packed)
+    damaged[120:123] = b"\xff\xff\xff"  # inside the deflate data: zlib, not gzip's CRC, sees it first
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bytes(damaged))
+    with pytest.raises(DatasetError, match="corrupt gzip data"):
+        read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+    (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+    os.mkfifo(tmp_path / "train-images-idx3-ubyte")
+    with pytest.raises(DatasetError, match="train-images-idx3-ubyte: .*FIFO"):
+        build_dataset("mnist", "train", str(tmp_path))
 
 
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path: Path, monkeypatch) -> None:

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -87,7 +88,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
                     "read here may hold; is it an MNIST-like file?"
                 )
             body = stream.read(count + 1)  # one byte past the header's size tells a longer file
-        except (OSError, EOFError) as error:
+        except (OSError, EOFError, zlib.error) as error:  # zlib.error: a damaged deflate stream inside the gzip
             raise DatasetError(f"{path}: corrupt gzip data ({error}); fetch the file again") from None
     if len(body) != count:
         holds = "more" if len(body) > count else str(len(body))
@@ -156,8 +157,10 @@ def _not_in_data(name: str, data: Path) -> str:
 
 
 def _idx_path(folder: Path, stem: str) -> Path | None:
+    """The file named `stem` (or `stem`.gz) in `folder`, whatever it is: a FIFO, device or folder of that
+    name is then refused by `read_idx` as what it is, not reported missing."""
     for candidate in (folder / stem, folder / f"{stem}.gz"):
-        if candidate.is_file():
+        if os.path.lexists(candidate):
             return candidate
     return None
 
@@ -215,8 +218,10 @@ def idx_dataset(name: str, split: str, data: str | None) -> InMemory:
     folder = find_idx(name, data)
     image_file, label_file = (_idx_path(folder, stem) for stem in IDX_FILES[split])
     images, labels = read_idx(image_file), read_idx(label_file)
-    if images.dim() != 3:
-        raise DatasetError(f"{image_file}: expected images (N, H, W), got shape {tuple(images.shape)}")
+    if images.dim() != 3 or images.shape[1] != images.shape[2]:
+        raise DatasetError(f"{image_file}: expected square images (N, H, H), got shape {tuple(images.shape)}")
+    if labels.dim() != 1:
+        raise DatasetError(f"{label_file}: expected one label per image (N,), got shape {tuple(labels.shape)}")
     categories = Categories(FASHION_MNIST, FASHION_MNIST) if name == "fashion-mnist" else Categories.numbered(10)
     return InMemory(images.unsqueeze(1), labels.long(), 10, f"{name} {split} ({folder})", categories)  # (N, 1, 28, 28)
 
