@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import multiprocessing
+import os
 import struct
 import threading
 from pathlib import Path
