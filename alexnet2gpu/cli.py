@@ -803,14 +803,68 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
     return set(vars(bare.parse_args(argv))) - {"command"}
 
 
+class OutputError(OSError):
+    """Standard output cannot take what a command prints (a full disk behind `> file`, a dead terminal)."""
+
+
+class GuardedOutput:
+    """`sys.stdout` for the length of a command: a failed write is an OutputError, said in one line by
+    `main`, not a traceback from deep inside a print. BrokenPipeError passes as it is: the reader left."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._guarded(self.stream.write, text)
+        except UnicodeEncodeError:  # an ASCII terminal and a file named café.jpg: escaped, not a traceback
+            encoding = getattr(self.stream, "encoding", None) or "ascii"
+            return self._guarded(self.stream.write, text.encode(encoding, "backslashreplace").decode(encoding))
+
+    def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def _guarded(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputError(error.errno, error.strerror) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _drop_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the interpreter's own flush at exit fails no more."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # pytest's capture has no descriptor
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    stdout, sys.stdout = sys.stdout, GuardedOutput(sys.stdout)
     try:
         if args.command == "train":
             cmd_train(args, given_flags(parser, argv))
         else:
             COMMANDS[args.command](args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted; stop quietly, as a shell tool does
+        sys.stdout = stdout
+        _drop_stdout()
+        sys.exit(141)
+    except OutputError as error:
+        sys.stdout = stdout
+        _drop_stdout()
+        print(
+            f"error: cannot write to standard output ({error.strerror}); free space or print elsewhere", file=sys.stderr
+        )
+        sys.exit(1)
     except USER_ERRORS as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
@@ -825,6 +879,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

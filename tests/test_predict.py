@@ -228,6 +228,39 @@ def test_names_that_are_not_utf8_or_hold_a_newline_are_printed_escaped(fake_run:
     assert len(blocks) == 2 and all(len(block.splitlines()) == 6 for block in blocks)  # a name and 5 guesses
 
 
+@pytest.mark.parametrize("output", ["closed-early", "full", "ascii"])
+def test_an_output_that_fails_or_goes_away_is_no_traceback(fake_run: Path, tmp_path: Path, output: str) -> None:
+    """`predict ... | head -1` stops quietly (exit 141, as a shell tool); `> /dev/full` is one error line;
+    an ASCII-only stdout gets a UTF-8 name (café) escaped, every file classified."""
+    import os
+    import subprocess
+    import sys
+
+    Image.fromarray(photo(9, 40, 40)).save(tmp_path / "café.png")
+    for k in range(300):  # more output than a pipe's buffer holds: the reader leaves while predict writes
+        os.symlink(tmp_path / "café.png", tmp_path / f"copy{k}.png")
+    command = [sys.executable, "-m", "alexnet2gpu", "predict", "--checkpoint", str(fake_run), "-b", "64"]
+    env, cwd = {**os.environ}, Path(__file__).parents[1]
+    if output == "closed-early":
+        reader = subprocess.Popen([*command, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+        first = reader.stdout.readline()
+        reader.stdout.close()  # the reader goes away, as `head -1` does
+        err = reader.stderr.read().decode()
+        assert reader.wait(timeout=300) == 141 and first.endswith(b".png\n"), err
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+        return
+    if output == "full":
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([*command, str(tmp_path)], stdout=full, stderr=subprocess.PIPE, cwd=cwd, text=True)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("error: cannot write to standard output (No space")
+        return
+    env["PYTHONIOENCODING"] = "ascii:strict"
+    done = subprocess.run([*command, str(tmp_path / "café.png")], capture_output=True, env=env, cwd=cwd, text=True)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.splitlines()[0] == f"{tmp_path}/caf\\xe9.png" and len(done.stdout.splitlines()) == 6
+
+
 def test_stage_and_fit_stats_take_a_latin1_name(tmp_path: Path) -> None:
     import os
 
