@@ -343,7 +343,7 @@ def read_words(path: str | Path, num_classes: int) -> Categories:
     """CF's `synset_words.txt` ("n01440764 tench, Tinca tinca" per line, in label order)."""
     path = Path(path)
     text = _read(path, "class list").decode("utf-8", errors="replace")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in text.split("\n") if line.strip()]  # a U+2028 in a name is no line break
     if len(lines) != num_classes:
         raise CaffeError(f"{path} names {len(lines)} classes; the model's fc8 has {num_classes}")
     split = [line.partition(" ") for line in lines]

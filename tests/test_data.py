@@ -428,6 +428,38 @@ def test_awkward_tree_skips_with_path_and_reason_or_stops_with_strict(tmp_path: 
         strict[first_bad]
 
 
+def test_odd_names_and_words_are_printed_escaped_and_a_corrupt_exif_is_no_warning(tmp_path: Path, caplog) -> None:
+    """A name holding a newline or a terminal escape is escaped in the skip warning and the --strict error
+    (it forged a line, or cleared the screen); a U+2028 inside a class's words is no line break; a JPEG
+    with a corrupt EXIF block decodes without PIL's warning (which named no file)."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    root = make_imagenet(tmp_path)
+    (root / "train" / "dog" / "bad\nname\x1b[2J.jpg").write_bytes(b"not an image")
+    (root / "synset_words.txt").write_text("cat felis\u2028catus\ndog canis\n")
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(
+        buffer, "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + bytes(50)
+    )
+    (root / "train" / "cat" / "exif.jpg").write_bytes(buffer.getvalue())
+    train = build_dataset("imagenet", "train", str(root))
+    assert train.categories.names == ("felis\u2028catus", "canis")
+    bad = next(i for i, (path, _) in enumerate(train.samples) if "bad" in path.name)
+    exif = next(i for i, (path, _) in enumerate(train.samples) if path.name == "exif.jpg")
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        assert train[bad] is None  # skipped, with its warning
+        assert train[exif][0].shape == (3, 256, 256)
+    [line] = [r.getMessage() for r in caplog.records if "bad" in r.getMessage()]
+    assert "bad\\nname\\x1b[2J.jpg" in line and "\n" not in line and "\x1b" not in line
+    with pytest.raises(DatasetError) as refused:
+        build_dataset("imagenet", "train", str(root), strict=True)[bad]
+    assert "bad\\nname\\x1b[2J.jpg" in str(refused.value) and "\x1b" not in str(refused.value)
+
+
 def test_tool_leftovers_are_ignored_everywhere(tmp_path: Path) -> None:
     from alexnet2gpu.data.datasets import describe
 

@@ -99,6 +99,16 @@ def test_fewer_classes_than_asked(fake_run, pictures):
     assert len(result.top) == 10 and sum(g.probability for g in result.top) == pytest.approx(1, abs=1e-5)
 
 
+def test_class_names_from_users_files_are_printed_escaped() -> None:
+    """Class names come from synset_words.txt or import-caffe's --words: a terminal escape or a newline in
+    one is escaped, so it neither recolours the terminal nor forges a probability line."""
+    from alexnet2gpu.analysis.predict import Guess
+
+    guess = Guess(label=0, id="n01", name="\x1b[31mred\nfish", probability=0.5)
+    lines = str(Prediction(Path("a.png"), (guess,))).splitlines()
+    assert lines == ["a.png", "  50.0%  \\x1b[31mred\\nfish (n01)"]
+
+
 def test_find_images(pictures, tmp_path):
     text = tmp_path / "named.txt"
     text.write_text("named on the command line: tried, whatever its name")
@@ -145,7 +155,7 @@ def test_json(fake_run, pictures, tmp_path, capsys):
     assert prediction["path"] == str(pictures / "cmyk.jpg") and result["ten_crop"] is True
     assert [set(g) for g in prediction["top5"]] == [{"label", "id", "name", "probability"}] * 5
     assert result["errors"] == [{"path": str(tmp_path / "text.jpg"), "error": result["errors"][0]["error"]}]
-    assert "cannot identify" in result["errors"][0]["error"]
+    assert "not an image in any format PIL decodes" in result["errors"][0]["error"]
 
 
 def test_bad_inputs_are_one_line(fake_run, pictures, tmp_path, capsys):

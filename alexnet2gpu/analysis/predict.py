@@ -62,7 +62,7 @@ class Prediction:
         lines = [shown(self.path)]  # a name holding a newline cannot forge probability lines
         for guess in self.top:
             said = guess.name if guess.name == guess.id else f"{guess.name} ({guess.id})"
-            lines.append(f"{guess.probability:7.1%}  {said}")
+            lines.append(f"{guess.probability:7.1%}  {shown(said)}")  # class names come from users' files too
         return "\n".join(lines)
 
 

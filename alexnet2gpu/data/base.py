@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from alexnet2gpu.files import read_regular
+from alexnet2gpu.files import read_regular, shown
 
 log = logging.getLogger("alexnet2gpu.data.datasets")
 
@@ -61,11 +61,11 @@ class SkippingDataset(Dataset):
 
     def skip(self, where: str, reason: str) -> None:
         if self.strict:
-            raise DatasetError(f"unreadable image {where}: {reason} (drop --strict to skip such images)")
+            raise DatasetError(f"unreadable image {shown(where)}: {reason} (drop --strict to skip such images)")
         with self.skipped.get_lock():
             self.skipped.value += 1
             count = self.skipped.value
-        log.warning("skipping unreadable image %s (%s); %d skipped so far", where, reason, count)
+        log.warning("skipping unreadable image %s (%s); %d skipped so far", shown(where), reason, count)
 
 
 WORD_FILES = ("synset_words.txt", "LOC_synset_mapping.txt")  # "n01440764 tench, Tinca tinca" per line
@@ -79,14 +79,14 @@ def imagenet_words(root: Path, wnids: list[str]) -> list[str]:
     for folder in (root, root.parent):
         for name in WORD_FILES:
             try:
-                lines = read_regular(folder / name, WORDS_MAX_BYTES).decode("utf-8", errors="replace").splitlines()
+                text = read_regular(folder / name, WORDS_MAX_BYTES).decode("utf-8", errors="replace")
             except FileNotFoundError:
                 continue
             except OSError as error:  # a FIFO, a device, a link to /dev/zero: never read
                 log.warning("ignoring %s: %s; classes are named by their WordNet ids", folder / name, error.strerror)
                 continue
-            for line in lines:
-                wnid, _, text = line.strip().partition(" ")
-                if wnid and text.strip():
-                    words.setdefault(wnid, text.strip())
+            for line in text.split("\n"):  # not splitlines: a U+2028 inside a name is no line break
+                wnid, _, said = line.strip().partition(" ")
+                if wnid and said.strip():
+                    words.setdefault(wnid, said.strip())
     return [words.get(wnid, wnid) for wnid in wnids]

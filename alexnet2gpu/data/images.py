@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageCms, ImageFile
+from PIL import ExifTags, Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from alexnet2gpu.files import open_regular
 
@@ -91,6 +91,8 @@ def stage_image(source: str | Path | bytes | BinaryIO, size: int = 256, squash: 
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; a header that large is
             # hostile or broken either way, and decoding it would take gigabytes per worker
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")  # "Corrupt EXIF data": its
+            # orientation is read as "upright" (`_orientation`), the pixels are fine; the warning named no file
             with Image.open(source) as image:
                 square = (squash_to if squash else rescale_and_crop)(to_rgb(image), size)
                 turn = EXIF_TURNS.get(_orientation(image))
@@ -100,6 +102,8 @@ def stage_image(source: str | Path | bytes | BinaryIO, size: int = 256, squash: 
         raise
     except Exception as error:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, ValueError,
         # EOFError, struct.error, IndexError, DecompressionBomb* ... on malformed files; each means "unreadable"
+        if isinstance(error, UnidentifiedImageError):  # its message names the file object, not the file
+            raise UnreadableImage("not an image in any format PIL decodes") from None
         reason = " ".join(str(error).split()) or "no message"
         raise UnreadableImage(f"{type(error).__name__}: {reason}") from None
     return torch.from_numpy(np.array(square)).permute(2, 0, 1)  # (3, size, size)

@@ -95,7 +95,7 @@ def stage_shard(job: ShardJob) -> dict:
             except UnreadableImage as error:
                 if job.strict:
                     raise DatasetError(
-                        f"unreadable image {sample.name}: {error} (drop --strict to skip such images)"
+                        f"unreadable image {shown(sample.name)}: {error} (drop --strict to skip such images)"
                     ) from None
                 skipped.append({"path": sample.name, "reason": str(error)})
                 continue
