@@ -114,6 +114,8 @@ def test_the_training_vectors_are_cached_and_rebuilt_when_the_checkpoint_changes
         lambda c: c.update(features=c["features"][:0], indices=c["indices"][:0]),
         lambda c: c.update(features=c["features"][:, :10]),
         lambda c: c.update(indices=c["indices"] + 10**6),
+        lambda c: c.update(indices=c["indices"].flip(0)),  # each vector under another image: the checksum
+        lambda c: c.update(indices=torch.cat([c["indices"][:1], c["indices"][:-1]])),  # one image twice
     ],
 )
 def test_a_damaged_fc7_cache_is_computed_again(fake_run: Path, tmp_path, damage, capsys) -> None:

@@ -154,7 +154,7 @@ def train_features(
         for old in trained.path.parent.glob(f"{trained.path.name}.fc7-*.pt"):
             old.unlink(missing_ok=True)  # vectors of an earlier checkpoint or sample: stale
         with atomic_write(path) as tmp:
-            torch.save({"key": key, "features": found[0], "indices": found[1], "sha256": digest(found[0])}, tmp)
+            torch.save({"key": key, "features": found[0], "indices": found[1], "sha256": digest(*found)}, tmp)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
         reason = getattr(error, "strerror", None) or type(error).__name__
         where = shown(trained.path.parent)
@@ -162,14 +162,19 @@ def train_features(
     return found
 
 
-def digest(features: torch.Tensor) -> str:
-    return hashlib.sha256(features.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+def digest(features: torch.Tensor, indices: torch.Tensor) -> str:
+    """The checksum of a cache's vectors and of the images they belong to (indices swapped in place would
+    put each neighbour under another image)."""
+    hashed = hashlib.sha256(features.contiguous().view(torch.uint8).numpy().tobytes())
+    hashed.update(indices.to(torch.int64).contiguous().numpy().tobytes())
+    return hashed.hexdigest()
 
 
 def cache_holds(saved: dict, indices: torch.Tensor, width: int) -> bool:
     """Whether a cache file is the one written for these images: its indices among the sample's (less
-    the unreadable ones), its vectors one finite float16 row of fc7's `width` per image, and their bytes
-    those it was written with (a file overwritten in place at the same size would draw NaN neighbours)."""
+    the unreadable ones), its vectors one finite float16 row of fc7's `width` per image, and the bytes of
+    both those it was written with (a file overwritten in place at the same size would draw NaN neighbours,
+    or neighbours under other images)."""
     features, found = saved.get("features"), saved.get("indices")
     return (
         isinstance(features, torch.Tensor)
@@ -180,7 +185,8 @@ def cache_holds(saved: dict, indices: torch.Tensor, width: int) -> bool:
         and features.dtype == torch.float16
         and tuple(features.shape) == (len(found), width)
         and bool(torch.isfinite(features).all())
-        and saved.get("sha256") == digest(features)
+        and found.dtype == torch.int64
+        and saved.get("sha256") == digest(features, found)
     )
 
 
