@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import multiprocessing
 import os
 import struct
@@ -591,6 +592,34 @@ def test_stats_cache_is_per_training_set_and_refits_a_broken_file(tmp_path: Path
     path.write_bytes(b"not a tensor file")
     again = load_or_fit(small, name="fake", data=None, stage_size=256, limit=None, cache_dir=tmp_path)
     assert torch.equal(again.mean, b.mean)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d.update(eigval=torch.tensor([math.nan, -5.0, 1e30])),  # fit-stats printed NaN, exit 0
+        lambda d: d.update(eigvec=torch.eye(2)),  # train: a matmul traceback
+        lambda d: d["mean"].__setitem__((0, 3, 3), math.nan),  # train wrote a checkpoint predict refused
+        lambda d: d.update(mean=d["mean"][:, :5]),
+        lambda d: d.update(eigval=torch.tensor([1.0, -0.5, 0.1])),
+        lambda d: d.pop("eigvec"),
+    ],
+)
+def test_a_damaged_stats_cache_is_fitted_again(tmp_path: Path, damage, capsys) -> None:
+    """The statistics cache is checked (shapes, finiteness, eigenvalues of 0 or more), not trusted."""
+    from alexnet2gpu.data.stats import cache_path, fingerprint, load_or_fit
+
+    full = build_dataset("fake", "train")
+    small = InMemory(full.images[:32], full.labels[:32], 10, "fake")
+    fitted = load_or_fit(small, name="fake", data=None, stage_size=256, limit=None, cache_dir=tmp_path)
+    path = cache_path(tmp_path, "fake", None, 256, None, fingerprint(small))
+    saved = torch.load(path, weights_only=True)
+    damage(saved)
+    torch.save(saved, path)
+    again = load_or_fit(small, name="fake", data=None, stage_size=256, limit=None, cache_dir=tmp_path)
+    assert torch.equal(again.mean, fitted.mean) and torch.equal(again.eigvec, fitted.eigvec)
+    assert "does not hold usable statistics: fitting them again" in capsys.readouterr().err
+    assert DataStats.problem(torch.load(path, weights_only=True)) is None  # the cache holds the refit
 
 
 def test_describe_gives_classes_and_channels_without_reading_images(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from alexnet2gpu.data.datasets import batches, num_batches
-from alexnet2gpu.files import atomic_write
+from alexnet2gpu.files import atomic_write, shown
 from alexnet2gpu.progress import progress_bar
 
 # ALEXNET-SPEC.md: ImageNet's RGB covariance of [0, 1] pixels, as fb.resnet.torch uses it
@@ -42,6 +42,26 @@ class DataStats:
     @classmethod
     def from_dict(cls, d: dict) -> DataStats:
         return cls(d["mean"], d["eigvec"], d["eigval"], dict(d.get("provenance", {})))
+
+    @staticmethod
+    def problem(d: object, channels: int | None = None) -> str | None:
+        """What makes `d` (a cache's or a checkpoint's saved statistics) unusable, or None: a mean image
+        (C, S, S) of finite pixels, C = `channels` where given; a (C, C) eigenvector matrix and C
+        eigenvalues of 0 or more, all finite floating point."""
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), torch.Tensor) for k in ("mean", "eigvec", "eigval")):
+            return "its data statistics lack the mean image or the PCA"
+        mean, eigvec, eigval = d["mean"], d["eigvec"], d["eigval"]
+        c = (channels or mean.shape[0]) if mean.dim() else 0
+        if mean.dim() != 3 or mean.shape[0] != c or mean.shape[1] != mean.shape[2] or not c:
+            return f"its mean image has shape {tuple(mean.shape)}, not ({channels or 'C'}, side, side)"
+        if tuple(eigvec.shape) != (c, c) or tuple(eigval.shape) != (c,):
+            return f"its PCA has shapes {tuple(eigvec.shape)} and {tuple(eigval.shape)}, not ({c}, {c}) and ({c},)"
+        for name, tensor in (("mean image", mean), ("PCA", eigvec), ("PCA", eigval)):
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                return f"its {name} is not finite floating point"
+        if (eigval < 0).any():
+            return "its PCA has a negative eigenvalue (a variance)"
+        return None
 
 
 @torch.no_grad()
@@ -134,10 +154,14 @@ def load_or_fit(
     path = cache_path(cache_dir or default_cache_dir(), name, data, stage_size, limit, fingerprint(dataset))
     if path.is_file():
         try:
-            return DataStats.from_dict(torch.load(path, weights_only=True))
-        except Exception:  # noqa: BLE001 - a broken cache is refitted, never trusted
-            with contextlib.suppress(OSError):  # a read-only cache: refitted, and not cached (below)
-                path.unlink()
+            saved = torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn or foreign file: refitted below
+            saved = None
+        if DataStats.problem(saved) is None:
+            return DataStats.from_dict(saved)
+        print(f"warning: {shown(path)} does not hold usable statistics: fitting them again", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a read-only cache: refitted, and not cached (below)
+            path.unlink()
     stats = fit_stats(dataset, limit=limit, workers=workers)
     stats.provenance.update(dataset=name, data=os.path.abspath(data) if data else None, stage_size=stage_size)
     _cache(stats, path)

@@ -185,9 +185,6 @@ def load(path: str | Path, *, mmap: bool = False) -> dict:
     if missing:
         raise CheckpointError(f"{path} is not an alexnet2gpu checkpoint: it lacks {', '.join(missing)}")
     model, data, _ = read_configs(checkpoint, path)
-    stats = checkpoint.get("stats")
-    if stats is not None and not (isinstance(stats, dict) and all(k in stats for k in ("mean", "eigvec", "eigval"))):
-        raise CheckpointError(f"{path}: its data statistics lack the mean image or the PCA; it cannot be used")
     _check_entries(checkpoint, model, data, path)
     return checkpoint
 
@@ -219,13 +216,9 @@ def _check_entries(checkpoint: dict, model: AlexNetConfig, data: DataConfig, pat
         if not all(isinstance(v, str) for v in (*ids, *names)):
             refuse("its class list holds something other than names")
     stats = checkpoint.get("stats")
-    if stats is not None:
-        mean = stats["mean"]
-        shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else None
-        if shape is None or len(shape) != 3 or shape[0] != model.in_channels or shape[1] != shape[2]:
-            refuse(f"its mean image has shape {shape}, not ({model.in_channels}, side, side)")
-        if not mean.is_floating_point() or not torch.isfinite(mean).all():
-            refuse("its mean image is not finite floating-point pixels")
+    said = DataStats.problem(stats, model.in_channels) if stats is not None else None
+    if said:
+        refuse(said)
 
 
 def read_configs(checkpoint: dict, path: str | Path) -> tuple[AlexNetConfig, DataConfig, TrainConfig]:
