@@ -180,6 +180,8 @@ def read_layers(data: bytes, path: str | Path) -> dict[str, list[torch.Tensor]]:
         current = _truncated_layer(buf) or current
         where = f" in layer {current!r}" if current else ""
         raise CaffeError(f"{path} is truncated{where} ({len(data):,} bytes): download it again") from None
+    except CaffeError:
+        raise  # already the one line, naming the layer
     except ValueError as error:
         if current:
             raise CaffeError(f"{path}: layer {current!r} cannot be read ({error}); is it a .caffemodel?") from None
@@ -248,10 +250,14 @@ def read_mean(path: str | Path) -> torch.Tensor:
     if mean.dim() != 3 or mean.shape[0] != 3 or mean.shape[1] != mean.shape[2] or mean.shape[1] < 227:
         raise CaffeError(f"{path}: a mean image of shape {tuple(mean.shape)}; expected (1, 3, S, S), S >= 227")
     if not torch.isfinite(mean).all() or mean.min() < 0 or mean.max() > 255:
-        low, high = mean.nan_to_num(nan=-math.inf).min().item(), mean.nan_to_num(nan=math.inf).max().item()
+        finite = torch.isfinite(mean)
+        said = "not finite values" if not finite.all() else ""
+        if finite.any() and (mean[finite].min() < 0 or mean[finite].max() > 255):
+            low, high = mean[finite].min().item(), mean[finite].max().item()
+            said += f"{' and ' if said else ''}values from {low:g} to {high:g}"
         raise CaffeError(
-            f"{path}: a mean image with values from {low:g} to {high:g} (or not finite); a mean of 8-bit "
-            "pixels lies in 0..255: download imagenet_mean.binaryproto again"
+            f"{path}: a mean image with {said}; a mean of 8-bit pixels lies in 0..255: "
+            "download imagenet_mean.binaryproto again"
         )
     return mean.flip(0).contiguous()  # BGR -> RGB: our stored images are RGB; the preset turns them
 
@@ -292,6 +298,8 @@ def infer_config(layers: dict[str, list[torch.Tensor]], path) -> AlexNetConfig:
             raise CaffeError(f"{path}: layer {name!r} has weights of shape {tuple(weight.shape)}; expected {kind}")
         rows[name] = weight.shape[-dims]
     in_channels = _blobs(layers, "conv1", path)[0].shape[-3]
+    if in_channels != 3:  # the caffe preset feeds BGR photos, and its mean image has 3 channels
+        raise CaffeError(f"{path}: layer 'conv1' reads {in_channels} channels; Caffe's AlexNet reads 3 (BGR)")
     try:
         return AlexNetConfig.caffe(
             num_classes=rows["fc8"],
