@@ -390,6 +390,11 @@ def inner_tar(images: dict[str, bytes]) -> bytes:
         ),
         (VAL_TAR, lambda n, d: [(n, d), ("again/" + n, d)] if n.endswith("02.JPEG") else [(n, d)], "twice"),
         (DEVKIT, lambda n, d: [(n, d + b"1\n" * 1000 if n.endswith("ground_truth.txt") else d)], "names 1006"),
+        (  # a class number meta.mat lacks (it said "its class (None) is not among the train archive's classes")
+            DEVKIT,
+            lambda n, d: [(n, b"0" + d[1:] if n.endswith("ground_truth.txt") else d)],
+            "gives it class 0, which its meta.mat does not list",
+        ),
     ],
 )
 def test_damaged_archives_are_refused_in_one_line(downloads, tmp_path: Path, capsys, which, change, message) -> None:

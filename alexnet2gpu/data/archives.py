@@ -316,7 +316,13 @@ def list_official(files: dict[str, Path], map_jobs: Callable) -> Listing:
         match = VAL_NAME.match(name)
         if not match or not 1 <= int(match[1]) <= len(ground_truth):
             raise DatasetError(f"{val.name}/{name}: no line of the devkit's ground truth names its class")
-        wnid = ids.get(ground_truth[int(match[1]) - 1])
+        number = ground_truth[int(match[1]) - 1]
+        wnid = ids.get(number)
+        if wnid is None:
+            raise DatasetError(
+                f"{val.name}/{name}: the devkit's ground truth gives it class {number}, which its meta.mat does not "
+                f"list (ILSVRC2012_IDs {min(ids)} to {max(ids)}); download the devkit again"
+            )
         if wnid not in label:
             raise DatasetError(f"{val.name}/{name}: its class ({wnid}) is not among the train archive's classes")
         val_samples.append(Sample(f"{val.name}/{name}", str(val), offset, size, label[wnid]))
