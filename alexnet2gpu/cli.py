@@ -586,7 +586,7 @@ def refuse_out_inside_data(out: str, data: DataConfig) -> None:
 
 def cmd_evaluate(args) -> None:
     from alexnet2gpu.analysis.inference import load_trained
-    from alexnet2gpu.data.datasets import check_classes
+    from alexnet2gpu.data.datasets import check_classes, check_image_size
     from alexnet2gpu.data.sampling import take
     from alexnet2gpu.train import checkpoint as ckpt
     from alexnet2gpu.train.evaluate import evaluate, percent
@@ -603,6 +603,7 @@ def cmd_evaluate(args) -> None:
     data = dataclasses.replace(data, data=args.data or data.data, workers=workers)
     val = datasets_for(data, "val", host_decode=True)
     check_classes(val, ckpt.categories(trained.checkpoint), model_cfg.num_classes, args.checkpoint)
+    check_image_size(val, trained.pipeline.mean, args.checkpoint)
     val = take(val, args.val_subset, stratified=True)
     result = evaluate(
         trained.model, val, trained.pipeline, batch_size=args.batch_size, ten_crop=args.ten_crop, workers=workers

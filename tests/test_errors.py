@@ -130,6 +130,25 @@ def test_evaluate_names_a_training_folder_that_is_gone(tmp_path: Path, capsys) -
     fails(capsys, ["evaluate", "--checkpoint", str(path)], f"in {re.escape(gone)}, which is not here: pass --data")
 
 
+def test_mnist_like_images_of_another_size_than_the_runs_are_refused(tmp_path: Path, capsys) -> None:
+    """A run trained on 28x28 images evaluated (or resumed) on 20x20 ones: its mean image would be
+    stretched over them and an error rate of other images reported."""
+    model = AlexNetConfig.one_gpu(num_classes=10, in_channels=1, init="he", conv_channels=(4,) * 5, fc_features=(8, 8))
+    data = DataConfig(dataset="mnist", data=str(tmp_path / "mnist"), preset="paper")
+    mean = {"mean": torch.full((1, 28, 28), 30.0), "eigvec": torch.eye(1), "eigval": torch.ones(1)}
+    path = write_checkpoint(tmp_path / "last.pt", model, data, stats=mean)
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for prefix, n in (("train", 8), ("t10k", 4)):
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + struct.pack(">3I", n, 20, 20) + bytes(n * 400)
+        )
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", n) + bytes(n))
+    said = r"holds 20x20 images, but .*last.pt was trained on 28x28 ones; use the dataset it was trained on"
+    fails(capsys, ["evaluate", "--checkpoint", str(path), "--devices", "cpu"], said)
+    fails(capsys, ["train", "--resume", str(path), "--devices", "cpu", "--no-tensorboard"], said, alone=False)
+
+
 def test_the_fake_dataset_refuses_a_data_folder(tmp_path: Path, capsys) -> None:
     fails(
         capsys, [*TRAIN_FAKE, "--data", str(tmp_path)], "--data .*: expected no folder: the fake dataset is generated"

@@ -434,6 +434,20 @@ def check_classes(dataset: Dataset, saved: Categories | None, num_classes: int, 
     )
 
 
+def check_image_size(dataset: Dataset, mean: torch.Tensor | None, checkpoint: str | Path) -> None:
+    """Refuse images held in memory (MNIST-like sets) of another size than the run's mean image: the
+    pipeline would stretch them to it and report numbers of other images than the run's. (Folders of
+    photos are staged to the run's size whatever their files' sizes.)"""
+    images = getattr(dataset, "images", None)
+    if mean is None or not isinstance(images, torch.Tensor) or images.shape[-2:] == mean.shape[-2:]:
+        return
+    size, trained = "x".join(map(str, images.shape[-2:])), "x".join(map(str, mean.shape[-2:]))
+    raise DatasetError(
+        f"{getattr(dataset, 'name', 'the dataset')} holds {size} images, but {checkpoint} was trained on {trained} "
+        "ones; use the dataset it was trained on (--data)"
+    )
+
+
 def describe(name: str, data: str | None) -> tuple[int, int]:
     """(classes, channels) of a dataset without reading its images; raises DatasetError where
     `build_dataset` would, so a run fails before it builds a model."""

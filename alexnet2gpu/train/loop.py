@@ -29,7 +29,14 @@ from tqdm import tqdm
 
 from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig, departures
 from alexnet2gpu.data.base import Categories, DatasetError
-from alexnet2gpu.data.datasets import batches, check_classes, datasets_for, num_batches, worker_killed
+from alexnet2gpu.data.datasets import (
+    batches,
+    check_classes,
+    check_image_size,
+    datasets_for,
+    num_batches,
+    worker_killed,
+)
 from alexnet2gpu.data.sampling import sample_note, take
 from alexnet2gpu.data.stats import DataStats, load_or_fit
 from alexnet2gpu.data.transforms import Pipeline, input_pipeline
@@ -156,8 +163,10 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
     checkpoint = placement.on_rank0(read)
     full_train, full_val = datasets_for(data, "train"), datasets_for(data, "val")
     if checkpoint is not None:
+        saved = checkpoint.get("stats")
         for dataset in (full_train, full_val):
             check_classes(dataset, ckpt.categories(checkpoint), model_config.num_classes, resume)
+            check_image_size(dataset, saved["mean"] if saved else None, resume)
     train_set, val_set = take(full_train, data.subset), take(full_val, config.val_subset, stratified=True)
     notes = [
         sample_note("--subset", data.subset, full_train, train_set),
