@@ -106,7 +106,7 @@ def unreadable_images(folder: Path) -> dict[str, str]:
         "float_out_of_range.tif": "no known scale",
         "float_nan.tif": "nan or infinite",
         "float_one_nan.tif": "nan or infinite",
-        "text.jpg": "not an image in any format PIL decodes",
+        "text.jpg": "not an image in any format",
     }
 
 
