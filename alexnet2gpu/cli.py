@@ -37,6 +37,7 @@ from alexnet2gpu.config import (
     SCHEDULES,
     SEED_BATCH,
     SUBSAMPLINGS,
+    WORKERS_LIMIT,
     AlexNetConfig,
     ConfigError,
     DataConfig,
@@ -530,6 +531,8 @@ def cmd_train(args, given: set[str]) -> None:
     refuse_idle_flags(given, model, data)
     refuse_out_inside_data(args.out, data)
     options = dict(resume=args.resume, tensorboard=config.tensorboard, overwrite=args.overwrite)
+    if "dist_timeout" in given and args.parallel != "tower-processes":
+        raise ValueError("--dist-timeout applies to --parallel tower-processes only: leave it out here")
     if args.parallel == "tower-processes":
         from alexnet2gpu.train.launch import train_tower_processes
 
@@ -658,7 +661,7 @@ def cmd_plot(args) -> None:
         n = args.neighbours_from
         require("--neighbours-from", n, n is None or n >= 0, "a number of images (0: all)")
         require("-b/--batch-size", args.batch_size, args.batch_size > 0, "a positive number of images")
-        require("-j/--workers", args.workers, args.workers >= 0, "a number of processes")
+        require("-j/--workers", args.workers, 0 <= args.workers <= WORKERS_LIMIT, "0 to 1024 processes")
         n = NEIGHBOURS_FROM if n is None else (n or None)
         options = dict(neighbours_from=n, data=args.data, devices=args.devices, batch_size=args.batch_size)
         print(figure4(args.run_dir, **options, workers=args.workers))

@@ -399,6 +399,8 @@ def recipe(preset: str, kind: str) -> dict:
     return dict(RECIPES.get(preset, {}).get(kind, {}))
 
 
+# Data-loading processes: each is a copy of the loader; past this many it is a mistype, not a machine
+WORKERS_LIMIT = 1024
 PCA_SCALES = ("eigenvalue", "stdev")
 MEAN_CROPS = ("centre", "own")
 
@@ -466,7 +468,7 @@ class DataConfig(Fields):
             ("crop_size", 0 < self.crop_size <= self.stage_size, f"a size up to stage_size={self.stage_size}"),
             ("subset", self.subset is None or self.subset > 0, "a positive number of images"),
             ("fit_images", self.fit_images is None or self.fit_images > 0, "a positive number of images"),
-            ("workers", self.workers >= 0, "0 (decode in this process) or more worker processes"),
+            ("workers", 0 <= self.workers <= WORKERS_LIMIT, "0 (decode in this process) to 1024 worker processes"),
             ("pca_alpha_std", finite(self.pca_alpha_std) and self.pca_alpha_std >= 0, "a finite, non-negative std"),
             ("pixel_scale", finite(self.pixel_scale) and self.pixel_scale > 0, "a finite, positive scale"),
             ("seed_mean", finite(self.seed_mean), "a finite mean"),
@@ -512,6 +514,10 @@ BIAS_RULES = ("paper", "convnet")
 SCHEDULES = ("plateau", "2012")
 SEED_LIMIT = 2**60  # each step's seeds are made from it (model.layers.step_seed) and must stay below 2^63
 LR_SCALINGS = ("none", "linear")
+
+
+# The alarm keeps its windows of losses in memory (and in every checkpoint): 10^7 steps is 80 MB
+ALARM_STEPS_LIMIT = 10**7
 
 
 @dataclass(frozen=True)
@@ -591,7 +597,20 @@ class TrainConfig(Fields):
             ("lr_drops", self.lr_drops >= 0, "0 or more lr drops"),
             ("lr_patience", self.lr_patience >= 0, "0 or more epochs"),
             ("warmup_steps", self.warmup_steps >= 0, "0 (no warm-up) or more steps"),
-            ("alarm_window", self.alarm_window > 0, "a positive number of steps"),
+            ("alarm_window", 0 < self.alarm_window <= ALARM_STEPS_LIMIT, "a positive number of steps, at most 10^7"),
+            ("alarm_after_steps", self.alarm_after_steps >= 0, "0 or more steps"),
+            (
+                "alarm_diverge_factor",
+                finite(self.alarm_diverge_factor) and self.alarm_diverge_factor > 0,
+                "a ratio > 0",
+            ),
+            ("alarm_flat_margin", finite(self.alarm_flat_margin) and self.alarm_flat_margin >= 0, "a ratio >= 0"),
+            ("alarm_flat_epochs", finite(self.alarm_flat_epochs) and 0 <= self.alarm_flat_epochs <= 1000, "0 to 1000"),
+            (
+                "alarm_flat_steps",
+                0 <= self.alarm_flat_steps <= ALARM_STEPS_LIMIT,
+                "0 (no flat alarm) or a number of steps, at most 10^7",
+            ),
             ("max_steps", self.max_steps is None or self.max_steps > 0, "a positive number of steps"),
             ("val_subset", self.val_subset is None or self.val_subset > 0, "a positive number of images"),
             ("log_every", self.log_every > 0, "a positive number of steps"),

@@ -231,6 +231,17 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_it_is_allocated(
     assert built == [] and not (tmp_path / "run").exists()
 
 
+def test_flags_without_effect_or_past_any_machine_are_refused(tmp_path: Path, capsys) -> None:
+    """--dist-timeout without tower processes changed nothing (even nan was taken); -j 10^30 was stored
+    and would spawn loader processes until the machine fails."""
+    out = ["--out", str(tmp_path / "run")]
+    fails(capsys, [*TRAIN_FAKE, *out, "--dist-timeout", "nan"], "--dist-timeout applies to --parallel tower-processes")
+    fails(
+        capsys, [*TRAIN_FAKE, *out, "-j", str(10**30)], r"-j.* 1000000000000000000000000000000: expected 0 .* to 1024"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_largest_seed_makes_every_steps_generators() -> None:
     from alexnet2gpu.config import SEED_LIMIT
     from alexnet2gpu.model.layers import dropout_generator

@@ -115,7 +115,7 @@ def test_a_resume_under_another_bias_rule_is_refused(tmp_path: Path) -> None:
     kwargs = dict(schedule="plateau", epochs=3, batch_size=8, val_subset=8, seed=3, log_every=1, max_steps=1)
     out = tmp_path / "run"
     loop.train(model, data, TrainConfig(bias_rule="paper", **kwargs), CPU, out, progress=False, tensorboard=False)
-    with pytest.raises(ckpt.CheckpointError, match=r"bias_rule='paper' \(asked: 'convnet'\), which cannot change"):
+    with pytest.raises(ckpt.CheckpointError, match=r"bias_rule='paper' \(this run: 'convnet'\), which cannot change"):
         loop.train(
             model, data, TrainConfig(bias_rule="convnet", **kwargs), CPU, out, resume=out / "last.pt", progress=False
         )

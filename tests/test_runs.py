@@ -3,6 +3,7 @@ checkpoint; only finite weights are saved; a resumed run uses what the user name
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import torch
 from conftest import CPU, FAKE, SMALL
 
 import alexnet2gpu.train.loop as loop
-from alexnet2gpu.config import DataConfig, TrainConfig
+from alexnet2gpu.config import ConfigError, DataConfig, TrainConfig
+from alexnet2gpu.data.base import DatasetError
 from alexnet2gpu.data.sampling import sample_note, take
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.errors import TrainingError
@@ -318,9 +320,75 @@ def test_a_resume_refused_for_several_changes_names_every_one(tmp_path: Path) ->
     with pytest.raises(ckpt.CheckpointError) as refused:
         ckpt.check_resume(checkpoint, asked, tmp_path / "last.pt")
     line = str(refused.value)
-    for field in ("lrn=True (asked: False)", "crop_chunk=", "seed=3 (asked: 4)", "schedule="):
+    for field in ("lrn=True (this run: False)", "crop_chunk=", "seed=3 (this run: 4)", "schedule="):
         assert field in line, line
     assert "workers" not in line and "max_steps" not in line and "\n" not in line
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("saved-run")
+    run(out, max_steps=1)
+    return out / "last.pt"
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [  # from a hostile pass: each ended in a traceback on resume, or trained on from a wrong state
+        (lambda c: c["rng"].update(cpu=c["rng"]["cpu"][:3]), "its rng entry is not the generators' saved state"),
+        (lambda c: c.update(optimizer={}), "its optimiser entry is not an optimiser's state"),
+        (lambda c: next(iter(c["optimizer"]["state"].values())).update(velocity="x"), "other than tensors"),
+        (lambda c: c["optimizer"]["param_groups"][0].update(lr="x"), "learning rate, momentum or decay"),
+        (lambda c: c.update(scheduler=None), "its scheduler entry is not a schedule's state"),
+        (lambda c: c.update(scheduler={"last_epoch": "x"}), "its scheduler's last_epoch is 'x'"),
+        (lambda c: c.update(alarm={"recent": "x", "long": None, "fired": 3}), "its alarm entry is not"),
+        (lambda c: c.update(epoch_totals=[1.0, math.nan, 2.0]), "its epoch totals are not three sums"),
+        (lambda c: c["config"]["train"].update(alarm_window=10**30), "TrainConfig.alarm_window=10000"),
+        (lambda c: c["config"]["train"].update(alarm_diverge_factor=math.nan), "alarm_diverge_factor=nan"),
+        (lambda c: c.update(epoch=10**30), "its epoch is 1000000000000000000000000000000, past the 10 epochs"),
+        (lambda c: c.update(batch=100), "is at batch 100 of an epoch, which has 2 batches"),
+        (lambda c: c["config"]["model"].update(num_classes=10**12), "its config gives fc8 1000000000000 outputs"),
+        (lambda c: c["config"]["data"].update(crop_size=100), "its crops are 100 pixels, its network's input 224"),
+        (lambda c: c.update(stats=None), "it holds no data statistics (mean image, PCA), which its paper preset"),
+    ],
+)
+def test_a_resume_from_an_edited_checkpoint_is_one_line(saved_run: Path, tmp_path: Path, damage, said: str) -> None:
+    checkpoint = torch.load(saved_run, weights_only=True)
+    damage(checkpoint)
+    torch.save(checkpoint, tmp_path / "last.pt")
+    with pytest.raises((ckpt.CheckpointError, DatasetError, ConfigError)) as refused:
+        run(tmp_path / "out", max_steps=3, resume=tmp_path / "last.pt")
+    assert said in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
+def test_a_resume_with_nothing_left_says_so_in_place_too(tmp_path: Path, capsys) -> None:
+    """In its own folder too (it said so only for another --out), and for a --max-steps already passed."""
+    run(tmp_path, max_steps=2)
+    capsys.readouterr()
+    for max_steps in (2, 1):
+        config = TrainConfig(epochs=10, batch_size=8, max_steps=max_steps, val_subset=8, seed=3, log_every=1)
+        loop.train(SMALL, FAKE, config, CPU, tmp_path, resume=tmp_path / "last.pt", progress=True, tensorboard=False)
+        said = capsys.readouterr().out
+        assert f"nothing to train: {tmp_path / 'last.pt'} has run --max-steps {max_steps}, and it is at step 2" in said
+        assert "not written" not in said
+    assert ckpt.load(tmp_path / "last.pt")["step"] == 2
+
+
+def test_a_tb_link_and_a_last_pt_link_loop_are_named(tmp_path: Path) -> None:
+    """tb/ a link to another folder: events would go there (and --overwrite empty it), as no other run file
+    may; a last.pt that links to itself is named as what it is, not as missing."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "theirs.txt").write_text("kept")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tb").symlink_to(tmp_path / "elsewhere")
+    for overwrite in (False, True):
+        with pytest.raises(RunDirError, match=r"tb is a symbolic link, where the run writes its TensorBoard events"):
+            run(tmp_path / "run", max_steps=1, overwrite=overwrite)
+    assert (tmp_path / "elsewhere" / "theirs.txt").read_text() == "kept"
+    (tmp_path / "loop.pt").symlink_to(tmp_path / "loop.pt")
+    with pytest.raises(ckpt.CheckpointError, match="cannot open checkpoint .*loop.pt: Too many levels of symbolic"):
+        ckpt.load(tmp_path / "loop.pt")
 
 
 def test_a_last_pt_that_is_not_a_file_is_one_line(tmp_path: Path) -> None:

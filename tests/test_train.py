@@ -269,7 +269,7 @@ def test_cli_corrupt_checkpoint(tmp_path: Path, fake_checkpoint: Path) -> None:
 def test_cli_checkpoint_of_another_network(tmp_path: Path, fake_checkpoint: Path) -> None:
     args = ["--dataset", "fake", "--preset", "seed", "--devices", "cpu", "--init", "he", "--input-size", "227"]
     result = cli("train", *args, "--resume", str(fake_checkpoint), "--out", str(tmp_path), cwd=tmp_path)
-    one_line_error(result, "another network: input_size=224 \\(asked: 227\\)")
+    one_line_error(result, "input_size=224 \\(this run: 227\\)")
 
 
 def test_cli_missing_device_and_missing_data(tmp_path: Path) -> None:

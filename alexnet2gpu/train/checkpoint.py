@@ -165,8 +165,10 @@ def load(path: str | Path, *, mmap: bool = False) -> dict:
     path = Path(path)
     try:
         mode = path.stat().st_mode
-    except OSError:
+    except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}; a training run writes RUN_DIR/last.pt") from None
+    except OSError as error:  # a loop of symbolic links, a folder on the way that cannot be read
+        raise CheckpointError(f"cannot open checkpoint {path}: {error.strerror}; name RUN_DIR/last.pt") from None
     if not stat.S_ISREG(mode):  # a FIFO would hang the read, a device would be read forever
         raise CheckpointError(f"{path} is {what_is(mode)}, not a checkpoint file; name a checkpoint (RUN_DIR/last.pt)")
     if path.stat().st_size == 0:  # torch.load's error for it has no text (or, with mmap, is about mmap)
@@ -184,12 +186,12 @@ def load(path: str | Path, *, mmap: bool = False) -> dict:
     missing = [key for key in KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is not an alexnet2gpu checkpoint: it lacks {', '.join(missing)}")
-    model, data, _ = read_configs(checkpoint, path)
-    _check_entries(checkpoint, model, data, path)
+    model, data, train = read_configs(checkpoint, path)
+    _check_entries(checkpoint, model, data, train, path)
     return checkpoint
 
 
-def _check_entries(checkpoint: dict, model: AlexNetConfig, data: DataConfig, path: Path) -> None:
+def _check_entries(checkpoint: dict, model: AlexNetConfig, data: DataConfig, train: TrainConfig, path: Path) -> None:
     """The entries a resume, evaluate or predict reads, by type and range, before anything is built
     from them: one line naming the entry, not a TypeError or an IndexError later."""
 
@@ -203,9 +205,26 @@ def _check_entries(checkpoint: dict, model: AlexNetConfig, data: DataConfig, pat
     best = checkpoint["best_val_top1"]
     if not isinstance(best, (int, float)) or isinstance(best, bool) or not (0 <= best <= 1 or best == math.inf):
         refuse(f"its best_val_top1 is {best!r}, not an error rate")
+    if checkpoint["epoch"] > train.epochs:  # a run stops at its epochs: it never saves past them
+        refuse(f"its epoch is {checkpoint['epoch']}, past the {train.epochs} epochs of its run")
     rng = checkpoint["rng"]
-    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or rng["cpu"].dtype != torch.uint8:
+    cpu = rng.get("cpu") if isinstance(rng, dict) else None
+    cuda = rng.get("cuda", []) if isinstance(rng, dict) else None
+    if not (
+        isinstance(cpu, torch.Tensor)
+        and cpu.dtype == torch.uint8
+        and cpu.shape == torch.get_rng_state().shape
+        and isinstance(cuda, list | tuple)
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
+    ):
         refuse("its rng entry is not the generators' saved state")
+    said = _widths_problem(checkpoint["model"], model)
+    if data.preset != "seed" and checkpoint.get("stats") is None:
+        said = said or f"it holds no data statistics (mean image, PCA), which its {data.preset} preset needs"
+    if data.crop_size != model.input_size:
+        said = said or f"its crops are {data.crop_size} pixels, its network's input {model.input_size}"
+    if said:
+        refuse(said)
     classes = checkpoint.get("classes")
     if classes is not None:
         ids, names = (classes.get(k) if isinstance(classes, dict) else None for k in ("ids", "names"))
@@ -219,6 +238,76 @@ def _check_entries(checkpoint: dict, model: AlexNetConfig, data: DataConfig, pat
     said = DataStats.problem(stats, model.in_channels) if stats is not None else None
     if said:
         refuse(said)
+
+
+def _number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+    return _number(x) and math.isfinite(x)
+
+
+def _optimizer_problem(saved) -> str | None:
+    """An optimiser state as `state_dict` gives it: parameter groups of numbers, states of tensors."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not (isinstance(groups, list) and groups and isinstance(state, dict)):
+        return "its optimiser entry is not an optimiser's state (parameter groups and their state)"
+    for group in groups:
+        if not (isinstance(group, dict) and isinstance(group.get("params"), list)):
+            return "its optimiser has a parameter group that is not one"
+        if not all(_finite(group[k]) for k in ("lr", "momentum", "weight_decay") if k in group):
+            return "its optimiser has a learning rate, momentum or decay that is not a finite number"
+    for entry in state.values():
+        if not (isinstance(entry, dict) and all(isinstance(v, torch.Tensor) or _number(v) for v in entry.values())):
+            return "its optimiser state holds something other than tensors (velocities)"
+    return None
+
+
+def _scheduler_problem(saved) -> str | None:
+    """A schedule's state: numbers, words and lists of numbers; `last_epoch` a count."""
+    if not isinstance(saved, dict):
+        return "its scheduler entry is not a schedule's state"
+    plain = (str, bool, type(None))
+    for key, value in saved.items():
+        listed = isinstance(value, list) and all(_finite(x) for x in value)
+        if not (_finite(value) or isinstance(value, plain) or listed or (value == math.inf or value == -math.inf)):
+            return f"its scheduler's {key} is {value!r}"
+    if "last_epoch" in saved and not (isinstance(saved["last_epoch"], int) and saved["last_epoch"] >= -1):
+        return f"its scheduler's last_epoch is {saved['last_epoch']!r}, not an epoch"
+    return None
+
+
+def _alarm_problem(saved) -> str | None:
+    """The loss alarm's memory (absent in older checkpoints and Caffe's imports): losses and warnings given."""
+    if saved is None:
+        return None
+    if not (
+        isinstance(saved, dict)
+        and all(
+            isinstance(saved.get(k, []), list) and all(_finite(x) for x in saved.get(k, [])) for k in ("recent", "long")
+        )
+        and isinstance(saved.get("fired", []), list)
+        and all(x in ("diverging", "flat") for x in saved.get("fired", []))
+    ):
+        return "its alarm entry is not the loss alarm's state (lists of losses, the warnings given)"
+    return None
+
+
+def _widths_problem(weights, model: AlexNetConfig) -> str | None:
+    """The layers' widths in its config against its weights' (both towers' biases together), before a
+    network of the config's size is built: an edited num_classes of 10^12 would be allocated first."""
+    if not isinstance(weights, dict):
+        return "its model entry is not a state dict"
+    widths = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5"), model.conv_channels, strict=True))
+    widths |= {"fc6": model.fc_features[0], "fc7": model.fc_features[1], "fc8": model.num_classes}
+    for layer, width in widths.items():
+        found = [t for k, t in weights.items() if k == f"{layer}.bias" or k.endswith(f".{layer}.bias")]
+        if found and all(isinstance(t, torch.Tensor) for t in found) and sum(t.shape[0] for t in found) != width:
+            held = sum(t.shape[0] for t in found)
+            return f"its config gives {layer} {width} outputs, its weights {held}"
+    return None
 
 
 def read_configs(checkpoint: dict, path: str | Path) -> tuple[AlexNetConfig, DataConfig, TrainConfig]:
@@ -292,18 +381,26 @@ def _plain(value):
 
 
 def check_resume(checkpoint: dict, configs: dict, path: str | Path) -> None:
-    """Refuse to resume with another network, or with options that cannot change mid-run, naming every
-    field that differs (the network's first) in one line."""
+    """Refuse to resume the entries only a resume reads (the optimiser's, the schedule's, the alarm's,
+    the epoch's sums) when edited or damaged; and to resume with another network, or with options that
+    cannot change mid-run, naming every field that differs (the network's first) in one line."""
+    said = _optimizer_problem(checkpoint["optimizer"]) or _scheduler_problem(checkpoint["scheduler"])
+    said = said or _alarm_problem(checkpoint.get("alarm"))
+    totals = checkpoint.get("epoch_totals", [0.0, 0.0, 0.0])
+    if not (isinstance(totals, list) and len(totals) == 3 and all(_finite(x) and x >= 0 for x in totals)):
+        said = said or "its epoch totals are not three sums of 0 or more"
+    if said:
+        raise CheckpointError(f"{path}: {said}; it was edited or damaged: resume from a checkpoint that `train` wrote")
     saved_model = read_configs(checkpoint, path)[0]
     differ = [
-        f"{field}={getattr(saved_model, field)!r} (asked: {getattr(configs['model'], field)!r})"
+        f"{field}={getattr(saved_model, field)!r} (this run: {getattr(configs['model'], field)!r})"
         for field in saved_model.to_dict()
         if getattr(saved_model, field) != getattr(configs["model"], field)
     ]
     for name, may_change in MAY_CHANGE.items():
         saved, asked = checkpoint["config"].get(name, {}), configs[name].to_dict()
         differ += [
-            f"{field}={saved[field]!r} (asked: {asked[field]!r})"
+            f"{field}={saved[field]!r} (this run: {asked[field]!r})"
             for field in asked
             if field in saved and field not in may_change and _plain(saved[field]) != _plain(asked[field])
         ]

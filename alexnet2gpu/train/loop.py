@@ -178,6 +178,12 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
             f"{config.batch_size}{f' over {placement.replicas} tower pairs' if placement.replicas > 1 else ''}; "
             "add images or lower -b"
         )
+    steps = num_batches(train_set, config.batch_size, drop_last=placement.replicas > 1)
+    if checkpoint is not None and checkpoint["batch"] > steps:
+        raise DatasetError(
+            f"{resume} is at batch {checkpoint['batch']} of an epoch, which has {steps} batches of its training "
+            "set here: it was edited, or the training set is not the one it was trained on (--data)"
+        )
     if config.batch_size > len(train_set):  # said before a batch of the whole set is allocated (or the OOM killer)
         raise DatasetError(
             f"-b {config.batch_size} is more than the {len(train_set):,} training images"
@@ -537,6 +543,7 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
     if run.scheduler.describe():
         run.say(run.scheduler.describe())
     state, val = run.state, {}
+    resumed_step, resumed_epoch = state.step, state.epoch
     with run.stop:  # until the run's last word: a signal during the save or after it is only counted
         try:
             while state.epoch < config.epochs and not _done(state, config):
@@ -556,12 +563,14 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
     if run.stopping:
         raise KeyboardInterrupt
     checkpoint = run.last
-    if resume is not None and not run.last.exists():  # nothing left to train, and --out is not the resumed run's
-        checkpoint = Path(resume)
-        run.say(
-            f"nothing to train: {resume} has run its {state.epoch} of {config.epochs} epochs (step {state.step}); "
-            f"{run.last} not written: raise --epochs or --max-steps to go on"
-        )
+    if resume is not None and state.step == resumed_step and state.epoch == resumed_epoch:  # nothing was left
+        if not run.last.exists():  # --out is not the resumed run's folder
+            checkpoint = Path(resume)
+        why = f"its {state.epoch} of {config.epochs} epochs"
+        if config.max_steps is not None and config.max_steps <= state.step:
+            why = f"--max-steps {config.max_steps}, and it is at step {state.step}"
+        written = "" if run.last.exists() else f"; {run.last} not written"
+        run.say(f"nothing to train: {resume} has run {why}{written}: raise --epochs or --max-steps to go on")
     return {"step": state.step, "epoch": state.epoch, "val": val, "checkpoint": str(checkpoint)}
 
 
