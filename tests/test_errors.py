@@ -214,21 +214,29 @@ def test_an_lrn_across_the_towers_needs_two_towers_and_an_lrn(tmp_path: Path, ca
     assert not any(tmp_path.iterdir())
 
 
-def test_a_batch_larger_than_the_training_set_is_refused_before_it_is_allocated(tmp_path: Path, capsys) -> None:
-    """-b past the set (Fashion-MNIST's 60,000 images at -b 100000 were a 36 GB batch and the OOM killer)."""
+def test_a_batch_past_the_set_is_said_first_and_running_out_of_memory_is_one_line(tmp_path: Path, capsys) -> None:
+    """-b past the training set: said before the first batch (every step is the whole set; Fashion-MNIST at
+    -b 100000 was a 36 GB batch), and an allocator's failure is one line naming -b, not a traceback."""
     import alexnet2gpu.train.loop as loop
 
-    built = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop.Placement, "build", lambda *a: built.append(a))
-        flags = [*TRAIN_FAKE, "--out", str(tmp_path / "run"), "--subset", "16", "--net", "one-gpu"]
-        fails(
-            capsys,
-            [*flags, "-b", "17"],
-            r"-b 17 is more than the 16 training images of the --subset.*lower -b",
-            alone=False,
-        )
-    assert built == [] and not (tmp_path / "run").exists()
+    flags = [*TRAIN_FAKE, "--subset", "16", "--net", "one-gpu", "--val-subset", "8", "--max-steps", "1"]
+    main([*flags, "-b", "17", "--out", str(tmp_path / "whole")])
+    said = capsys.readouterr()
+    assert "note: -b 17 is more than the 16 training images: every step is the whole set" in said.out + said.err
+    assert ckpt.load(tmp_path / "whole" / "last.pt")["step"] == 1
+
+    def allocator(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 36000000000 bytes")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_:
+        patch.setattr(loop, "train_step", allocator)
+        main([*flags, "-b", "8", "--out", str(tmp_path / "big")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err, err  # a training error, as a NaN loss is
+    assert (
+        err.splitlines()[-1]
+        == "error: out of memory at step 1 (a batch of 8 on cpu): lower -b; no checkpoint was written yet"
+    )
 
 
 def test_flags_without_effect_or_past_any_machine_are_refused(tmp_path: Path, capsys) -> None:

@@ -781,7 +781,7 @@ def test_a_data_worker_killed_saves_the_run_and_names_the_likely_cause(tmp_path:
         ("DataLoader worker (pid(s) 4242) exited unexpectedly", "data worker 4242 ended unexpectedly"),
     ],
 )
-def test_both_of_dataloaders_words_for_a_dead_worker_become_the_one_line(raised: str, said: str) -> None:
+def test_both_of_dataloaders_words_for_adead_worker_become_the_one_line(raised: str, said: str) -> None:
     """Which of the two DataLoader raises depends on whether its SIGCHLD handler or a failed queue read
     sees the death first (CI saw the second): both are the same death and get the same line."""
     from alexnet2gpu.data.datasets import worker_killed
@@ -789,3 +789,17 @@ def test_both_of_dataloaders_words_for_a_dead_worker_become_the_one_line(raised:
     line = str(worker_killed(RuntimeError(raised)))
     assert line.startswith(said) and "out-of-memory killer" in line and "resume" in line
     assert worker_killed(RuntimeError("DataLoader timed out after 600 seconds")) is None
+
+
+def test_a_worker_dying_while_it_hands_over_a_batch_is_the_same_line() -> None:
+    """The third report of the same death (the suite saw it): the connection that passes a batch's shared
+    memory is reset mid-read, a ConnectionResetError, before either of DataLoader's own checks runs."""
+    from types import SimpleNamespace
+
+    from alexnet2gpu.data.datasets import dead_worker
+
+    alive = SimpleNamespace(pid=1, exitcode=None, is_alive=lambda: True)
+    killed = SimpleNamespace(pid=4242, exitcode=-9, is_alive=lambda: False)
+    line = str(dead_worker(SimpleNamespace(_workers=[alive, killed])))
+    assert line.startswith("data worker 4242 was killed (Killed)") and "out-of-memory killer" in line
+    assert dead_worker(SimpleNamespace(_workers=[alive]), wait_s=0.1) is None  # then the error goes on as it is

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -551,6 +552,11 @@ def batches(
                 yield images, labels
     except DatasetError as error:
         raise (_one_line(error) if workers else error) from None
+    except (ConnectionError, EOFError):  # the third report of a dead worker: it died handing over a batch
+        dead = dead_worker(batches_in)
+        if dead is None:
+            raise
+        raise dead from None
     except RuntimeError as error:
         if worker_killed(error):
             raise worker_killed(error) from None
@@ -568,11 +574,36 @@ def batches(
         getattr(batches_in, "_shutdown_workers", lambda: None)()
 
 
+def dead_worker(batches_in, wait_s: float = 2.0) -> DatasetError | None:
+    """The one line for a worker of this loader that has died, once the kernel says so (a dropped
+    connection can arrive a moment before the worker's exit is seen); None if all of them live."""
+    workers = getattr(batches_in, "_workers", [])
+    end = time.monotonic() + wait_s
+    while workers:
+        dead = [w for w in workers if not w.is_alive()]
+        if dead:
+            code = dead[0].exitcode or 0
+            how = f"was killed ({signal.strsignal(-code)})" if code < 0 else "ended unexpectedly"
+            return _worker_died(str(dead[0].pid), how)
+        if time.monotonic() > end:
+            return None
+        time.sleep(0.05)
+    return None
+
+
+def _worker_died(worker: str, how: str) -> DatasetError:
+    return DatasetError(
+        f"data worker {worker} {how}: the kernel's out-of-memory killer, most likely; "
+        "give it more memory or fewer workers (-j), then resume from the run's last.pt"
+    )
+
+
 def worker_killed(error: BaseException) -> DatasetError | None:
     """The one line for a data worker that died (raised where the main process happens to be when the
     worker dies, often mid-step), or None for another error. DataLoader says "worker (pid N) is killed
     by signal: S" when its SIGCHLD handler sees the death first, and "worker (pid(s) N) exited
-    unexpectedly" when a read from the dead worker's queue fails first: the same death, either way."""
+    unexpectedly" when a read from the dead worker's queue fails first: the same death, either way (a
+    third, a dropped connection mid-batch, is `dead_worker`'s)."""
     text = str(error).strip()
     killed = re.search(r"DataLoader worker \(pid (\d+)\) is killed by signal: (.+?)\.?$", text)
     if killed:
@@ -582,10 +613,7 @@ def worker_killed(error: BaseException) -> DatasetError | None:
         if not exited:
             return None
         worker, how = exited[1], "ended unexpectedly"
-    return DatasetError(
-        f"data worker {worker} {how}: the kernel's out-of-memory killer, most likely; "
-        "give it more memory or fewer workers (-j), then resume from the run's last.pt"
-    )
+    return _worker_died(worker, how)
 
 
 def _decode(decode: Callable, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:

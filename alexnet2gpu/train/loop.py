@@ -184,10 +184,10 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
             f"{resume} is at batch {checkpoint['batch']} of an epoch, which has {steps} batches of its training "
             "set here: it was edited, or the training set is not the one it was trained on (--data)"
         )
-    if config.batch_size > len(train_set):  # said before a batch of the whole set is allocated (or the OOM killer)
-        raise DatasetError(
-            f"-b {config.batch_size} is more than the {len(train_set):,} training images"
-            f"{' of the --subset' if data.subset else ''}: a batch cannot hold more than the set; lower -b"
+    if config.batch_size > len(train_set) and placement.replicas == 1:  # said before the batch is allocated
+        notes.append(
+            f"note: -b {config.batch_size} is more than the {len(train_set):,} training images: every step is the "
+            f"whole set, a batch of {len(train_set):,}"
         )
     if not len(val_set):
         raise DatasetError(f"{getattr(val_set, 'name', data.dataset)} holds no images: a run validates every epoch")
@@ -349,6 +349,11 @@ def read_steps(run: Run, totals: Totals) -> None:
             run.log.note(step, warning)
         totals.loss, totals.wrong, totals.images = totals.loss + loss, totals.wrong + wrong, totals.images + images
         totals.timed_images += images
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory" (a RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def _last_words(run: Run) -> str:
@@ -550,7 +555,15 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
                 run.stopping = run.stopping or placement.agree(1, bool(run.stop))[1]
                 if run.stopping:
                     break
-                totals = train_one_epoch(run, train_set)
+                try:
+                    totals = train_one_epoch(run, train_set)
+                except RuntimeError as error:  # torch.OutOfMemoryError is one, as the CPU allocator's failure
+                    if not _out_of_memory(error):
+                        raise
+                    raise TrainingError(
+                        f"out of memory at step {state.step + 1} (a batch of {config.batch_size} on "
+                        f"{run.placement.device}): lower -b; {_last_words(run)}"
+                    ) from None
                 if totals is not None:
                     val = end_epoch(run, val_set, totals) or val
             if run.saved_step != state.step or run.stopping:
