@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from alexnet2gpu.config import (
 from alexnet2gpu.data.base import DatasetError
 from alexnet2gpu.data.datasets import datasets_for
 from alexnet2gpu.devices import DeviceError, resolve_devices, why_no_cuda
-from alexnet2gpu.files import CannotWrite, NotRegularFile
+from alexnet2gpu.files import CannotWrite, NotRegularFile, shown
 from alexnet2gpu.train.checkpoint import CheckpointError
 from alexnet2gpu.train.rundir import RunDirError
 
@@ -556,7 +557,8 @@ def cmd_train(args, given: set[str]) -> None:
     why = why_no_cuda() if devices[0].type == "cpu" and config.devices is None else None
     if why:  # the GPUs are there but this torch cannot use them: say so rather than quietly take the CPU
         print(f"warning: {why}", file=sys.stderr)
-    print(f"towers on {devices[0]} and {devices[1]}; {model.num_classes} classes; run dir {args.out}", file=sys.stderr)
+    placed = f"towers on {devices[0]} and {devices[1]}" if model.towers == 2 else f"one tower on {devices[0]}"
+    print(f"{placed}; {model.num_classes} classes; run dir {args.out}", file=sys.stderr)
     result = train(model, data, config, devices, args.out, **options)
     print(json.dumps({k: result[k] for k in ("step", "epoch", "val", "checkpoint")}))
 
@@ -820,17 +822,20 @@ class GuardedOutput:
 
     def write(self, text: str) -> int:
         try:
-            return self._guarded(self.stream.write, text)
+            return self._guarded(lambda: self.stream.write(text))
         except UnicodeEncodeError:  # an ASCII terminal and a file named café.jpg: escaped, not a traceback
             encoding = getattr(self.stream, "encoding", None) or "ascii"
-            return self._guarded(self.stream.write, text.encode(encoding, "backslashreplace").decode(encoding))
+            escaped = text.encode(encoding, "backslashreplace").decode(encoding)
+            return self._guarded(lambda: self.stream.write(escaped))
 
     def flush(self) -> None:
-        self._guarded(self.stream.flush)
+        self._guarded(lambda: self.stream.flush())
 
-    def _guarded(self, call, *args):
+    def _guarded(self, call):
+        if self.stream is None:  # started with standard output closed (`>&-`)
+            raise OutputError(errno.EBADF, "it is closed")
         try:
-            return call(*args)
+            return call()
         except BrokenPipeError:
             raise
         except OSError as error:
@@ -869,8 +874,8 @@ def main(argv: list[str] | None = None) -> None:
             f"error: cannot write to standard output ({error.strerror}); free space or print elsewhere", file=sys.stderr
         )
         sys.exit(1)
-    except USER_ERRORS as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+    except USER_ERRORS as error:  # paths from flags may hold escape codes: printed escaped, as every path is
+        print(f"error: {shown(one_line(error))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a run that stopped on a signal has saved: more signals change nothing now
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -881,7 +886,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if not isinstance(error, TrainingError):
             raise
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        print(f"error: {shown(one_line(error))}", file=sys.stderr)
         sys.exit(1)
     finally:
         sys.stdout = stdout

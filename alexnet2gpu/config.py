@@ -358,6 +358,8 @@ def idle_fields(model: AlexNetConfig, data: DataConfig) -> dict[str, str]:
     idle = {}
     if not model.lrn:
         idle["lrn1_input"] = "the network has no LRN (--no-lrn, or --net seed)"
+    if model.dropout == 0:
+        idle["dropout_scale"] = "the network has no dropout (--dropout 0)"
     if model.towers == 1:
         idle["fc8_split"] = "a one-tower network has no towers to split fc8 between"
     if data.preset == "seed":

@@ -603,6 +603,9 @@ def test_stats_cache_is_per_training_set_and_refits_a_broken_file(tmp_path: Path
         lambda d: d.update(mean=d["mean"][:, :5]),
         lambda d: d.update(eigval=torch.tensor([1.0, -0.5, 0.1])),
         lambda d: d.pop("eigvec"),
+        lambda d: d["eigval"].__setitem__(0, 1e30),  # finite, and no variance of [0, 1] pixels
+        lambda d: d.update(eigvec=torch.ones(3, 3)),  # not orthonormal
+        lambda d: d.update(mean=d["mean"] * 1e6),  # no mean of 8-bit pixels
     ],
 )
 def test_a_damaged_stats_cache_is_fitted_again(tmp_path: Path, damage, capsys) -> None:

@@ -52,7 +52,7 @@ def write_checkpoint(path: Path, model: AlexNetConfig = TINY, data: DataConfig =
     state = weights if weights is not None else build_model(model, CPU).state_dict()
     checkpoint = {
         "model": state,
-        "optimizer": {},
+        "optimizer": {"state": {}, "param_groups": [{"params": []}]},  # no velocities yet, as import-caffe's
         "scheduler": {},
         "rng": ckpt.rng_state(),
         "step": 1,
@@ -68,7 +68,7 @@ def write_checkpoint(path: Path, model: AlexNetConfig = TINY, data: DataConfig =
 
 
 def stats_of(mean: torch.Tensor) -> dict:
-    return {"mean": mean, "eigvec": torch.eye(3), "eigval": torch.ones(3)}
+    return {"mean": mean, "eigvec": torch.eye(3), "eigval": torch.full((3,), 0.05)}
 
 
 def write_idx_folder(folder: Path, train: int, val: int) -> Path:
@@ -135,7 +135,7 @@ def test_mnist_like_images_of_another_size_than_the_runs_are_refused(tmp_path: P
     stretched over them and an error rate of other images reported."""
     model = AlexNetConfig.one_gpu(num_classes=10, in_channels=1, init="he", conv_channels=(4,) * 5, fc_features=(8, 8))
     data = DataConfig(dataset="mnist", data=str(tmp_path / "mnist"), preset="paper")
-    mean = {"mean": torch.full((1, 28, 28), 30.0), "eigvec": torch.eye(1), "eigval": torch.ones(1)}
+    mean = {"mean": torch.full((1, 28, 28), 30.0), "eigvec": torch.eye(1), "eigval": torch.full((1,), 0.1)}
     path = write_checkpoint(tmp_path / "last.pt", model, data, stats=mean)
     folder = tmp_path / "mnist"
     folder.mkdir()
@@ -273,7 +273,7 @@ def test_the_largest_seed_makes_every_steps_generators() -> None:
         ("--momentum", "nan", r"a momentum in \[0, 1\)"),
         ("--wd", "-inf", "a finite weight decay >= 0"),
         ("--warmup-steps", "-1", "0 \\(no warm-up\\) or more steps"),
-        ("-j", "-1", "0 \\(decode in this process\\) or more worker processes"),
+        ("-j", "-1", "0 \\(decode in this process\\) to 1024 worker processes"),
         ("-p", "0", "a positive number of steps"),
         ("--dropout", "1", r"a probability in \[0, 1\)"),
         ("--seed", "1700000000000000000", r"a seed from 0 to 2\^60 - 1"),
@@ -461,6 +461,19 @@ def test_plot_in_a_folder_it_cannot_write_is_one_line(tmp_path: Path, capsys, im
     immutable(tmp_path / "run")
     fails(
         capsys, ["plot", str(tmp_path / "run")], r"cannot write .*curves.png: Operation not permitted; make .* writable"
+    )
+
+
+def test_an_error_line_escapes_a_path_from_the_command_line_and_plot_names_a_link_loop(tmp_path: Path, capsys) -> None:
+    """A path typed with an escape code (it cleared the terminal in the error line), and a last.pt that
+    links to itself (plot drew the curves and skipped the kernels without a word)."""
+    line = fails(capsys, ["plot", str(tmp_path / "r\x1b[2Jx")], "no run directory")
+    assert "\x1b" not in line and "r\\x1b[2Jx" in line
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.csv").write_text("step,loss,top1_err\n1,2,0.5\n")
+    (tmp_path / "run" / "last.pt").symlink_to(tmp_path / "run" / "last.pt")
+    fails(
+        capsys, ["plot", str(tmp_path / "run")], "cannot open checkpoint .*last.pt: Too many levels of symbolic links"
     )
 
 

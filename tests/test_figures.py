@@ -134,6 +134,19 @@ def test_a_damaged_fc7_cache_is_computed_again(fake_run: Path, tmp_path, damage,
     assert "computing them again" in capsys.readouterr().err
 
 
+def test_an_fc7_cache_that_is_a_fifo_is_computed_again_not_waited_on(fake_run: Path, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(fake_run, run)
+    trained, train = load_trained(run / "last.pt"), build_dataset("fake", "train")
+    figures.train_features(trained, train, 40, progress=False)
+    (cache,) = run.glob("last.pt.fc7-*.pt")
+    cache.unlink()
+    os.mkfifo(cache)  # its read would wait for a writer forever
+    spy = Counting()
+    figures.train_features(trained, train, 40, feature_fn=spy, progress=False)
+    assert spy.images == 40 and "computing them again" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # the figure, from short runs
 

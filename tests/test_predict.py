@@ -238,7 +238,7 @@ def test_names_that_are_not_utf8_or_hold_a_newline_are_printed_escaped(fake_run:
     assert len(blocks) == 2 and all(len(block.splitlines()) == 6 for block in blocks)  # a name and 5 guesses
 
 
-@pytest.mark.parametrize("output", ["closed-early", "full", "ascii"])
+@pytest.mark.parametrize("output", ["closed-early", "full", "closed", "ascii"])
 def test_an_output_that_fails_or_goes_away_is_no_traceback(fake_run: Path, tmp_path: Path, output: str) -> None:
     """`predict ... | head -1` stops quietly (exit 141, as a shell tool); `> /dev/full` is one error line;
     an ASCII-only stdout gets a UTF-8 name (café) escaped, every file classified."""
@@ -264,6 +264,19 @@ def test_an_output_that_fails_or_goes_away_is_no_traceback(fake_run: Path, tmp_p
             done = subprocess.run([*command, str(tmp_path)], stdout=full, stderr=subprocess.PIPE, cwd=cwd, text=True)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith("error: cannot write to standard output (No space")
+        return
+    if output == "closed":
+        done = subprocess.run(
+            [*command, str(tmp_path / "café.png")],
+            stdout=None,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            text=True,
+            pass_fds=(),
+            preexec_fn=lambda: os.close(1),
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("error: cannot write to standard output (it is closed)")
         return
     env["PYTHONIOENCODING"] = "ascii:strict"
     done = subprocess.run([*command, str(tmp_path / "café.png")], capture_output=True, env=env, cwd=cwd, text=True)

@@ -138,6 +138,7 @@ def test_the_seed_network_changed_by_hand_to_k12s_choice_says_so() -> None:
         (["--preset", "seed", "--no-pca-noise"], "--no-pca-noise", "the seed's pipeline"),
         (["--no-pca-noise", "--pca-scale", "eigenvalue"], "--pca-scale", "the run has no PCA colour noise"),
         (["--no-pca-noise", "--no-pca-rescale"], "--pca-rescale/--no-pca-rescale", "the run has no PCA colour noise"),
+        (["--dropout", "0", "--dropout-scale", "train"], "--dropout-scale", "the network has no dropout"),
     ],
 )
 def test_a_flag_the_net_or_pipeline_never_reads_is_refused(flags: list[str], flag: str, why: str, capsys) -> None:

@@ -26,7 +26,7 @@ from alexnet2gpu.data.base import Categories
 from alexnet2gpu.data.datasets import InMemory, batches, check_classes, datasets_for
 from alexnet2gpu.data.sampling import FIGURE_SEED, labels_of, load_images, spread, take
 from alexnet2gpu.data.transforms import Pipeline
-from alexnet2gpu.files import atomic_write, shown
+from alexnet2gpu.files import atomic_write, open_regular, shown
 from alexnet2gpu.progress import progress_bar
 from alexnet2gpu.train import checkpoint as ckpt
 from alexnet2gpu.train.evaluate import top_classes
@@ -134,7 +134,8 @@ def train_features(
     path = cache_path(trained.path, key)
     if path.exists():
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            with open_regular(path) as file:  # a FIFO there would wait forever
+                saved = torch.load(file, map_location="cpu", weights_only=True)
             if saved.get("key") == key and cache_holds(saved, indices, trained.configs[0].fc_features[1]):
                 return saved["features"], saved["indices"]
         except Exception:  # noqa: BLE001 - a torn or foreign file: computed again below

@@ -6,6 +6,7 @@ conv1_kernels.png the conv1 kernels of each tower, 48 per tower (the paper's Fig
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -115,7 +116,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
     has_csv = (run_dir / "train.csv").exists() or (run_dir / "val.csv").exists()
-    has_checkpoint = (run_dir / "last.pt").exists()
+    has_checkpoint = os.path.lexists(run_dir / "last.pt")  # a broken link is named by `load`, not skipped
     if not has_csv and not has_checkpoint:
         raise FileNotFoundError(f"{run_dir} has no train.csv, val.csv or last.pt: is it a run directory?")
     paths = [plot_curves(run_dir)] if has_csv else []

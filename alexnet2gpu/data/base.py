@@ -83,7 +83,9 @@ def imagenet_words(root: Path, wnids: list[str]) -> list[str]:
             except FileNotFoundError:
                 continue
             except OSError as error:  # a FIFO, a device, a link to /dev/zero: never read
-                log.warning("ignoring %s: %s; classes are named by their WordNet ids", folder / name, error.strerror)
+                log.warning(
+                    "ignoring %s: %s; classes are named by their WordNet ids", shown(folder / name), error.strerror
+                )
                 continue
             for line in text.split("\n"):  # not splitlines: a U+2028 inside a name is no line break
                 wnid, _, said = line.strip().partition(" ")

@@ -220,9 +220,15 @@ def idx_dataset(name: str, split: str, data: str | None) -> InMemory:
     image_file, label_file = (_idx_path(folder, stem) for stem in IDX_FILES[split])
     images, labels = read_idx(image_file), read_idx(label_file)
     if images.dim() != 3 or images.shape[1] != images.shape[2]:
-        raise DatasetError(f"{image_file}: expected square images (N, H, H), got shape {tuple(images.shape)}")
+        raise DatasetError(
+            f"{image_file}: expected square images (N, H, H), got shape {tuple(images.shape)}; is it an MNIST-like "
+            "file? fetch it again"
+        )
     if labels.dim() != 1:
-        raise DatasetError(f"{label_file}: expected one label per image (N,), got shape {tuple(labels.shape)}")
+        raise DatasetError(
+            f"{label_file}: expected one label per image (N,), got shape {tuple(labels.shape)}; is it an MNIST-like "
+            "labels file? fetch it again"
+        )
     categories = Categories(FASHION_MNIST, FASHION_MNIST) if name == "fashion-mnist" else Categories.numbered(10)
     return InMemory(images.unsqueeze(1), labels.long(), 10, f"{name} {split} ({folder})", categories)  # (N, 1, 28, 28)
 

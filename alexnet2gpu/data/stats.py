@@ -46,8 +46,8 @@ class DataStats:
     @staticmethod
     def problem(d: object, channels: int | None = None) -> str | None:
         """What makes `d` (a cache's or a checkpoint's saved statistics) unusable, or None: a mean image
-        (C, S, S) of finite pixels, C = `channels` where given; a (C, C) eigenvector matrix and C
-        eigenvalues of 0 or more, all finite floating point."""
+        (C, S, S) of pixels in 0..255, C = `channels` where given; an orthonormal (C, C) eigenvector
+        matrix and C eigenvalues that can be variances of [0, 1] pixels, all finite floating point."""
         if not isinstance(d, dict) or not all(isinstance(d.get(k), torch.Tensor) for k in ("mean", "eigvec", "eigval")):
             return "its data statistics lack the mean image or the PCA"
         mean, eigvec, eigval = d["mean"], d["eigvec"], d["eigval"]
@@ -59,8 +59,12 @@ class DataStats:
         for name, tensor in (("mean image", mean), ("PCA", eigvec), ("PCA", eigval)):
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 return f"its {name} is not finite floating point"
-        if (eigval < 0).any():
-            return "its PCA has a negative eigenvalue (a variance)"
+        if (eigval < 0).any() or eigval.sum() > c / 4 * 1.001:  # variances of values in [0, 1]: at most 1/4 each
+            return f"its PCA's eigenvalues {eigval.tolist()} are not variances of pixels in [0, 1]"
+        if not torch.allclose(eigvec.double().T @ eigvec.double(), torch.eye(c, dtype=torch.float64), atol=1e-3):
+            return "its PCA's eigenvectors are not orthonormal"
+        if mean.min() < 0 or mean.max() > 255:
+            return f"its mean image runs from {mean.min().item():g} to {mean.max().item():g}, outside 0..255"
         return None
 
 

@@ -295,18 +295,29 @@ def _alarm_problem(saved) -> str | None:
     return None
 
 
+# A config whose network would hold this many parameters more than its weights, and past this size, is
+# refused before it is built (an edited num_classes of 10^12 was allocated first); smaller mismatches are
+# built and named tensor by tensor by `load_weights`
+OVERSIZED = 10, 500_000_000
+
+
 def _widths_problem(weights, model: AlexNetConfig) -> str | None:
-    """The layers' widths in its config against its weights' (both towers' biases together), before a
-    network of the config's size is built: an edited num_classes of 10^12 would be allocated first."""
-    if not isinstance(weights, dict):
-        return "its model entry is not a state dict"
-    widths = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5"), model.conv_channels, strict=True))
-    widths |= {"fc6": model.fc_features[0], "fc7": model.fc_features[1], "fc8": model.num_classes}
-    for layer, width in widths.items():
-        found = [t for k, t in weights.items() if k == f"{layer}.bias" or k.endswith(f".{layer}.bias")]
-        if found and all(isinstance(t, torch.Tensor) for t in found) and sum(t.shape[0] for t in found) != width:
-            held = sum(t.shape[0] for t in found)
-            return f"its config gives {layer} {width} outputs, its weights {held}"
+    """A config asking for a network far larger than its weights (both towers' biases give the widths)."""
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        return None  # said by `load_weights`, after the config's own checks
+    layers = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+    widths = (*model.conv_channels, *model.fc_features, model.num_classes)
+    fan_in = (model.in_channels * 121, *(c * k for c, k in zip(model.conv_channels[:4], (25, 9, 9, 9), strict=True)))
+    fan_in += (model.conv_channels[4] * 36, *model.fc_features)  # conv1 11x11, conv2 5x5, 3x3 after; fc6 of 6x6 maps
+    planned = sum(w * f for w, f in zip(widths, fan_in, strict=True))
+    held = sum(t.numel() for t in weights.values())
+    if planned > max(OVERSIZED[0] * held, OVERSIZED[1]):
+        for layer, width in zip(layers, widths, strict=True):
+            found = [t for k, t in weights.items() if k == f"{layer}.bias" or k.endswith(f".{layer}.bias")]
+            outputs = sum(t.shape[0] for t in found if t.dim())
+            if outputs != width:
+                return f"its config gives {layer} {width} outputs, its weights {outputs}"
+        return f"its config plans a network of about {planned:,} weights, its weights hold {held:,}"
     return None
 
 

@@ -179,6 +179,12 @@ def prepare(placement: Placement, model_config: AlexNetConfig, data: DataConfig,
             "add images or lower -b"
         )
     steps = num_batches(train_set, config.batch_size, drop_last=placement.replicas > 1)
+    if checkpoint is not None and checkpoint["step"] > checkpoint["epoch"] * steps + checkpoint["batch"]:
+        raise DatasetError(
+            f"{resume} is at step {checkpoint['step']}, more than its {checkpoint['epoch']} epochs of {steps} batches "
+            f"and {checkpoint['batch']} more account for: it was edited, or the training set is not the one it was "
+            "trained on (--data)"
+        )
     if checkpoint is not None and checkpoint["batch"] > steps:
         raise DatasetError(
             f"{resume} is at batch {checkpoint['batch']} of an epoch, which has {steps} batches of its training "

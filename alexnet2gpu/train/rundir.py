@@ -109,12 +109,6 @@ class RunDir:
                     f"{where} is {files.what_is(mode)}, where the run writes its {name}: "
                     "move it out of the run directory, or choose another --out"
                 )
-        tb = self.path / "tb"
-        if tb.is_symlink():  # events written through it would land in another folder, and --overwrite empty it
-            raise RunDirError(
-                f"{tb} is a symbolic link, where the run writes its TensorBoard events: move it out of the run "
-                "directory, or choose another --out"
-            )
         last = self.path / "last.pt"
         resume = Path(self.resume).resolve() if self.resume is not None else None
         if resume is not None and last.exists() and resume == last.resolve():
