@@ -239,6 +239,16 @@ def test_a_batch_past_the_set_is_said_first_and_running_out_of_memory_is_one_lin
     )
 
 
+def test_cudas_out_of_memory_error_is_recognised_and_others_are_not() -> None:
+    """The CUDA caching allocator raises torch.OutOfMemoryError (a RuntimeError, torch/_C's stub); the
+    CPU allocator a RuntimeError saying "can't allocate memory". Both are the one line; others pass on."""
+    from alexnet2gpu.train.loop import _out_of_memory
+
+    assert _out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert _out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
+    assert not _out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
 def test_flags_without_effect_or_past_any_machine_are_refused(tmp_path: Path, capsys) -> None:
     """--dist-timeout without tower processes changed nothing (even nan was taken); -j 10^30 was stored
     and would spawn loader processes until the machine fails."""

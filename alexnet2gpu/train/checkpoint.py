@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig
+from alexnet2gpu.config import AlexNetConfig, DataConfig, TrainConfig, finite
 from alexnet2gpu.data.base import Categories
 from alexnet2gpu.data.stats import DataStats
 from alexnet2gpu.files import atomic_write, what_is
@@ -244,10 +244,6 @@ def _number(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def _finite(x) -> bool:
-    return _number(x) and math.isfinite(x)
-
-
 def _optimizer_problem(saved) -> str | None:
     """An optimiser state as `state_dict` gives it: parameter groups of numbers, states of tensors."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
@@ -257,7 +253,7 @@ def _optimizer_problem(saved) -> str | None:
     for group in groups:
         if not (isinstance(group, dict) and isinstance(group.get("params"), list)):
             return "its optimiser has a parameter group that is not one"
-        if not all(_finite(group[k]) for k in ("lr", "momentum", "weight_decay") if k in group):
+        if not all(finite(group[k]) for k in ("lr", "momentum", "weight_decay") if k in group):
             return "its optimiser has a learning rate, momentum or decay that is not a finite number"
     for entry in state.values():
         if not (isinstance(entry, dict) and all(isinstance(v, torch.Tensor) or _number(v) for v in entry.values())):
@@ -271,8 +267,8 @@ def _scheduler_problem(saved) -> str | None:
         return "its scheduler entry is not a schedule's state"
     plain = (str, bool, type(None))
     for key, value in saved.items():
-        listed = isinstance(value, list) and all(_finite(x) for x in value)
-        if not (_finite(value) or isinstance(value, plain) or listed or (value == math.inf or value == -math.inf)):
+        listed = isinstance(value, list) and all(finite(x) for x in value)
+        if not (finite(value) or isinstance(value, plain) or listed or (value == math.inf or value == -math.inf)):
             return f"its scheduler's {key} is {value!r}"
     if "last_epoch" in saved and not (isinstance(saved["last_epoch"], int) and saved["last_epoch"] >= -1):
         return f"its scheduler's last_epoch is {saved['last_epoch']!r}, not an epoch"
@@ -286,7 +282,7 @@ def _alarm_problem(saved) -> str | None:
     if not (
         isinstance(saved, dict)
         and all(
-            isinstance(saved.get(k, []), list) and all(_finite(x) for x in saved.get(k, [])) for k in ("recent", "long")
+            isinstance(saved.get(k, []), list) and all(finite(x) for x in saved.get(k, [])) for k in ("recent", "long")
         )
         and isinstance(saved.get("fired", []), list)
         and all(x in ("diverging", "flat") for x in saved.get("fired", []))
@@ -398,7 +394,7 @@ def check_resume(checkpoint: dict, configs: dict, path: str | Path) -> None:
     said = _optimizer_problem(checkpoint["optimizer"]) or _scheduler_problem(checkpoint["scheduler"])
     said = said or _alarm_problem(checkpoint.get("alarm"))
     totals = checkpoint.get("epoch_totals", [0.0, 0.0, 0.0])
-    if not (isinstance(totals, list) and len(totals) == 3 and all(_finite(x) and x >= 0 for x in totals)):
+    if not (isinstance(totals, list) and len(totals) == 3 and all(finite(x) and x >= 0 for x in totals)):
         said = said or "its epoch totals are not three sums of 0 or more"
     if said:
         raise CheckpointError(f"{path}: {said}; it was edited or damaged: resume from a checkpoint that `train` wrote")

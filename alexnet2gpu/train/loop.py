@@ -585,11 +585,11 @@ def _fit(placement, model_config, data, config, out, resume, progress, tensorboa
     if resume is not None and state.step == resumed_step and state.epoch == resumed_epoch:  # nothing was left
         if not run.last.exists():  # --out is not the resumed run's folder
             checkpoint = Path(resume)
-        why = f"its {state.epoch} of {config.epochs} epochs"
+        why = f"has run its {state.epoch} of {config.epochs} epochs"
         if config.max_steps is not None and config.max_steps <= state.step:
-            why = f"--max-steps {config.max_steps}, and it is at step {state.step}"
+            why = f"is at step {state.step}, --max-steps {config.max_steps}"
         written = "" if run.last.exists() else f"; {run.last} not written"
-        run.say(f"nothing to train: {resume} has run {why}{written}: raise --epochs or --max-steps to go on")
+        run.say(f"nothing to train: {resume} {why}{written}: raise --epochs or --max-steps to go on")
     return {"step": state.step, "epoch": state.epoch, "val": val, "checkpoint": str(checkpoint)}
 
 
